@@ -1,0 +1,40 @@
+# RecForge: `make run` and `make test` are all a newcomer needs; both set up .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# The CPU wheel of torch is installed before anything else: an unpinned resolve would pull
+# several GB of CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= cpu,dev
+
+.PHONY: install run test test-slow bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the built-in dataset: validate -> features -> MF -> evaluate, then the table.
+run: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	$(PY) -m components.evaluate --show
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install
+	$(PY) -m pytest -m slow -q
+
+bench: install
+	$(PY) -m benchmarks.quality --dataset synthetic --models popularity,mf --out artifacts/bench/quality-synthetic.json
+	$(PY) -m benchmarks.scaling --out artifacts/bench/scaling.json
+
+clean:
+	rm -rf artifacts .dvc/cache .dvc/tmp

@@ -1,0 +1,302 @@
+"""Typed settings: `params.yaml` parsed once into frozen dataclasses.
+
+`params.yaml` is the single source of settings (DVC reads the same file). The dataclasses below
+carry no defaults on purpose: a key missing from the file is an error, so the file and the code
+cannot silently disagree. Unknown keys and wrong types are errors that name the dotted key.
+
+Overrides use the syntax of `dvc exp run -S`: `dotted.key=value`, the value parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A settings file or override that does not match the schema; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    n_users: int
+    n_items: int
+    n_interactions: int
+    n_topics: int
+    # Zipf exponent of item popularity inside a topic (0 = uniform).
+    popularity_exponent: float
+    # Probability, per interaction, that the user moves on to a new topic phase.
+    topic_switch_prob: float
+    # Probability that the next item is the successor of the previous one in its topic's
+    # chain (series, sequels, accessories): the signal only an order-aware model can use.
+    successor_prob: float
+    start_timestamp: int
+    mean_gap_seconds: float
+
+
+@dataclass(frozen=True)
+class FileColumns:
+    user_id: str
+    item_id: str
+    timestamp: str
+    weight: str | None
+    split: str | None
+
+
+@dataclass(frozen=True)
+class FilesConfig:
+    interactions: str
+    items: str
+    columns: FileColumns
+    item_id_column: str
+    text_columns: list[str]
+    encoding: str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "movielens-100k", "unisrec", "files"]
+    path: str
+    download: bool
+    unisrec_name: str | None
+    synthetic: SyntheticConfig
+    files: FilesConfig
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    min_interactions: int
+    min_users: int
+    max_duplicate_fraction: float
+    min_timestamp: int
+    # Timestamps later than "now + max_future_seconds" are rejected (clock skew allowance).
+    max_future_seconds: int
+    weight_min: float | None
+    weight_max: float | None
+    sample_size: int
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    min_user_interactions: int
+    min_item_interactions: int
+    split: Literal["leave_one_out", "temporal"]
+    temporal_valid_fraction: float
+    temporal_test_fraction: float
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    ks: list[int]
+    models: list[str]
+    batch_size: int
+    short_history_max: int
+    head_fraction: float
+
+
+@dataclass(frozen=True)
+class MFConfig:
+    factors: int
+    regularization: float
+    alpha: float
+    iterations: int
+    use_weights: bool
+    # Confidence x (1 + boost * 0.5^(k / half_life)), k = later interactions of the user; 0 = off.
+    recency_half_life: float
+    recency_boost: float
+    num_threads: int
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataConfig
+    validation: ValidationConfig
+    features: FeaturesConfig
+    evaluation: EvaluationConfig
+    mf: MFConfig
+
+    def section(self, name: str) -> Any:
+        """One top-level section by name (used for cache keys and logging)."""
+        return getattr(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping ({tp.__name__}), got {value!r}")
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(option, value, key)
+            except ParamsError as exc:
+                errors.append(str(exc))
+        raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ParamsError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ParamsError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected bool, got {value!r}")
+        return value
+    if tp is int:
+        # bool is a subclass of int; `n_users: true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected str, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a schema bug, not user input
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f" under {prefix}" if prefix else ""
+        raise ParamsError(
+            f"unknown key{'s' if len(unknown) > 1 else ''}{where}: "
+            + ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in unknown)
+        )
+    kwargs = {}
+    for name in names:
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            raise ParamsError(f"{key}: missing (every setting must be present in the params file)")
+        kwargs[name] = _convert(hints[name], data[name], key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `dotted.key=value` (the `dvc exp run -S` syntax) into key path and YAML value."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    # `dvc exp run -S params.yaml:key=value` names the file; only params.yaml exists here.
+    if ":" in key:
+        file_part, key = key.split(":", 1)
+        if Path(file_part).name != DEFAULT_PARAMS.name:
+            raise ParamsError(f"override {text!r}: only params.yaml keys can be set")
+    if not key or any(not part for part in key.split(".")):
+        raise ParamsError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw params mapping with `dotted.key=value` overrides applied.
+
+    Only existing keys can be overridden, so a typo fails here with the key's name instead of
+    being silently added.
+    """
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {text!r}: unknown key {'.'.join(path[: i + 1])}")
+            node = child
+        if path[-1] not in node:
+            raise ParamsError(f"override {text!r}: unknown key {'.'.join(path)}")
+        node[path[-1]] = value
+    return out
+
+
+def read_raw(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file not found: {path}")
+    with path.open() as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    return _build(Params, raw, "")
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Read a params file, apply `--set` overrides, and check everything against the schema."""
+    raw = apply_overrides(read_raw(path), overrides or [])
+    try:
+        return params_from_dict(raw)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: the shape MLflow and `--set` use."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

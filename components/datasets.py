@@ -1,0 +1,327 @@
+"""Dataset sources, all loaded into one schema.
+
+Interactions: `user_id` (str), `item_id` (str), `timestamp` (int seconds), optional `weight`
+(rating or count) and optional `split` (`train`/`valid`/`test`, when the source publishes one).
+Items: `item_id` (str), `text` (title, categories, description joined), optional extra columns.
+
+Loaders return the data *as read*: ids become strings (they are labels), but timestamps and
+weights keep the type they had in the file, so validation can report a wrong type with examples
+instead of a loader crashing on it. `normalize` casts after validation has passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from components.config import DataConfig
+from components import synthetic
+
+log = logging.getLogger(__name__)
+
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+SPLITS = ("train", "valid", "test")
+
+MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+# md5 of the two files we read, from GroupLens' distribution (see ../shared/datasets/README.md).
+MOVIELENS_MD5 = {"u.data": "6e47046882bad158b0efbb84cd5cb987", "u.item": "c9e7f390115d79079537301d5204f3f7"}
+MOVIELENS_GENRES = (
+    "unknown Action Adventure Animation Children's Comedy Crime Documentary Drama Fantasy "
+    "Film-Noir Horror Musical Mystery Romance Sci-Fi Thriller War Western"
+).split()
+# UniSRec files carry no timestamps; their order is encoded as one second per step from here.
+UNISREC_EPOCH = 1_514_764_800  # 2018-01-01, the year of the Amazon 2018 crawl
+
+
+class DataSourceError(ValueError):
+    """The configured source cannot be read (missing folder, file, or a checksum mismatch)."""
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    interactions: pl.DataFrame
+    items: pl.DataFrame
+    source: str
+    description: str
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> RawDataset:
+    """Load the configured source into the RecForge schema (types as read, see module doc)."""
+    if cfg.source == "synthetic":
+        inter, items = synthetic.generate(cfg.synthetic, seed)
+        s = cfg.synthetic
+        desc = f"synthetic (seed {seed}, {s.n_users} users, {s.n_items} items, {s.n_topics} topics)"
+        return RawDataset(inter, items, "synthetic", desc)
+    path = Path(cfg.path)
+    if cfg.source == "movielens-100k":
+        return load_movielens(path, download=cfg.download)
+    if cfg.source == "unisrec":
+        return load_unisrec(path, cfg.unisrec_name)
+    return load_files(path, cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# MovieLens-100K
+# --------------------------------------------------------------------------------------------
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_movielens(path: Path, url: str = MOVIELENS_URL) -> None:
+    """Fetch MovieLens-100K from GroupLens into `path`, verifying the md5 of the files we use.
+
+    Only called when the user sets `data.download: true`; nothing is fetched implicitly.
+    """
+    log.info("downloading MovieLens-100K from %s", url)
+    with urllib.request.urlopen(url, timeout=60) as response:
+        payload = response.read()
+    path.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        for name, expected in MOVIELENS_MD5.items():
+            member = next((m for m in archive.namelist() if m.endswith("/" + name) or m == name), None)
+            if member is None:
+                raise DataSourceError(f"{url}: archive has no {name}")
+            data = archive.read(member)
+            actual = hashlib.md5(data).hexdigest()
+            if actual != expected:
+                raise DataSourceError(f"{url}: {name} md5 {actual} != expected {expected}; not saved")
+            (path / name).write_bytes(data)
+        genre = next((m for m in archive.namelist() if m.endswith("u.genre")), None)
+        if genre:
+            (path / "u.genre").write_bytes(archive.read(genre))
+
+
+def load_movielens(path: Path, download: bool = False) -> RawDataset:
+    data_file, item_file = path / "u.data", path / "u.item"
+    if not (data_file.exists() and item_file.exists()):
+        if not download:
+            raise DataSourceError(
+                f"MovieLens-100K not found in {path} (need u.data and u.item); point data.path at "
+                "the folder, or set data.download=true to fetch it from GroupLens"
+            )
+        download_movielens(path)
+    inter = pl.read_csv(
+        data_file,
+        separator="\t",
+        has_header=False,
+        new_columns=["user_id", "item_id", "weight", "timestamp"],
+        schema_overrides={"user_id": pl.Utf8, "item_id": pl.Utf8},
+    ).select("user_id", "item_id", "timestamp", "weight")
+    # u.item is ISO-8859-1 (accented titles); decoding as UTF-8 would mangle or fail.
+    text = item_file.read_bytes().decode("iso-8859-1")
+    rows = [line.split("|") for line in text.splitlines() if line.strip()]
+    genre_names = MOVIELENS_GENRES
+    genre_file = path / "u.genre"
+    if genre_file.exists():
+        pairs = [ln.split("|") for ln in genre_file.read_text("iso-8859-1").splitlines() if "|" in ln]
+        genre_names = [name for name, _ in sorted(pairs, key=lambda p: int(p[1]))]
+    texts = []
+    for row in rows:
+        flags = row[5:]
+        genres = [g for g, flag in zip(genre_names, flags) if flag.strip() == "1"]
+        texts.append(f"{row[1]}. Genres: {', '.join(genres)}." if genres else f"{row[1]}.")
+    items = pl.DataFrame(
+        {
+            "item_id": [row[0] for row in rows],
+            "text": texts,
+            "release_date": [row[2] for row in rows],
+        }
+    )
+    return RawDataset(inter, items, "movielens-100k", f"MovieLens-100K from {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# UniSRec / RecBole atomic files
+# --------------------------------------------------------------------------------------------
+
+
+def _find_unisrec_name(path: Path) -> str:
+    names = sorted(p.name[: -len(".text")] for p in path.glob("*.text"))
+    if len(names) != 1:
+        raise DataSourceError(
+            f"{path}: expected exactly one *.text file to infer the dataset name, found {names}; "
+            "set data.unisrec_name"
+        )
+    return names[0]
+
+
+def _read_inter(file: Path) -> list[tuple[str, list[str], str]]:
+    lines = file.read_text().splitlines()
+    header = lines[0].split("\t")
+    if header[:3] != ["user_id:token", "item_id_list:token_seq", "item_id:token"]:
+        raise DataSourceError(f"{file}: unexpected header {header}")
+    out = []
+    for n, line in enumerate(lines[1:], start=2):
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise DataSourceError(f"{file}:{n}: expected 3 tab-separated fields")
+        out.append((parts[0], parts[1].split(), parts[2]))
+    return out
+
+
+def load_unisrec(path: Path, name: str | None) -> RawDataset:
+    """Load RecBole/UniSRec atomic files, keeping their published split.
+
+    `X.train.inter` holds every prefix of a user's training sequence (longest first, histories
+    cut to the last 50 items), `X.valid.inter` and `X.test.inter` one row per user. The full
+    sequence is rebuilt from the train rows in chronological order plus the valid and test
+    targets, and checked against the test row's history. The files carry no timestamps: the
+    order is encoded as consecutive seconds from 2018-01-01.
+    """
+    if not path.is_dir():
+        raise DataSourceError(f"UniSRec folder not found: {path}")
+    name = name or _find_unisrec_name(path)
+    files = {s: path / f"{name}.{s}.inter" for s in SPLITS}
+    for extra in (f"{name}.text", f"{name}.item2index", f"{name}.user2index"):
+        files[extra] = path / extra
+    missing = [str(f) for f in files.values() if not f.exists()]
+    if missing:
+        raise DataSourceError(f"UniSRec files missing: {', '.join(missing)}")
+
+    index_to_item = {}
+    for line in files[f"{name}.item2index"].read_text().splitlines():
+        asin, idx = line.split("\t")
+        index_to_item[idx] = asin
+    index_to_user = {}
+    for line in files[f"{name}.user2index"].read_text().splitlines():
+        token, idx = line.split("\t")
+        index_to_user[idx] = token
+
+    train_rows: dict[str, list[tuple[list[str], str]]] = {}
+    for user, hist, target in _read_inter(files["train"]):
+        train_rows.setdefault(user, []).append((hist, target))
+    valid = {u: (h, t) for u, h, t in _read_inter(files["valid"])}
+    users, items, splits = [], [], []
+    for user, test_hist, test_target in _read_inter(files["test"]):
+        rows = train_rows.get(user, [])[::-1]  # the file lists prefixes longest first
+        if rows:
+            seq = rows[0][0] + [t for _, t in rows]
+        elif user in valid:  # a single training item has no train row: it is the valid history
+            seq = list(valid[user][0])
+        else:
+            seq = list(test_hist)
+        n_train = len(seq)
+        if user in valid:
+            seq.append(valid[user][1])
+        seq.append(test_target)
+        expected = test_hist + [test_target]
+        if seq[-len(expected) :] != expected:
+            raise DataSourceError(
+                f"{name}: user {user}: train/valid rows do not chain into the test history"
+            )
+        users.extend([index_to_user.get(user, user)] * len(seq))
+        items.extend(index_to_item.get(i, i) for i in seq)
+        splits.extend(["train"] * n_train + ["valid"] * (len(seq) - n_train - 1) + ["test"])
+
+    position = pl.int_range(pl.len()).over("user_id")
+    inter = pl.DataFrame({"user_id": users, "item_id": items, "split": splits}).with_columns(
+        timestamp=(UNISREC_EPOCH + position).cast(pl.Int64)
+    ).select("user_id", "item_id", "timestamp", "split")
+
+    text_lines = files[f"{name}.text"].read_text(encoding="utf-8", errors="replace").splitlines()
+    item_rows = [line.split("\t", 1) for line in text_lines[1:] if line]
+    item_table = pl.DataFrame(
+        {
+            "item_id": [r[0] for r in item_rows],
+            "text": [r[1].strip() if len(r) > 1 else "" for r in item_rows],
+        }
+    )
+    return RawDataset(inter, item_table, "unisrec", f"UniSRec {name} from {path} (published split)")
+
+
+# --------------------------------------------------------------------------------------------
+# The user's own files
+# --------------------------------------------------------------------------------------------
+
+
+def _read_table(file: Path, encoding: str) -> pl.DataFrame:
+    if not file.exists():
+        raise DataSourceError(f"file not found: {file}")
+    suffix = file.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return pl.read_parquet(file)
+    if suffix not in (".csv", ".tsv", ".txt"):
+        raise DataSourceError(f"{file}: unsupported format (use .csv, .tsv or .parquet)")
+    separator = "\t" if suffix == ".tsv" else ","
+    raw = file.read_bytes()
+    if not raw.strip():
+        return pl.DataFrame()  # an empty file is a validation failure, not a crash
+    # Undecodable bytes become U+FFFD so that validation can point at the rows that hold them.
+    text = raw.decode(encoding, errors="replace")
+    try:
+        return pl.read_csv(io.StringIO(text), separator=separator, infer_schema_length=10_000)
+    except pl.exceptions.NoDataError:
+        return pl.DataFrame()
+    except pl.exceptions.ComputeError as exc:
+        raise DataSourceError(f"{file}: cannot parse as CSV: {exc}") from exc
+
+
+def load_files(path: Path, cfg: DataConfig) -> RawDataset:
+    fc = cfg.files
+    inter = _read_table(path / fc.interactions, fc.encoding)
+    items = _read_table(path / fc.items, fc.encoding)
+
+    mapping = {
+        "user_id": fc.columns.user_id,
+        "item_id": fc.columns.item_id,
+        "timestamp": fc.columns.timestamp,
+        "weight": fc.columns.weight,
+        "split": fc.columns.split,
+    }
+    renamed = {src: dst for dst, src in mapping.items() if src is not None and src in inter.columns}
+    inter = inter.select([pl.col(src).alias(dst) for src, dst in renamed.items()])
+    inter = _ids_as_strings(inter, ("user_id", "item_id"))
+    if "timestamp" in inter.columns and inter["timestamp"].dtype in (pl.Datetime, pl.Date):
+        inter = inter.with_columns(pl.col("timestamp").cast(pl.Datetime("us")).dt.epoch("s"))
+
+    if fc.item_id_column in items.columns and fc.item_id_column != "item_id":
+        items = items.rename({fc.item_id_column: "item_id"})
+    present_text = [c for c in fc.text_columns if c in items.columns]
+    if present_text:
+        # Text fields joined "title. description"; the source columns stay as extras.
+        joined = pl.concat_str(
+            [pl.col(c).cast(pl.Utf8).fill_null("").str.strip_chars() for c in present_text],
+            separator=". ",
+        ).str.strip_chars(". ")
+        items = items.with_columns(text=joined)
+    items = _ids_as_strings(items, ("item_id",))
+    desc = f"files {fc.interactions} + {fc.items} from {path}"
+    return RawDataset(inter, items, "files", desc)
+
+
+def _ids_as_strings(df: pl.DataFrame, columns: tuple[str, ...]) -> pl.DataFrame:
+    return df.with_columns([pl.col(c).cast(pl.Utf8) for c in columns if c in df.columns])
+
+
+# --------------------------------------------------------------------------------------------
+# After validation
+# --------------------------------------------------------------------------------------------
+
+
+def normalize(raw: RawDataset) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Cast validated data to the canonical types (only called once validation has passed)."""
+    inter = raw.interactions
+    cols = [
+        pl.col("user_id").cast(pl.Utf8),
+        pl.col("item_id").cast(pl.Utf8),
+        pl.col("timestamp").cast(pl.Int64),
+    ]
+    if "weight" in inter.columns:
+        cols.append(pl.col("weight").cast(pl.Float64))
+    if "split" in inter.columns:
+        cols.append(pl.col("split").cast(pl.Utf8))
+    items = raw.items.with_columns(pl.col("item_id").cast(pl.Utf8), pl.col("text").cast(pl.Utf8))
+    return inter.select(cols), items

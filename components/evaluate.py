@@ -1,0 +1,247 @@
+"""Offline evaluation: full ranking over every item, for every model, on validation and test.
+
+Every model hands evaluation the same thing, a *factor model*: per split, item vectors and one
+user vector per user, with score = user . item. Matrix factorization is one directly; a sequence
+model's user vector is its encoder output for the user's history; popularity is a 1-d factor
+model; a score-level fusion is a concatenation of scaled factor models. A model may use
+different item vectors per split (MF refitted before test). The file format is `factors.npz`
+with arrays `items_valid`, `users_valid`, `items_test`, `users_test`.
+
+Protocol: for split S, the user's history is everything before S (train for validation, train +
+validation for test); history items are excluded from the ranking; the targets are the user's
+interactions in S. Slices: users with few training interactions, and long-tail targets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from components.config import EvaluationConfig
+from components.features import Sequences, load_sequences
+from components import metrics
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("valid", "test")
+
+
+@dataclass(frozen=True)
+class FactorModel:
+    """Per split: `items[split]` (n_items x d) and `users[split]` (n_users x d)."""
+
+    items: dict[str, np.ndarray]
+    users: dict[str, np.ndarray]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"items_{s}": self.items[s] for s in EVAL_SPLITS}
+        arrays.update({f"users_{s}": self.users[s] for s in EVAL_SPLITS})
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> "FactorModel":
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: train the model first")
+        data = np.load(path)
+        return cls(
+            items={s: data[f"items_{s}"] for s in EVAL_SPLITS},
+            users={s: data[f"users_{s}"] for s in EVAL_SPLITS},
+        )
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    metrics_path: Path
+    valid_metrics_path: Path
+    test: dict[str, dict[str, float]]
+    valid: dict[str, dict[str, float]]
+    plot_path: Path
+
+
+def popularity_model(train: sp.csr_matrix, n_users: int) -> FactorModel:
+    """Most-interacted items first (training counts); the same list for every user."""
+    counts = np.asarray(train.sum(axis=0)).ravel().astype(np.float32)
+    ones = np.ones((n_users, 1), dtype=np.float32)
+    return FactorModel(items={s: counts[:, None] for s in EVAL_SPLITS}, users={s: ones for s in EVAL_SPLITS})
+
+
+def rank(
+    user_vectors: np.ndarray,
+    item_vectors: np.ndarray,
+    exclude: sp.csr_matrix,
+    k: int,
+    batch_size: int,
+) -> np.ndarray:
+    """Top-k item indices per user by dot product, excluding each user's `exclude` items."""
+    n_users = user_vectors.shape[0]
+    k = min(k, item_vectors.shape[0])
+    out = np.empty((n_users, k), dtype=np.int64)
+    items_t = np.ascontiguousarray(item_vectors.T, dtype=np.float32)
+    exclude = exclude.tocsr()
+    for lo in range(0, n_users, batch_size):
+        hi = min(lo + batch_size, n_users)
+        scores = user_vectors[lo:hi].astype(np.float32) @ items_t
+        block = exclude[lo:hi]
+        rows = np.repeat(np.arange(hi - lo), np.diff(block.indptr))
+        scores[rows, block.indices] = -np.inf
+        out[lo:hi] = metrics.top_k(scores, k)
+    return out
+
+
+def evaluate_split(
+    model: FactorModel,
+    seqs: Sequences,
+    split: str,
+    cfg: EvaluationConfig,
+    train_counts: np.ndarray,
+    head_items: np.ndarray,
+) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics of one model on one split, with slices; also returns the Recall@k curve."""
+    targets = seqs.target_matrix(split)
+    users = np.flatnonzero(np.diff(targets.indptr) > 0)
+    history = seqs.history_matrix(split)
+    max_k = max(cfg.ks)
+    topk = rank(model.users[split][users], model.items[split], history[users], max_k, cfg.batch_size)
+    t = targets[users]
+    result = metrics.summarize(topk, t, cfg.ks, seqs.n_items)
+    result["n_users"] = float(users.size)
+
+    short = train_counts[users] <= cfg.short_history_max
+    for key, value in metrics.summarize(topk[short], t[short], cfg.ks, seqs.n_items).items():
+        if not key.startswith("coverage"):
+            result[f"short_history/{key}"] = value
+    result["short_history/n_users"] = float(short.sum())
+
+    # Long tail: only targets outside the head count, for users who have such a target.
+    tail_targets = t.multiply(~head_items[None, :]).tocsr()
+    tail_targets.eliminate_zeros()
+    has_tail = np.diff(tail_targets.indptr) > 0
+    for key, value in metrics.summarize(topk[has_tail], tail_targets[has_tail], cfg.ks, seqs.n_items).items():
+        if not key.startswith("coverage"):
+            result[f"long_tail/{key}"] = value
+    result["long_tail/n_users"] = float(has_tail.sum())
+    return result, metrics.recall_curve(topk, t, max_k)
+
+
+def evaluate(
+    features_dir: Path,
+    models: dict[str, FactorModel],
+    out_dir: Path,
+    cfg: EvaluationConfig,
+) -> EvaluationResult:
+    """Evaluate every model on validation and test; write metrics JSON, Recall@k CSV and plot."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seqs = load_sequences(features_dir)
+    train = seqs.history_matrix("valid")
+    train_counts = np.diff(train.indptr)
+    popularity = np.asarray(train.sum(axis=0)).ravel()
+    n_head = int(round(cfg.head_fraction * seqs.n_items))
+    head_items = np.zeros(seqs.n_items, dtype=bool)
+    head_items[np.argsort(-popularity, kind="stable")[:n_head]] = True
+
+    results: dict[str, dict[str, dict[str, float]]] = {s: {} for s in EVAL_SPLITS}
+    curves: dict[str, np.ndarray] = {}
+    for name, model in models.items():
+        start = time.perf_counter()
+        for split in EVAL_SPLITS:
+            res, curve = evaluate_split(model, seqs, split, cfg, train_counts, head_items)
+            results[split][name] = res
+            if split == "test":
+                curves[name] = curve
+        log.info(
+            "%s: test ndcg@%d %.4f recall@%d %.4f (%.1f s)",
+            name, cfg.ks[0], results["test"][name][f"ndcg@{cfg.ks[0]}"],
+            cfg.ks[0], results["test"][name][f"recall@{cfg.ks[0]}"], time.perf_counter() - start,
+        )
+
+    metrics_path = out_dir / "metrics.json"
+    valid_path = out_dir / "metrics_valid.json"
+    metrics_path.write_text(json.dumps(results["test"], indent=2))
+    valid_path.write_text(json.dumps(results["valid"], indent=2))
+    max_k = max(cfg.ks)
+    with (out_dir / "recall_at_k.csv").open("w") as f:
+        f.write(",".join(["k", *curves]) + "\n")
+        for k in range(1, max_k + 1):
+            f.write(",".join([str(k), *(f"{curves[m][k - 1]:.6f}" for m in curves)]) + "\n")
+    plot_path = out_dir / "recall_at_k.png"
+    _plot(curves, plot_path)
+    return EvaluationResult(metrics_path, valid_path, results["test"], results["valid"], plot_path)
+
+
+def _plot(curves: dict[str, np.ndarray], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(np.arange(1, curve.size + 1), curve, label=name, marker="o", markersize=3)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K (test)")
+    ax.set_title("Recall@K, full ranking")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
+    """Markdown table of the headline metrics, one row per model."""
+    cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "mrr", "coverage")]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, res in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{res.get(c, float('nan')):.4f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def load_models(names: list[str], artifacts: Path, features_dir: Path) -> dict[str, FactorModel]:
+    """Build the factor models named in `evaluation.models` from their stages' outputs."""
+    seqs = load_sequences(features_dir)
+    models: dict[str, FactorModel] = {}
+    for name in names:
+        if name == "popularity":
+            models[name] = popularity_model(seqs.history_matrix("valid"), seqs.n_users)
+        else:
+            models[name] = FactorModel.load(artifacts / name / "factors.npz")
+    return models
+
+
+def main() -> int:
+    from components.cli import base_parser, params_from_args
+
+    parser = base_parser("Evaluate the trained models (full ranking) and write metrics.")
+    parser.add_argument("--show", action="store_true", help="only print the last metrics table")
+    args = parser.parse_args()
+    params = params_from_args(args)
+    if args.show:
+        path = args.artifacts / "eval" / "metrics.json"
+        if not path.exists():
+            print(f"error: {path} not found: run the pipeline first", file=sys.stderr)
+            return 1
+        print("Test metrics (full ranking, history items excluded):")
+        print(format_table(json.loads(path.read_text()), params.evaluation.ks))
+        return 0
+    features_dir = args.artifacts / "features"
+    models = load_models(params.evaluation.models, args.artifacts, features_dir)
+    result = evaluate(features_dir, models, args.artifacts / "eval", params.evaluation)
+    print("Test metrics (full ranking, history items excluded):")
+    print(format_table(result.test, params.evaluation.ks))
+    print(f"\nwritten: {result.metrics_path}, {result.valid_metrics_path}, {result.plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    from components.cli import run_main
+
+    run_main(main)

@@ -1,0 +1,331 @@
+"""Feature building: filtering, contiguous ids, chronological order, splits, sequences, CSR matrix.
+
+Input: the validated snapshot (`interactions.parquet`, `items.parquet`). Output folder:
+
+- `interactions.parquet`: `user_idx`, `item_idx`, `timestamp`, `weight`, `split`, in
+  chronological order per user (ties broken by item id, so splits are deterministic).
+- `user_map.parquet`, `items.parquet`: index -> id, and the item text table in index order.
+- `sequences.npz`: per-user chronological sequences as CSR-style arrays (`indptr`, `items`,
+  `timestamps`, `split` codes 0 train / 1 valid / 2 test): what sequence models read.
+- `train_matrix.npz`: the training user x item matrix (scipy CSR, interaction counts).
+- `stats.json`: sizes, density, sequence-length percentiles, split sizes.
+
+Everything is vectorized with polars and numpy: 10M interactions build in well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from components.config import FeaturesConfig
+
+log = logging.getLogger(__name__)
+
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    out_dir: Path
+    n_users: int
+    n_items: int
+    n_interactions: int
+    split_source: str
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------
+# Steps (pure functions on frames, tested one by one)
+# --------------------------------------------------------------------------------------------
+
+
+def k_core(df: pl.DataFrame, min_user: int, min_item: int) -> pl.DataFrame:
+    """Keep users with >= min_user and items with >= min_item interactions, until stable.
+
+    Removing an item can push a user under the threshold and vice versa, so the two filters
+    alternate until neither removes anything. A threshold of 0 (or 1) turns that side off.
+    """
+    if min_user <= 1 and min_item <= 1:
+        return df
+    while True:
+        before = df.height
+        if min_item > 1:
+            df = df.filter(pl.len().over("item_id") >= min_item)
+        if min_user > 1:
+            df = df.filter(pl.len().over("user_id") >= min_user)
+        if df.height == before:
+            return df
+
+
+def id_sort_key(column: str, df: pl.DataFrame) -> pl.Expr:
+    """Ids sort numerically when every id is a number ("9" before "10"), else as text."""
+    ids = df[column]
+    if ids.len() and ids.str.contains(r"^\d{1,18}$").all():
+        return pl.col(column).cast(pl.Int64)
+    return pl.col(column)
+
+
+def order_chronologically(df: pl.DataFrame) -> pl.DataFrame:
+    # Many users rate several items within the same second (MovieLens); ties are broken by
+    # item id (numerically for numeric ids) so that the order, and therefore the split, is
+    # deterministic and matches the published protocol.
+    return df.sort([id_sort_key("user_id", df), "timestamp", id_sort_key("item_id", df)])
+
+
+def drop_exact_duplicates(df: pl.DataFrame) -> pl.DataFrame:
+    """Drop repeated (user, item, timestamp) rows. Expects chronological order, where repeats
+    are adjacent: a shift comparison is far cheaper than a hash-based unique on strings."""
+    key = ["user_id", "item_id", "timestamp"]
+    repeat = pl.all_horizontal([pl.col(c) == pl.col(c).shift(1) for c in key]).fill_null(False)
+    return df.filter(~repeat)
+
+
+def leave_one_out(df: pl.DataFrame) -> pl.DataFrame:
+    """Last interaction of each user -> test, second-to-last -> valid, the rest -> train.
+
+    Users with fewer than 3 interactions cannot give all three; they stay in train only.
+    Expects `df` in chronological order per user.
+    """
+    from_end = pl.int_range(pl.len(), 0, -1).over("user_id")  # n, n-1, ..., 1
+    n = pl.len().over("user_id")
+    split = (
+        pl.when(n < 3)
+        .then(pl.lit("train"))
+        .when(from_end == 1)
+        .then(pl.lit("test"))
+        .when(from_end == 2)
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("train"))
+    )
+    return df.with_columns(split=split)
+
+
+def temporal_split(df: pl.DataFrame, valid_fraction: float, test_fraction: float) -> pl.DataFrame:
+    """Global time cut: the latest `test_fraction` of interactions -> test, the
+    `valid_fraction` before them -> valid, the rest -> train. Same cut for every user."""
+    if not (0 < test_fraction < 1 and 0 <= valid_fraction < 1 and valid_fraction + test_fraction < 1):
+        raise ValueError("temporal fractions must be in (0, 1) and sum to less than 1")
+    ts = df["timestamp"]
+    test_cut = ts.quantile(1 - test_fraction, interpolation="higher")
+    valid_cut = ts.quantile(1 - test_fraction - valid_fraction, interpolation="higher")
+    split = (
+        pl.when(pl.col("timestamp") >= test_cut)
+        .then(pl.lit("test"))
+        .when(pl.col("timestamp") >= valid_cut)
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("train"))
+    )
+    return df.with_columns(split=split)
+
+
+def index_ids(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Contiguous integer ids in id order (numeric ids numerically); returns
+    (df with *_idx columns, user map, item map)."""
+    users = df.select(pl.col("user_id").unique()).sort(id_sort_key("user_id", df)).with_row_index("user_idx")
+    items = df.select(pl.col("item_id").unique()).sort(id_sort_key("item_id", df)).with_row_index("item_idx")
+    # maintain_order: the caller relies on rows staying in chronological order.
+    df = df.join(users, on="user_id", how="left", maintain_order="left").join(
+        items, on="item_id", how="left", maintain_order="left"
+    )
+    cast = [pl.col("user_idx").cast(pl.Int32), pl.col("item_idx").cast(pl.Int32)]
+    return df.with_columns(cast), users.with_columns(cast[0]), items.with_columns(cast[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Reading features back (used by every model and by evaluation)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Per-user chronological sequences, CSR-style: user u owns items[indptr[u]:indptr[u+1]]."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray
+    weights: np.ndarray
+    split: np.ndarray
+    n_items: int
+
+    @property
+    def n_users(self) -> int:
+        return self.indptr.size - 1
+
+    def user_of_position(self) -> np.ndarray:
+        return np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(self.indptr))
+
+    def _matrix(self, mask: np.ndarray, weighted: bool = False) -> sp.csr_matrix:
+        rows = self.user_of_position()[mask]
+        values = self.weights[mask].astype(np.float32) if weighted else np.ones(rows.size, np.float32)
+        m = sp.csr_matrix((values, (rows, self.items[mask])), shape=(self.n_users, self.n_items))
+        m.sum_duplicates()
+        return m
+
+    def history_matrix(self, split: str, weighted: bool = False) -> sp.csr_matrix:
+        """Interactions a model may see when predicting `split`: everything before it.
+
+        Values are interaction counts, or summed weights when `weighted`."""
+        return self._matrix(self.split < SPLIT_CODES[split], weighted)
+
+    def target_matrix(self, split: str) -> sp.csr_matrix:
+        return self._matrix(self.split == SPLIT_CODES[split])
+
+    def histories(self, split: str, max_len: int | None = None) -> list[np.ndarray]:
+        """Each user's chronological item sequence before `split` (last `max_len` items)."""
+        keep = self.split < SPLIT_CODES[split]
+        out = []
+        for u in range(self.n_users):
+            lo, hi = self.indptr[u], self.indptr[u + 1]
+            seq = self.items[lo:hi][keep[lo:hi]]
+            out.append(seq[-max_len:] if max_len else seq)
+        return out
+
+
+def load_sequences(features_dir: Path) -> Sequences:
+    data = np.load(features_dir / "sequences.npz")
+    stats = json.loads((features_dir / "stats.json").read_text())
+    return Sequences(
+        indptr=data["indptr"],
+        items=data["items"],
+        timestamps=data["timestamps"],
+        weights=data["weights"],
+        split=data["split"],
+        n_items=int(stats["n_items"]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The component
+# --------------------------------------------------------------------------------------------
+
+
+def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig) -> FeaturesResult:
+    """Turn the validated snapshot in `data_dir` into model-ready features in `out_dir`."""
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inter_path = data_dir / "interactions.parquet"
+    if not inter_path.exists():
+        raise FileNotFoundError(f"{inter_path} not found: run validation first (it writes the snapshot)")
+    df = pl.read_parquet(inter_path)
+    items = pl.read_parquet(data_dir / "items.parquet")
+    n_raw = df.height
+    if "weight" not in df.columns:
+        df = df.with_columns(weight=pl.lit(1.0))
+
+    df = drop_exact_duplicates(order_chronologically(df))
+    n_dedup = df.height
+    # Filtering keeps the chronological order.
+    df = k_core(df, cfg.min_user_interactions, cfg.min_item_interactions)
+    if df.height == 0:
+        raise ValueError(
+            "k-core filtering removed every interaction; lower features.min_user_interactions / "
+            "features.min_item_interactions"
+        )
+    log.info("filtering: %d -> %d (exact duplicates) -> %d (k-core) interactions", n_raw, n_dedup, df.height)
+    if "split" in df.columns:
+        split_source = "source"
+        log.info("keeping the split published by the source")
+    elif cfg.split == "leave_one_out":
+        split_source = "leave_one_out"
+        df = leave_one_out(df)
+    else:
+        split_source = "temporal"
+        df = temporal_split(df, cfg.temporal_valid_fraction, cfg.temporal_test_fraction)
+
+    df, user_map, item_map = index_ids(df)
+    n_users, n_items = user_map.height, item_map.height
+    # Rows are still in (user, timestamp, item) order, and user_idx follows the same user order,
+    # so this frame is already grouped by user_idx chronologically.
+    df = df.select(
+        "user_idx",
+        "item_idx",
+        "timestamp",
+        pl.col("weight").cast(pl.Float32),
+        "split",
+        "user_id",
+        "item_id",
+    )
+    df.drop("user_id", "item_id").write_parquet(out_dir / "interactions.parquet")
+    user_map.write_parquet(out_dir / "user_map.parquet")
+    item_table = item_map.join(items, on="item_id", how="left").sort("item_idx")
+    item_table.write_parquet(out_dir / "items.parquet")
+
+    user_idx = df["user_idx"].to_numpy()
+    item_idx = df["item_idx"].to_numpy()
+    split_codes = df["split"].replace_strict(SPLIT_CODES, return_dtype=pl.Int8).to_numpy()
+    counts = np.bincount(user_idx, minlength=n_users)
+    indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    np.savez(
+        out_dir / "sequences.npz",
+        indptr=indptr,
+        items=item_idx.astype(np.int32),
+        timestamps=df["timestamp"].to_numpy(),
+        weights=df["weight"].to_numpy(),
+        split=split_codes,
+    )
+
+    train = split_codes == 0
+    train_matrix = sp.csr_matrix(
+        (np.ones(int(train.sum()), dtype=np.float32), (user_idx[train], item_idx[train])),
+        shape=(n_users, n_items),
+    )
+    train_matrix.sum_duplicates()
+    sp.save_npz(out_dir / "train_matrix.npz", train_matrix)
+
+    lengths = counts
+    split_sizes = {name: int((split_codes == code).sum()) for name, code in SPLIT_CODES.items()}
+    stats = {
+        "n_users": n_users,
+        "n_items": n_items,
+        "n_interactions": int(df.height),
+        "n_interactions_raw": n_raw,
+        "n_exact_duplicates_dropped": n_raw - n_dedup,
+        "density": float(df.height) / (n_users * n_items),
+        "split_source": split_source,
+        "split_sizes": split_sizes,
+        "n_eval_users": {
+            "valid": int(np.unique(user_idx[split_codes == 1]).size),
+            "test": int(np.unique(user_idx[split_codes == 2]).size),
+        },
+        "sequence_length": {
+            "min": int(lengths.min()),
+            "mean": float(lengths.mean()),
+            **{f"p{q}": float(np.percentile(lengths, q)) for q in (25, 50, 75, 90, 99)},
+            "max": int(lengths.max()),
+        },
+        "n_cold_items": int(n_items - np.unique(item_idx[train]).size),
+    }
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    seconds = time.perf_counter() - start
+    log.info(
+        "features: %d users, %d items, %d interactions (density %.4f) in %.1f s",
+        n_users, n_items, df.height, stats["density"], seconds,
+    )
+    return FeaturesResult(out_dir, n_users, n_items, int(df.height), split_source, seconds)
+
+
+def main() -> int:
+    from components.cli import base_parser, params_from_args
+
+    args = base_parser("Build features from the validated snapshot.").parse_args()
+    params = params_from_args(args)
+    result = build_features(args.artifacts / "data", args.artifacts / "features", params.features)
+    print(
+        f"features: {result.n_users} users, {result.n_items} items, {result.n_interactions} "
+        f"interactions ({result.split_source} split) -> {result.out_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from components.cli import run_main
+
+    run_main(main)

@@ -1,0 +1,62 @@
+"""Evaluation wiring: exclusion of history, slices, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from components.evaluate import FactorModel, evaluate, format_table, popularity_model, rank
+from tests.unit.test_features import write_snapshot
+from components.features import build_features
+from tests.conftest import tiny_params
+
+
+def test_rank_excludes_history():
+    users = np.array([[1.0], [1.0]], dtype=np.float32)
+    items = np.array([[5.0], [4.0], [3.0], [2.0]], dtype=np.float32)
+    exclude = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 0, 0, 0]]))
+    assert rank(users, items, exclude, 2, batch_size=1).tolist() == [[1, 2], [0, 1]]
+
+
+def test_factor_model_roundtrip(tmp_path):
+    m = FactorModel(items={"valid": np.eye(3), "test": 2 * np.eye(3)}, users={"valid": np.ones((2, 3)), "test": np.zeros((2, 3))})
+    m.save(tmp_path / "f.npz")
+    back = FactorModel.load(tmp_path / "f.npz")
+    assert np.array_equal(back.items["test"], m.items["test"]) and np.array_equal(back.users["valid"], m.users["valid"])
+    with pytest.raises(FileNotFoundError, match="train the model first"):
+        FactorModel.load(tmp_path / "missing.npz")
+
+
+def test_evaluate_writes_metrics_for_every_model_and_slice(tmp_path):
+    import polars as pl
+
+    # 4 users x 4 items; every user's test item is 'd' (idx 3), valid item 'c' (idx 2).
+    rows = []
+    for u in range(4):
+        for t, item in enumerate(["a", "b", "c", "d"]):
+            rows.append((f"u{u}", item, t))
+    inter = pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
+    data = write_snapshot(tmp_path / "data", inter, pl.DataFrame({"item_id": list("abcd"), "text": list("ABCD")}))
+    cfg = tiny_params("features.min_user_interactions=0", "features.min_item_interactions=0")
+    build_features(data, tmp_path / "f", cfg.features)
+    # An oracle that scores the right item highest on each split.
+    oracle = FactorModel(
+        items={"valid": np.eye(4, dtype=np.float32), "test": np.eye(4, dtype=np.float32)},
+        users={"valid": np.tile(np.eye(4, dtype=np.float32)[2], (4, 1)),
+               "test": np.tile(np.eye(4, dtype=np.float32)[3], (4, 1))},
+    )
+    seqs_train = sp.csr_matrix(np.tile([1, 1, 0, 0], (4, 1)).astype(np.float32))
+    models = {"oracle": oracle, "popularity": popularity_model(seqs_train, 4)}
+    ev = evaluate(tmp_path / "f", models, tmp_path / "eval", cfg.evaluation)
+    assert ev.test["oracle"]["ndcg@10"] == 1.0 and ev.valid["oracle"]["recall@10"] == 1.0
+    assert ev.test["oracle"]["short_history/n_users"] == 4.0  # 2 training items each
+    written = json.loads(ev.metrics_path.read_text())
+    assert set(written) == {"oracle", "popularity"}
+    assert {"recall@10", "ndcg@10", "mrr@10", "coverage@10", "recall@20", "long_tail/ndcg@10"} <= set(written["oracle"])
+    assert ev.plot_path.exists() and ev.plot_path.stat().st_size > 1000
+    csv = (tmp_path / "eval" / "recall_at_k.csv").read_text().splitlines()
+    assert csv[0] == "k,oracle,popularity" and len(csv) == 21
+    assert "| oracle | 1.0000" in format_table(ev.test, [10])

@@ -1,0 +1,152 @@
+"""Feature building on tiny hand-made data: worked examples for each step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+
+from components.features import (
+    build_features,
+    drop_exact_duplicates,
+    index_ids,
+    k_core,
+    leave_one_out,
+    load_sequences,
+    order_chronologically,
+    temporal_split,
+)
+from tests.conftest import tiny_params
+
+
+def frame(rows):
+    return pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
+
+
+def test_k_core_iterates_until_stable():
+    # Items a,b,c are seen by 2 users each except c (1 user). Removing c leaves user u3 with one
+    # interaction, which then removes u3 and makes b fall to one user, and so on.
+    df = frame([
+        ("u1", "a", 1), ("u1", "b", 2),
+        ("u2", "a", 1), ("u2", "b", 2),
+        ("u3", "b", 1), ("u3", "c", 2),
+    ])
+    out = k_core(df, 2, 2)
+    assert sorted(out["user_id"].unique()) == ["u1", "u2"]
+    assert sorted(out["item_id"].unique()) == ["a", "b"]
+    # With users needing 3, nobody survives; with both off nothing changes.
+    assert k_core(df, 3, 0).height == 0
+    assert k_core(df, 0, 0).equals(df)
+
+
+def test_chronological_order_breaks_ties_by_numeric_item_id():
+    df = frame([("1", "10", 5), ("1", "9", 5), ("1", "2", 7), ("2", "1", 1)])
+    out = order_chronologically(df)
+    assert out["item_id"].to_list() == ["9", "10", "2", "1"]
+
+
+def test_text_ids_sort_as_text():
+    df = frame([("a", "x10", 5), ("a", "x9", 5)])
+    assert order_chronologically(df)["item_id"].to_list() == ["x10", "x9"]
+
+
+def test_drop_exact_duplicates():
+    df = order_chronologically(frame([("u", "a", 1), ("u", "a", 1), ("u", "a", 2), ("v", "a", 1)]))
+    assert drop_exact_duplicates(df).height == 3
+
+
+def test_leave_one_out():
+    df = order_chronologically(frame(
+        [("u1", "a", 1), ("u1", "b", 2), ("u1", "c", 3), ("u1", "d", 4), ("u2", "a", 1), ("u2", "b", 2)]
+    ))
+    out = leave_one_out(df)
+    assert out.filter(pl.col("user_id") == "u1")["split"].to_list() == ["train", "train", "valid", "test"]
+    # Fewer than 3 interactions cannot give train/valid/test: all train.
+    assert out.filter(pl.col("user_id") == "u2")["split"].to_list() == ["train", "train"]
+
+
+def test_temporal_split_uses_one_global_cut():
+    df = frame([(f"u{i % 3}", f"i{i}", i) for i in range(1, 11)])
+    out = temporal_split(df, 0.2, 0.2)
+    by_ts = dict(zip(out["timestamp"], out["split"]))
+    assert [by_ts[t] for t in range(1, 11)] == ["train"] * 6 + ["valid"] * 2 + ["test"] * 2
+    with pytest.raises(ValueError):
+        temporal_split(df, 0.6, 0.6)
+
+
+def test_index_ids_are_contiguous_and_ordered():
+    df = frame([("10", "b", 1), ("9", "a", 2), ("10", "a", 3)])
+    out, users, items = index_ids(df)
+    assert users["user_id"].to_list() == ["9", "10"] and users["user_idx"].to_list() == [0, 1]
+    assert items["item_id"].to_list() == ["a", "b"]
+    assert out["user_idx"].to_list() == [1, 0, 1]  # row order kept
+
+
+def write_snapshot(folder: Path, inter: pl.DataFrame, items: pl.DataFrame) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    inter.write_parquet(folder / "interactions.parquet")
+    items.write_parquet(folder / "items.parquet")
+    return folder
+
+
+def test_build_features_outputs(tmp_path):
+    inter = pl.DataFrame({
+        "user_id": ["u1"] * 4 + ["u2"] * 3 + ["u3"] * 3,
+        "item_id": ["a", "b", "c", "d", "b", "c", "a", "d", "a", "b"],
+        "timestamp": [1, 2, 3, 4, 1, 2, 3, 1, 2, 3],
+        "weight": [5.0, 4.0, 3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1.0],
+    })
+    items = pl.DataFrame({"item_id": ["a", "b", "c", "d", "e"], "text": ["A", "B", "C", "D", "E"]})
+    data = write_snapshot(tmp_path / "data", inter, items)
+    cfg = tiny_params("features.min_user_interactions=0", "features.min_item_interactions=0").features
+    res = build_features(data, tmp_path / "f", cfg)
+    assert (res.n_users, res.n_items, res.n_interactions) == (3, 4, 10)  # 'e' has no interactions
+
+    seqs = load_sequences(tmp_path / "f")
+    assert seqs.indptr.tolist() == [0, 4, 7, 10]
+    assert seqs.items[:4].tolist() == [0, 1, 2, 3]  # u1: a b c d
+    assert seqs.split[:4].tolist() == [0, 0, 1, 2]
+    train = sp.load_npz(tmp_path / "f" / "train_matrix.npz")
+    assert train.shape == (3, 4) and train.nnz == 4  # two train items per user... u1 has 2, u2 1, u3 1
+    assert (train.toarray() == seqs.history_matrix("valid").toarray()).all()
+    # History for test = train + valid; targets = the last item.
+    assert seqs.history_matrix("test")[0].indices.tolist() == [0, 1, 2]
+    assert seqs.target_matrix("test")[0].indices.tolist() == [3]
+    assert [h.tolist() for h in seqs.histories("test", max_len=2)] == [[1, 2], [1, 2], [3, 0]]
+
+    stats = json.loads((tmp_path / "f" / "stats.json").read_text())
+    assert stats["n_users"] == 3 and stats["n_items"] == 4 and stats["n_interactions"] == 10
+    assert stats["density"] == pytest.approx(10 / 12)
+    assert stats["split_sizes"] == {"train": 4, "valid": 3, "test": 3}
+    assert stats["sequence_length"]["p50"] == 3.0
+    items_out = pl.read_parquet(tmp_path / "f" / "items.parquet")
+    assert items_out["text"].to_list() == ["A", "B", "C", "D"]
+
+
+def test_source_split_is_kept(tmp_path):
+    inter = pl.DataFrame({
+        "user_id": ["u1"] * 4, "item_id": ["a", "b", "c", "d"], "timestamp": [1, 2, 3, 4],
+        "split": ["train", "valid", "train", "test"],
+    })
+    items = pl.DataFrame({"item_id": ["a", "b", "c", "d"], "text": list("ABCD")})
+    data = write_snapshot(tmp_path / "data", inter, items)
+    cfg = tiny_params("features.min_user_interactions=0", "features.min_item_interactions=0").features
+    res = build_features(data, tmp_path / "f", cfg)
+    assert res.split_source == "source"
+    assert load_sequences(tmp_path / "f").split.tolist() == [0, 1, 0, 2]
+
+
+def test_everything_filtered_is_an_error(tmp_path):
+    inter = pl.DataFrame({"user_id": ["u1"], "item_id": ["a"], "timestamp": [1]})
+    data = write_snapshot(tmp_path / "data", inter, pl.DataFrame({"item_id": ["a"], "text": ["A"]}))
+    with pytest.raises(ValueError, match="k-core filtering removed every interaction"):
+        build_features(data, tmp_path / "f", tiny_params().features)
+
+
+def test_missing_snapshot_explains(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run validation first"):
+        build_features(tmp_path / "nope", tmp_path / "f", tiny_params().features)

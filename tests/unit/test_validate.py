@@ -1,0 +1,183 @@
+"""Validation: each corruption fails with the check that names it, and nothing is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from components.synthetic import generate
+from components.validate import validate
+from tests.conftest import tiny_params
+
+NOW = 1_800_000_000  # fixed "now" so that "future" is deterministic
+
+
+@pytest.fixture
+def files_dir(tmp_path: Path) -> Path:
+    """A clean dataset in the `files` layout (CSV), built from the synthetic generator."""
+    params = tiny_params()
+    inter, items = generate(params.data.synthetic, 0)
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    inter.rename({"weight": "rating"}).write_csv(folder / "interactions.csv")
+    items.select("item_id", pl.col("text").alias("title"), pl.lit("desc").alias("description")).write_csv(
+        folder / "items.csv"
+    )
+    return folder
+
+
+def run(folder: Path, tmp_path: Path, *overrides: str):
+    params = tiny_params(
+        "data.source=files",
+        f"data.path={folder}",
+        "data.files.columns.weight=rating",
+        *overrides,
+    )
+    return validate(params, tmp_path / "validation", tmp_path / "data", now=NOW)
+
+
+def rewrite(folder: Path, name: str, fn) -> None:
+    df = pl.read_csv(folder / name, infer_schema_length=0)  # all strings: corrupt freely
+    fn(df).write_csv(folder / name)
+
+
+def failed(result) -> set[str]:
+    return set(result.failed_checks)
+
+
+def test_clean_data_passes_and_writes_snapshot(files_dir, tmp_path):
+    result = run(files_dir, tmp_path)
+    assert result.success, [f.describe() for f in result.failures]
+    snap = pl.read_parquet(tmp_path / "data" / "interactions.parquet")
+    assert snap.schema["timestamp"] == pl.Int64 and snap.schema["weight"] == pl.Float64
+    assert result.fingerprint and len(result.fingerprint) == 64
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["success"] and summary["failed_checks"] == []
+    assert result.data_docs_index.exists()
+    assert "interactions" in result.data_docs_index.read_text()
+
+
+def test_nulls(files_dir, tmp_path):
+    rewrite(files_dir, "interactions.csv", lambda d: d.with_columns(
+        user_id=pl.when(pl.int_range(pl.len()) < 7).then(None).otherwise(pl.col("user_id"))))
+    result = run(files_dir, tmp_path)
+    assert "user_id_not_null" in failed(result)
+    f = next(f for f in result.failures if f.check == "user_id_not_null")
+    assert f.unexpected_count == 7
+
+
+def test_unknown_item_ids(files_dir, tmp_path):
+    rewrite(files_dir, "interactions.csv", lambda d: d.with_columns(
+        item_id=pl.when(pl.int_range(pl.len()) < 3).then(pl.lit("ghost-item")).otherwise(pl.col("item_id"))))
+    result = run(files_dir, tmp_path)
+    assert failed(result) == {"item_id_known"}
+    f = result.failures[0]
+    assert f.unexpected_count == 3 and "ghost-item" in f.examples
+
+
+def test_duplicates_over_the_allowed_fraction(files_dir, tmp_path):
+    rewrite(files_dir, "interactions.csv", lambda d: pl.concat([d, d.head(200)]))
+    result = run(files_dir, tmp_path)
+    assert failed(result) == {"duplicate_rows"}
+    # A few duplicates under the configured fraction are tolerated (and dropped by features).
+    result = run(files_dir, tmp_path, "validation.max_duplicate_fraction=0.2")
+    assert result.success
+
+
+def test_negative_timestamps(files_dir, tmp_path):
+    rewrite(files_dir, "interactions.csv", lambda d: d.with_columns(
+        timestamp=pl.when(pl.int_range(pl.len()) < 4).then(pl.lit("-5")).otherwise(pl.col("timestamp"))))
+    result = run(files_dir, tmp_path)
+    assert failed(result) == {"timestamp_not_too_old"}
+    assert -5 in result.failures[0].examples
+
+
+def test_future_timestamps(files_dir, tmp_path):
+    rewrite(files_dir, "interactions.csv", lambda d: d.with_columns(
+        timestamp=pl.when(pl.int_range(pl.len()) < 2).then(pl.lit(str(NOW + 10 * 86400))).otherwise(pl.col("timestamp"))))
+    result = run(files_dir, tmp_path)
+    assert failed(result) == {"timestamp_not_in_future"}
+
+
+def test_out_of_range_ratings(files_dir, tmp_path):
+    rewrite(files_dir, "interactions.csv", lambda d: d.with_columns(
+        rating=pl.when(pl.int_range(pl.len()) < 5).then(pl.lit("7.0")).otherwise(pl.col("rating"))))
+    result = run(files_dir, tmp_path)
+    assert failed(result) == {"weight_in_range"}
+    assert result.failures[0].unexpected_count == 5
+
+
+def test_empty_file(files_dir, tmp_path):
+    (files_dir / "interactions.csv").write_text("")
+    result = run(files_dir, tmp_path)
+    assert {"min_interactions", "column_user_id_present", "column_timestamp_present"} <= failed(result)
+
+
+def test_header_only_file(files_dir, tmp_path):
+    (files_dir / "interactions.csv").write_text("user_id,item_id,timestamp,rating\n")
+    result = run(files_dir, tmp_path)
+    assert "min_interactions" in failed(result)
+
+
+def test_wrong_column_type(files_dir, tmp_path):
+    rewrite(files_dir, "interactions.csv", lambda d: d.with_columns(
+        timestamp=pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("2021-03-04")).otherwise(pl.col("timestamp"))))
+    result = run(files_dir, tmp_path)
+    assert "timestamp_type" in failed(result)
+    f = next(f for f in result.failures if f.check == "timestamp_type")
+    assert f.observed == "str" and "2021-03-04" in f.examples
+
+
+def test_undecodable_text(files_dir, tmp_path):
+    raw = (files_dir / "items.csv").read_bytes()
+    lines = raw.split(b"\n")
+    lines[3] = lines[3].replace(b"desc", b"d\xff\xfesc")  # not valid UTF-8
+    (files_dir / "items.csv").write_bytes(b"\n".join(lines))
+    result = run(files_dir, tmp_path)
+    assert failed(result) == {"text_decodable"}
+    assert result.failures[0].unexpected_count == 1
+
+
+def test_missing_column(files_dir, tmp_path):
+    rewrite(files_dir, "interactions.csv", lambda d: d.drop("timestamp"))
+    result = run(files_dir, tmp_path)
+    assert failed(result) == {"column_timestamp_present"}
+
+
+def test_single_user(files_dir, tmp_path):
+    rewrite(files_dir, "interactions.csv", lambda d: d.with_columns(user_id=pl.lit("only-user")))
+    result = run(files_dir, tmp_path)
+    assert "min_users" in failed(result)
+
+
+def test_duplicate_item_ids_and_blank_text(files_dir, tmp_path):
+    rewrite(files_dir, "items.csv", lambda d: pl.concat([d, d.head(1)]).with_columns(
+        title=pl.when(pl.int_range(pl.len()) == 5).then(pl.lit("  ")).otherwise(pl.col("title")),
+        description=pl.when(pl.int_range(pl.len()) == 5).then(pl.lit("")).otherwise(pl.col("description")),
+    ))
+    result = run(files_dir, tmp_path)
+    assert failed(result) == {"item_id_unique", "text_not_blank"}
+
+
+def test_failure_removes_previous_snapshot(files_dir, tmp_path):
+    assert run(files_dir, tmp_path).success
+    assert (tmp_path / "data" / "interactions.parquet").exists()
+    rewrite(files_dir, "interactions.csv", lambda d: d.drop("user_id"))
+    result = run(files_dir, tmp_path)
+    assert not result.success and result.data_dir is None
+    assert not (tmp_path / "data").exists()
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["success"] is False and "column_user_id_present" in summary["failed_checks"]
+
+
+def test_report_names_checks_with_counts_and_examples(files_dir, tmp_path):
+    from components.validate import report
+
+    rewrite(files_dir, "interactions.csv", lambda d: d.with_columns(
+        item_id=pl.when(pl.int_range(pl.len()) < 3).then(pl.lit("ghost-item")).otherwise(pl.col("item_id"))))
+    text = report(run(files_dir, tmp_path))
+    assert "VALIDATION FAILED" in text and "item_id_known" in text
+    assert "3 offending rows" in text and "'ghost-item'" in text
