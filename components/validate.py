@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,13 @@ def _run_suites(
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    # An ephemeral context comes with a default docs site in a fresh temporary folder that
+    # nothing ever removes; ours replaces it.
+    for name, site in dict(ctx.variables.data_docs_sites or {}).items():
+        default_dir = site.get("store_backend", {}).get("base_directory")
+        ctx.delete_data_docs_site(name)
+        if default_dir and Path(default_dir).is_dir() and Path(default_dir).parent == Path(tempfile.gettempdir()):
+            shutil.rmtree(default_dir, ignore_errors=True)
     if docs_dir.exists():
         shutil.rmtree(docs_dir)
     ctx.add_data_docs_site(
