@@ -22,6 +22,8 @@ PRESETS: dict[str, list[str]] = {
         "mf.alpha=2.0",
         "mf.recency_half_life=2.0",
         "mf.recency_boost=50.0",
+        # Long histories (median 65 ratings): the transformer sees the last 200.
+        "bert.max_len=200",
     ],
     "amazon-scientific": [
         "data.source=unisrec",

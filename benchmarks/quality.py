@@ -49,7 +49,45 @@ def _mf(params: Params, work: Path) -> Trained:
     return Trained(FactorModel.load(result.factors_path), result.train_seconds, {})
 
 
-MODELS: dict[str, Callable[[Params, Path], Trained]] = {"popularity": _popularity, "mf": _mf}
+def _bert_variant(*overrides: str) -> Callable[[Params, Path], Trained]:
+    """The BERT recommender with `overrides` on top of the dataset's settings (ablations)."""
+
+    def train(params: Params, work: Path) -> Trained:
+        from components.bert.text_embeddings import embed_item_texts
+        from components.bert.train import finetune, pretrain
+        from components.config import apply_overrides, params_from_dict
+
+        p = params_from_dict(apply_overrides(params.to_dict(), list(overrides))) if overrides else params
+        name = "bert" + "".join(f"-{o}" for o in overrides).replace("=", "_").replace(".", "_")
+        out = work / name
+        start = time.perf_counter()
+        if "text" in p.bert.mode:
+            embed_item_texts(work / "features", work / "text_embeddings", p.bert.text_encoder)
+        embed_seconds = time.perf_counter() - start
+        pre = pretrain(work / "features", work / "text_embeddings", out / "pretrain", p)
+        fine = finetune(work / "features", work / "text_embeddings", out / "pretrain", out, p)
+        train_seconds = pre.train_seconds + fine.train_seconds
+        extra = {
+            "sequences_per_second": fine.sequences_per_second,
+            "pretrain_seconds": pre.train_seconds,
+            "finetune_seconds": fine.train_seconds,
+            "finetune_epochs": float(fine.epochs_run),
+            "text_embedding_seconds": embed_seconds,
+        }
+        return Trained(FactorModel.load(out / "factors.npz"), train_seconds, extra)
+
+    return train
+
+
+MODELS: dict[str, Callable[[Params, Path], Trained]] = {
+    "popularity": _popularity,
+    "mf": _mf,
+    "bert": _bert_variant(),
+    "bert-no-pretrain": _bert_variant("bert.pretrain.enabled=false"),
+    "bert-id-only": _bert_variant("bert.mode=id"),
+}
+# `fused` is built from the trained models named in `fusion.models`, weight tuned on validation.
+DERIVED = ("fused",)
 
 
 def run_dataset(dataset: str, models: list[str], params: Params, work: Path) -> dict[str, dict[str, float]]:
@@ -58,12 +96,39 @@ def run_dataset(dataset: str, models: list[str], params: Params, work: Path) -> 
         raise ValidationFailed(report(result))
     build_features(work / "data", work / "features", params.features)
     trained = {}
-    for name in models:
+    needed = [m for m in models if m not in DERIVED]
+    if "fused" in models:
+        needed += [m for m in params.fusion.models if m not in needed]
+    for name in needed:
         log.info("%s: training %s", dataset, name)
         trained[name] = MODELS[name](params, work)
-    ev = evaluate(work / "features", {n: t.model for n, t in trained.items()}, work / "eval", params.evaluation)
+    factor_models = {n: t.model for n, t in trained.items()}
+    if "fused" in models:
+        from components.fusion import tune
+        from components.evaluate import evaluate_split
+        from components.features import load_sequences as _load
+        import numpy as np
+
+        seqs = _load(work / "features")
+        counts = np.diff(seqs.history_matrix("valid").indptr)
+        no_head = np.zeros(seqs.n_items, dtype=bool)
+        k = params.evaluation.ks[0]
+        start = time.perf_counter()
+        fusion = tune(
+            *(factor_models[m] for m in params.fusion.models),
+            lambda fm: evaluate_split(fm, seqs, "valid", params.evaluation, counts, no_head)[0][f"ndcg@{k}"],
+            params.fusion.grid_size,
+        )
+        factor_models["fused"] = fusion.model
+        parts = [trained[m] for m in params.fusion.models]
+        trained["fused"] = Trained(
+            fusion.model, sum(p.train_seconds for p in parts) + time.perf_counter() - start,
+            {"fusion_weight": fusion.weight},
+        )
+    ev = evaluate(work / "features", {n: factor_models[n] for n in models}, work / "eval", params.evaluation)
     rows = {}
-    for name, t in trained.items():
+    for name in models:
+        t = trained[name]
         row = {k: ev.test[name][k] for k in HEADLINE}
         row.update({f"valid_{k}": ev.valid[name][k] for k in ("ndcg@10", "recall@10")})
         row["train_seconds"] = t.train_seconds
@@ -73,11 +138,14 @@ def run_dataset(dataset: str, models: list[str], params: Params, work: Path) -> 
 
 
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    cols = [*HEADLINE, "train_seconds"]
+    cols = [*HEADLINE, "train_seconds", "sequences_per_second"]
     lines = ["| dataset | model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for dataset, rows in results.items():
         for model, row in rows.items():
-            cells = [f"{row[c]:.4f}" if c != "train_seconds" else f"{row[c]:.1f}" for c in cols]
+            cells = []
+            for c in cols:
+                v = row.get(c)
+                cells.append("" if v is None else f"{v:.4f}" if c in HEADLINE else f"{v:.0f}")
             lines.append(f"| {dataset} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -87,16 +155,16 @@ def main() -> int:
     add_params_arguments(parser)
     parser.add_argument("--dataset", default="synthetic", help=f"comma-separated: {', '.join(PRESETS)}")
     parser.add_argument("--data-dir", type=Path, default=None, help="dataset folder (one dataset only)")
-    parser.add_argument("--models", default="popularity,mf", help=f"comma-separated: {', '.join(MODELS)}")
+    parser.add_argument("--models", default="popularity,mf", help=f"comma-separated: {', '.join([*MODELS, *DERIVED])}")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
+    unknown = [m for m in models if m not in MODELS and m not in DERIVED]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join([*MODELS, *DERIVED])}")
     if args.data_dir and len(datasets) > 1:
         parser.error("--data-dir needs a single --dataset")
 

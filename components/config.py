@@ -122,6 +122,70 @@ class MFConfig:
 
 
 @dataclass(frozen=True)
+class TextEncoderConfig:
+    # A local Hugging Face BERT folder; null = the bundled all-MiniLM-L6-v2.
+    path: str | None
+    max_length: int
+    batch_size: int
+    cache_dir: str
+    # Top layers of the text encoder trained with the recommender (0 = frozen embeddings).
+    finetune_layers: int
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    enabled: bool
+    max_epochs: int
+    lr: float
+    # Epochs without a better validation NDCG@10 before stopping.
+    patience: int
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    accelerator: Literal["auto", "cpu", "gpu"]
+    devices: int
+    num_nodes: int
+    strategy: Literal["auto", "ddp", "ddp_spawn"]
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
+    # torch intra-op threads (0 = torch's default).
+    num_threads: int
+    # Compare parameter hashes across DDP ranks after the first step.
+    check_replicas: bool
+
+
+@dataclass(frozen=True)
+class BertRecConfig:
+    text_encoder: TextEncoderConfig
+    mode: Literal["text", "id", "text+id"]
+    max_len: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    dropout: float
+    loss: Literal["full", "sampled"]
+    num_negatives: int
+    negative_sampling: Literal["uniform", "popularity"]
+    batch_size: int
+    weight_decay: float
+    warmup_fraction: float
+    grad_clip: float
+    mask_prob: float
+    pretrain: StageConfig
+    finetune: StageConfig
+    refit_epochs: int
+    trainer: TrainerConfig
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    models: list[str]
+    # Candidate weights of the first model: 0, 1/(n-1), ..., 1.
+    grid_size: int
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     data: DataConfig
@@ -129,6 +193,8 @@ class Params:
     features: FeaturesConfig
     evaluation: EvaluationConfig
     mf: MFConfig
+    bert: BertRecConfig
+    fusion: FusionConfig
 
     def section(self, name: str) -> Any:
         """One top-level section by name (used for cache keys and logging)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from components.config import EvaluationConfig
+from components.config import EvaluationConfig, FusionConfig
 from components.features import Sequences, load_sequences
 from components import metrics
 
@@ -205,16 +205,52 @@ def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
-def load_models(names: list[str], artifacts: Path, features_dir: Path) -> dict[str, FactorModel]:
-    """Build the factor models named in `evaluation.models` from their stages' outputs."""
+def load_models(
+    names: list[str], artifacts: Path, features_dir: Path, cfg: EvaluationConfig, fusion: FusionConfig,
+    out_dir: Path | None = None,
+) -> dict[str, FactorModel]:
+    """Build the factor models named in `evaluation.models` from their stages' outputs.
+
+    `fused` is the score-level fusion of `fusion.models`, its weight tuned on validation
+    NDCG@K (first K of `evaluation.ks`); the weight and the validation curve go to
+    `out_dir/fusion.json`."""
+    from components import fusion as fusion_mod
+
     seqs = load_sequences(features_dir)
     models: dict[str, FactorModel] = {}
+
+    def load(name: str) -> FactorModel:
+        if name not in models:
+            if name == "popularity":
+                models[name] = popularity_model(seqs.history_matrix("valid"), seqs.n_users)
+            else:
+                models[name] = FactorModel.load(artifacts / name / "factors.npz")
+        return models[name]
+
     for name in names:
-        if name == "popularity":
-            models[name] = popularity_model(seqs.history_matrix("valid"), seqs.n_users)
-        else:
-            models[name] = FactorModel.load(artifacts / name / "factors.npz")
-    return models
+        if name != "fused":
+            load(name)
+    if "fused" in names:
+        if len(fusion.models) != 2 or "fused" in fusion.models:
+            raise ValueError("fusion.models must name exactly two trained models")
+        a, b = (load(n) for n in fusion.models)
+        k = cfg.ks[0]
+        counts = np.diff(seqs.history_matrix("valid").indptr)
+        no_head = np.zeros(seqs.n_items, dtype=bool)
+
+        def score_valid(model: FactorModel) -> float:
+            return evaluate_split(model, seqs, "valid", cfg, counts, no_head)[0][f"ndcg@{k}"]
+
+        result = fusion_mod.tune(a, b, score_valid, fusion.grid_size)
+        models["fused"] = result.model
+        log.info("fusion: weight %.2f on %s (validation ndcg@%d %.4f)", result.weight, fusion.models[0], k,
+                 max(c[1] for c in result.validation_curve))
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "fusion.json").write_text(json.dumps(
+                {"models": fusion.models, "weight": result.weight, "metric": f"valid ndcg@{k}",
+                 "validation_curve": result.validation_curve}, indent=2))
+    return {name: models[name] for name in names}
 
 
 def main() -> int:
@@ -233,7 +269,8 @@ def main() -> int:
         print(format_table(json.loads(path.read_text()), params.evaluation.ks))
         return 0
     features_dir = args.artifacts / "features"
-    models = load_models(params.evaluation.models, args.artifacts, features_dir)
+    models = load_models(params.evaluation.models, args.artifacts, features_dir, params.evaluation,
+                         params.fusion, args.artifacts / "eval")
     result = evaluate(features_dir, models, args.artifacts / "eval", params.evaluation)
     print("Test metrics (full ranking, history items excluded):")
     print(format_table(result.test, params.evaluation.ks))

@@ -1,0 +1,139 @@
+"""Training and validation batches for the sequence recommender (a LightningDataModule).
+
+Training sequences are each user's chronological items before `train_until` ("valid": the
+training split; "test": training + validation, for the refit), cut to the last max_len + 1.
+- next-item objective: input = seq[:-1], target = seq[1:] (every position predicts its next item)
+- cloze objective: input = seq with random positions replaced by MASK (at least one), target =
+  the original item at masked positions
+Both are left-padded with PAD so that the most recent item sits at the last position.
+
+Validation batches hold, per user with a validation target: the history before validation,
+the items to exclude from the ranking (that history) and the targets, as (row, column) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from components.bert.model import MASK, PAD, left_pad
+from components.features import load_sequences
+
+
+class _ListDataset(Dataset):
+    def __init__(self, rows: list):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.rows[i]
+
+
+@dataclass
+class NextItemCollate:
+    max_len: int
+
+    def __call__(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        return left_pad([s[:-1] for s in seqs], self.max_len), left_pad([s[1:] for s in seqs], self.max_len)
+
+
+@dataclass
+class ClozeCollate:
+    max_len: int
+    mask_prob: float
+
+    def __call__(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        items = left_pad(seqs, self.max_len)
+        real = items != PAD
+        masked = (torch.rand(items.shape) < self.mask_prob) & real
+        # Every sequence gets at least one masked position: its most recent item, which also
+        # matches how the model is used (predict the position after the history).
+        none = ~masked.any(dim=1)
+        masked[none, -1] = True
+        targets = torch.where(masked, items, torch.full_like(items, PAD))
+        inputs = torch.where(masked, torch.full_like(items, MASK), items)
+        return inputs, targets
+
+
+@dataclass
+class EvalCollate:
+    max_len: int
+    histories: list[np.ndarray]
+    exclude_indptr: np.ndarray
+    exclude_indices: np.ndarray
+    target_indptr: np.ndarray
+    target_indices: np.ndarray
+
+    def _pairs(self, users: list[int], indptr: np.ndarray, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [np.full(indptr[u + 1] - indptr[u], r) for r, u in enumerate(users)]
+        cols = [indices[indptr[u] : indptr[u + 1]] for u in users]
+        return torch.as_tensor(np.concatenate(rows), dtype=torch.long), torch.as_tensor(np.concatenate(cols), dtype=torch.long)
+
+    def __call__(self, users: list[int]) -> dict[str, torch.Tensor]:
+        ex_rows, ex_cols = self._pairs(users, self.exclude_indptr, self.exclude_indices)
+        t_rows, t_cols = self._pairs(users, self.target_indptr, self.target_indices)
+        return {
+            "items": left_pad([self.histories[u] for u in users], self.max_len),
+            "exclude_rows": ex_rows,
+            "exclude_cols": ex_cols,
+            "target_rows": t_rows,
+            "target_cols": t_cols,
+        }
+
+
+class SequenceDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        features_dir: Path,
+        max_len: int,
+        batch_size: int,
+        objective: str,
+        mask_prob: float = 0.2,
+        train_until: str = "valid",
+        eval_batch_size: int = 512,
+        validate: bool = True,
+    ):
+        super().__init__()
+        if objective not in ("next", "cloze"):
+            raise ValueError("objective must be 'next' or 'cloze'")
+        self.features_dir = Path(features_dir)
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.objective = objective
+        self.mask_prob = mask_prob
+        self.train_until = train_until
+        self.eval_batch_size = eval_batch_size
+        self.validate = validate
+
+    def setup(self, stage: str | None = None) -> None:
+        seqs = load_sequences(self.features_dir)
+        self.n_items = seqs.n_items
+        min_len = 2 if self.objective == "next" else 1
+        keep = self.max_len + 1 if self.objective == "next" else self.max_len
+        self.train_sequences = [h[-keep:] for h in seqs.histories(self.train_until) if len(h) >= min_len]
+        self.item_counts = np.bincount(seqs.history_matrix(self.train_until).indices, minlength=seqs.n_items)
+        if self.validate:
+            targets = seqs.target_matrix("valid")
+            exclude = seqs.history_matrix("valid")
+            self.eval_users = np.flatnonzero(np.diff(targets.indptr) > 0).tolist()
+            self.eval_collate = EvalCollate(
+                self.max_len, seqs.histories("valid", self.max_len),
+                exclude.indptr, exclude.indices, targets.indptr, targets.indices,
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        collate = (
+            NextItemCollate(self.max_len) if self.objective == "next" else ClozeCollate(self.max_len, self.mask_prob)
+        )
+        return DataLoader(_ListDataset(self.train_sequences), batch_size=self.batch_size, shuffle=True, collate_fn=collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_ListDataset(self.eval_users), batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=self.eval_collate)

@@ -1,0 +1,286 @@
+"""The recommender network: item representations, a BERT encoder over the user's recent items,
+and scores as dot products with every item (the output layer is the item table: tied weights).
+
+Item representation (mode by `bert.mode`):
+    text     proj(text_embedding[i])           works for items never seen in training
+    id       id_embedding[i]
+    text+id  proj(text_embedding[i]) + id_embedding[i]
+
+The text embeddings are the pretrained encoder's mean-pooled vectors (frozen), or, when the top
+layers of the text encoder are fine-tuned, computed on the fly by `TextTower`.
+
+User representation: the item representations of the user's last `max_len` items (left-padded,
+so the most recent item is always at the last position) plus learned positions go through a
+`transformers.BertModel` built from a `BertConfig`. Attention is causal for next-item training
+(every position predicts the next item, as in SASRec) and bidirectional for cloze pre-training
+(masked positions predict their item, as in BERT4Rec). The user vector is the output at the
+last position. The attention mask is built here as an explicit 4-D additive mask, so the same
+weights run either way and the exported graph holds no data-dependent mask logic.
+
+`SeqRecConfig` is saved as JSON beside the weights: export and serving rebuild the network from
+it without the training configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PAD = -1  # padding position in an item-index tensor
+MASK = -2  # masked position (cloze pre-training)
+MODES = ("text", "id", "text+id")
+
+
+@dataclass(frozen=True)
+class SeqRecConfig:
+    n_items: int
+    mode: str
+    text_dim: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_len: int
+    dropout: float
+    # How a user vector is read: "causal" (output at the last item, next-item fine-tuned) or
+    # "cloze" (bidirectional output at a MASK appended after the history, pre-trained only).
+    inference: str = "causal"
+    # Text tower (only when the text encoder's top layers are fine-tuned): where it came from and
+    # how many of its layers train.
+    text_encoder_path: str | None = None
+    text_finetune_layers: int = 0
+    text_max_length: int = 64
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if "text" in self.mode and self.text_dim <= 0:
+            raise ValueError("text modes need text_dim > 0")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if self.inference not in ("causal", "cloze"):
+            raise ValueError("inference must be 'causal' or 'cloze'")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "SeqRecConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def bert_config(cfg: SeqRecConfig):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=1,  # items enter as embeddings; BERT's word table is unused
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_len,
+        type_vocab_size=1,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        # The mask is built in `SeqRecModel.attention_mask`; BERT itself stays bidirectional.
+        is_decoder=False,
+    )
+
+
+class TextTower(nn.Module):
+    """A pretrained BERT text encoder whose top `finetune_layers` layers train with the
+    recommender; the layers below run without gradients. Item texts are tokenized once and held
+    as buffers, so the tower embeds any subset of items by index."""
+
+    def __init__(self, encoder_path: str, texts: list[str] | None, n_items: int, finetune_layers: int, max_length: int):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        if texts is not None:
+            self.encoder = AutoModel.from_pretrained(encoder_path)
+            tokens = AutoTokenizer.from_pretrained(encoder_path)(
+                texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+            )
+            input_ids, attention = tokens["input_ids"], tokens["attention_mask"]
+        else:  # rebuilt from a checkpoint: weights and token buffers come from the state dict
+            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(encoder_path))
+            input_ids = torch.zeros((n_items, max_length), dtype=torch.long)
+            attention = torch.zeros((n_items, max_length), dtype=torch.long)
+        self.register_buffer("input_ids", input_ids)
+        self.register_buffer("token_mask", attention)
+        n_layers = len(self.encoder.encoder.layer)
+        self.trainable_from = max(0, n_layers - finetune_layers)
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        for layer in self.encoder.encoder.layer[self.trainable_from :]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def forward(self, item_ids: torch.Tensor) -> torch.Tensor:
+        from components.bert.text_embeddings import mean_pool
+
+        ids, mask = self.input_ids[item_ids], self.token_mask[item_ids]
+        enc = self.encoder
+        # Additive padding mask [B, 1, 1, T], the form every attention implementation accepts.
+        ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        with torch.no_grad():  # frozen bottom: no activations kept for backward
+            hidden = enc.embeddings(input_ids=ids)
+            for layer in enc.encoder.layer[: self.trainable_from]:
+                hidden = _hidden(layer(hidden, attention_mask=ext))
+        for layer in enc.encoder.layer[self.trainable_from :]:
+            hidden = _hidden(layer(hidden, attention_mask=ext))
+        return mean_pool(hidden, mask)
+
+
+def _hidden(layer_output) -> torch.Tensor:
+    return layer_output[0] if isinstance(layer_output, tuple) else layer_output
+
+
+class SeqRecModel(nn.Module):
+    def __init__(
+        self,
+        cfg: SeqRecConfig,
+        text_features: torch.Tensor | None = None,
+        texts: list[str] | None = None,
+    ):
+        """`text_features`: frozen item text embeddings [n_items, text_dim] (text modes without
+        fine-tuning). `texts`: item texts, to build the text tower when its layers are fine-tuned.
+        Both may be omitted when the weights are loaded from a state dict afterwards."""
+        super().__init__()
+        from transformers import BertModel
+
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.encoder = BertModel(bert_config(cfg), add_pooling_layer=False)
+        # Items enter as embeddings: BERT's word table is never read. Frozen, it is also no
+        # "unused parameter" for DDP.
+        self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+        self.special = nn.Embedding(2, h)  # 0: padding, 1: [MASK]
+        nn.init.normal_(self.special.weight, std=0.02)
+        self.text_tower: TextTower | None = None
+        if "id" in cfg.mode:
+            self.id_embedding = nn.Embedding(cfg.n_items, h)
+            nn.init.normal_(self.id_embedding.weight, std=0.02)
+        if "text" in cfg.mode:
+            if cfg.text_finetune_layers > 0:
+                if cfg.text_encoder_path is None:
+                    raise ValueError("fine-tuning the text encoder needs text_encoder_path")
+                self.text_tower = TextTower(
+                    cfg.text_encoder_path, texts, cfg.n_items, cfg.text_finetune_layers, cfg.text_max_length
+                )
+            else:
+                if text_features is None:
+                    text_features = torch.zeros((cfg.n_items, cfg.text_dim))
+                if tuple(text_features.shape) != (cfg.n_items, cfg.text_dim):
+                    raise ValueError(f"text_features must be {(cfg.n_items, cfg.text_dim)}, got {tuple(text_features.shape)}")
+                # Saved with the weights, so the model is whole without the embeddings file.
+                self.register_buffer("text_features", text_features.float().clone())
+            self.text_projection = nn.Linear(cfg.text_dim, h)
+
+    # ---- items ---------------------------------------------------------------------------
+
+    def item_representations(self, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Representations of `item_ids` (all items when None): [n, hidden]."""
+        device = self.special.weight.device
+        if item_ids is None:
+            item_ids = torch.arange(self.cfg.n_items, device=device)
+        rep = torch.zeros((item_ids.shape[0], self.cfg.hidden_size), device=device)
+        if "text" in self.cfg.mode:
+            text = self.text_tower(item_ids) if self.text_tower is not None else self.text_features[item_ids]
+            rep = rep + self.text_projection(text)
+        if "id" in self.cfg.mode:
+            rep = rep + self.id_embedding(item_ids)
+        return rep
+
+    def project_text(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Representation of items known only by their text embedding (cold start)."""
+        if "text" not in self.cfg.mode:
+            raise ValueError("an id-only model cannot represent items from text")
+        return self.text_projection(text_embeddings)
+
+    # ---- users ---------------------------------------------------------------------------
+
+    @staticmethod
+    def attention_mask(valid: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+        """Additive [B, 1, L, L] mask: position i may attend to valid positions j (j <= i when
+        causal). Each position may always attend to itself, so no row is fully masked (a padded
+        row of only -inf would turn into NaN under fp16)."""
+        length = valid.shape[1]
+        allowed = valid[:, None, None, :].expand(-1, 1, length, -1)
+        eye = torch.eye(length, dtype=torch.bool, device=valid.device)
+        if causal:
+            allowed = allowed & torch.tril(torch.ones(length, length, dtype=torch.bool, device=valid.device))
+        allowed = allowed | eye
+        return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+    def encode(
+        self, items: torch.Tensor, item_table: torch.Tensor | None = None, causal: bool = True
+    ) -> torch.Tensor:
+        """Hidden states [B, L, H] for left-padded item-index sequences (PAD / MASK allowed).
+
+        `item_table` ([n_items, H]) avoids recomputing item representations when the caller
+        already has them (they are also the output layer)."""
+        if item_table is None:
+            item_table = self.item_representations()
+        is_item = items >= 0
+        emb = item_table[items.clamp(min=0)]
+        special = self.special.weight[(items == MASK).long()]  # PAD -> row 0, MASK -> row 1
+        emb = torch.where(is_item.unsqueeze(-1), emb, special)
+        valid = items != PAD
+        mask = self.attention_mask(valid, causal, emb.dtype)
+        return self.encoder(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+
+    def user_vectors(self, items: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+        """The user vector for left-padded histories [B, L]: the causal encoder's output at the
+        most recent item, or (a cloze-only model) the bidirectional output at a MASK appended
+        after the history."""
+        if self.cfg.inference == "cloze":
+            items = torch.cat([items[:, 1:], torch.full_like(items[:, :1], MASK)], dim=1)
+            return self.encode(items, item_table, causal=False)[:, -1]
+        return self.encode(items, item_table, causal=True)[:, -1]
+
+    def scores(self, user_vectors: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+        if item_table is None:
+            item_table = self.item_representations()
+        return user_vectors @ item_table.T
+
+
+def left_pad(histories: list, max_len: int) -> torch.Tensor:
+    """Left-pad item sequences (most recent last) to [B, max_len] with PAD; longer ones keep
+    their last `max_len` items."""
+    out = torch.full((len(histories), max_len), PAD, dtype=torch.long)
+    for row, seq in enumerate(histories):
+        seq = list(seq)[-max_len:]
+        if seq:
+            out[row, max_len - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+    return out
+
+
+def save_model(model: SeqRecModel, out_dir: Path) -> None:
+    """config.json + model.safetensors: all that is needed to rebuild the network."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.cfg.save(out_dir / "config.json")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / "model.safetensors"))
+
+
+def load_model(model_dir: Path) -> SeqRecModel:
+    from safetensors.torch import load_file
+
+    cfg = SeqRecConfig.load(model_dir / "config.json")
+    model = SeqRecModel(cfg)
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    return model.eval()

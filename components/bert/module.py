@@ -1,0 +1,157 @@
+"""The LightningModule: losses, full-ranking validation, optimiser and schedule.
+
+Objectives (one shared step):
+- `next`: next-item prediction with causal attention; every position predicts its next item.
+- `cloze`: masked item modelling with bidirectional attention; masked positions predict their
+  item (BERT4Rec). Its user vector (validation) is read at a MASK appended after the history.
+
+Losses:
+- `full`: softmax cross-entropy over every item (the default).
+- `sampled`: softmax over the positive and `num_negatives` items drawn from a proposal Q (uniform
+  or popularity^0.75), with the log-Q correction (each logit minus log Q(item)) that makes the
+  sampled softmax an unbiased estimate of the full one, and accidental hits masked. Only the
+  items involved get representations computed, so it scales to catalogues where the full softmax
+  does not.
+
+Validation: full ranking over every item with the user's history excluded (the foundation's
+protocol and metric code), NDCG@10 and Recall@10, summed over all ranks under DDP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from components import metrics
+from components.bert.model import PAD, SeqRecConfig, SeqRecModel
+
+EVAL_K = 10
+
+
+class SeqRecModule(pl.LightningModule):
+    def __init__(
+        self,
+        model_cfg: dict[str, Any],
+        objective: str,
+        lr: float,
+        weight_decay: float,
+        warmup_fraction: float,
+        loss: str = "full",
+        num_negatives: int = 256,
+        negative_sampling: str = "popularity",
+        item_counts: np.ndarray | None = None,
+        text_features: torch.Tensor | None = None,
+        texts: list[str] | None = None,
+    ):
+        super().__init__()
+        if objective not in ("next", "cloze"):
+            raise ValueError("objective must be 'next' or 'cloze'")
+        if loss not in ("full", "sampled"):
+            raise ValueError("loss must be 'full' or 'sampled'")
+        # Big tensors stay out of the hyperparameters (they are in the state dict).
+        self.save_hyperparameters(ignore=["item_counts", "text_features", "texts"])
+        self.model = SeqRecModel(SeqRecConfig(**model_cfg), text_features=text_features, texts=texts)
+        self.objective = objective
+        n_items = model_cfg["n_items"]
+        counts = torch.ones(n_items) if item_counts is None else torch.as_tensor(item_counts, dtype=torch.float)
+        proposal = (counts + 1.0) ** 0.75 if negative_sampling == "popularity" else torch.ones(n_items)
+        self.register_buffer("proposal", proposal / proposal.sum(), persistent=False)
+        self._eval_sums = torch.zeros(3, dtype=torch.float64)
+
+    # ---- training ------------------------------------------------------------------------
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        causal = self.objective == "next"
+        selected = targets != PAD
+        positives = targets[selected]
+        if self.hparams.loss == "full":
+            table = self.model.item_representations()
+            hidden = self.model.encode(inputs, table, causal=causal)[selected]
+            return F.cross_entropy(hidden @ table.T, positives)
+
+        negatives = torch.multinomial(self.proposal, self.hparams.num_negatives, replacement=True)
+        needed = torch.unique(torch.cat([inputs[inputs >= 0], positives, negatives]))
+        lookup = torch.full((self.model.cfg.n_items,), -1, dtype=torch.long, device=inputs.device)
+        lookup[needed] = torch.arange(needed.numel(), device=inputs.device)
+        table = self.model.item_representations(needed)
+        local_inputs = torch.where(inputs >= 0, lookup[inputs.clamp(min=0)], inputs)
+        hidden = self.model.encode(local_inputs, table, causal=causal)[selected]
+        log_q = torch.log(self.proposal)
+        pos_logit = (hidden * table[lookup[positives]]).sum(-1, keepdim=True) - log_q[positives, None]
+        neg_logit = hidden @ table[lookup[negatives]].T - log_q[negatives][None, :]
+        neg_logit = neg_logit.masked_fill(negatives[None, :] == positives[:, None], float("-inf"))
+        logits = torch.cat([pos_logit, neg_logit], dim=1)
+        return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        loss = self._loss(inputs, targets)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=inputs.shape[0], sync_dist=True)
+        return loss
+
+    # ---- validation ----------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self._table = self.model.item_representations()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        table = self._table
+        users = self.model.user_vectors(batch["items"], table)
+        scores = users.float() @ table.float().T
+        scores[batch["exclude_rows"], batch["exclude_cols"]] = float("-inf")
+        k = min(EVAL_K, scores.shape[1])
+        topk = torch.topk(scores, k, dim=1).indices.cpu().numpy()
+        rows, cols = batch["target_rows"].cpu().numpy(), batch["target_cols"].cpu().numpy()
+        targets = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=scores.shape)
+        hit = metrics.hits(topk, targets)
+        n_targets = np.diff(targets.indptr)
+        ndcg = metrics.ndcg_at_k(hit, n_targets, k).sum()
+        recall = metrics.recall_at_k(hit, n_targets, k).sum()
+        self._eval_sums += torch.tensor([ndcg, recall, topk.shape[0]], dtype=torch.float64, device=self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")
+        n = max(float(sums[2]), 1.0)
+        # Already identical on every rank after the reduce: no further sync needed.
+        self.log("val_ndcg10", float(sums[0]) / n, prog_bar=True)
+        self.log("val_recall10", float(sums[1]) / n, prog_bar=True)
+        del self._table
+
+    # ---- optimisation --------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            # Biases and LayerNorm gains are not decayed (the usual AdamW practice).
+            (no_decay if p.ndim < 2 else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_fraction * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            # Linear decay to 10% of the peak rate at the last scheduled step.
+            progress = (step - warmup) / max(1, total - warmup)
+            return max(0.1, 1.0 - 0.9 * progress)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return total, trainable
+

@@ -1,0 +1,7 @@
+"""`python -m components.bert.pretrain`: cloze pre-training (see components/bert/train.py)."""
+
+if __name__ == "__main__":
+    from components.bert.train import main
+    from components.cli import run_main
+
+    run_main(lambda: main("pretrain"))

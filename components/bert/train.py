@@ -1,0 +1,412 @@
+"""Training stages of the sequence recommender: `pretrain` (cloze) and `finetune` (next item).
+
+Both run PyTorch Lightning with strategy, devices, nodes and precision from params (DDP over
+gloo on CPU and NCCL on GPU; `precision: auto` is bf16-mixed on a GPU that supports it and fp32
+otherwise), AdamW with warm-up and linear decay, gradient clipping and a fixed seed. Each epoch
+ends with full-ranking validation NDCG@10, which drives early stopping and best-checkpoint
+selection. `last.ckpt` is written every epoch: a run killed mid-training and started again with
+the same settings and data resumes from it (a fingerprint of both guards against resuming a
+different run).
+
+Fine-tuning starts from the pre-trained weights when the pretrain stage ran. With
+`refit_epochs > 0`, the selected model is then trained a few more epochs on training +
+validation sequences (everything before the test item, as a deployed model would be updated);
+validation factors come from the selected model, test factors and the deployable model from the
+refitted one.
+
+Outputs (finetune, under `artifacts/bert/`): `model/` (config.json + model.safetensors, the
+deployable network), `checkpoints/` (best.ckpt, last.ckpt), `item_embeddings.npy`,
+`factors.npz` (for evaluation), `metrics.csv` (per epoch, both stages), `learning_curve.png`,
+`training.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytorch_lightning as pl_
+import torch
+
+from components.bert.data import SequenceDataModule
+from components.bert.model import SeqRecConfig, SeqRecModel, left_pad, load_model, save_model
+from components.bert.module import SeqRecModule, count_parameters
+from components.config import BertRecConfig, Params, StageConfig, TrainerConfig
+from components.evaluate import FactorModel
+from components.features import load_sequences
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    out_dir: Path
+    model_dir: Path | None
+    best_epoch: int | None
+    best_val_ndcg10: float | None
+    epochs_run: int
+    train_seconds: float
+    sequences_per_second: float
+    resumed: bool
+    skipped: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Lightning wiring
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    # bf16 autocast on CPUs without AMX is several times slower than fp32.
+    return "32-true"
+
+
+def trainer_kwargs(cfg: TrainerConfig) -> dict:
+    strategy = cfg.strategy
+    if strategy == "auto" and (cfg.devices > 1 or cfg.num_nodes > 1):
+        strategy = "ddp"
+    return {
+        "accelerator": cfg.accelerator,
+        "devices": cfg.devices,
+        "num_nodes": cfg.num_nodes,
+        "strategy": strategy,
+        "precision": resolve_precision(cfg.precision),
+    }
+
+
+class EpochLog(pl_.Callback):
+    """One CSV row per epoch (loss, validation metrics, lr, time, throughput), rank 0 only."""
+
+    FIELDS = ["stage", "epoch", "train_loss", "val_ndcg10", "val_recall10", "lr", "epoch_seconds", "sequences_per_second"]
+
+    def __init__(self, path: Path, stage: str, n_sequences: int, append: bool):
+        self.path, self.stage, self.n_sequences = path, stage, n_sequences
+        self._start = 0.0
+        if not append or not path.exists():
+            with path.open("w", newline="") as f:
+                csv.writer(f).writerow(self.FIELDS)
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if not trainer.is_global_zero:
+            return
+        seconds = time.perf_counter() - self._start
+        m = trainer.callback_metrics
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        row = [
+            self.stage, trainer.current_epoch + 1,
+            float(m.get("train_loss", float("nan"))), float(m.get("val_ndcg10", float("nan"))),
+            float(m.get("val_recall10", float("nan"))), lr, seconds,
+            # Throughput of the whole epoch, validation included.
+            self.n_sequences / seconds if seconds > 0 else float("nan"),
+        ]
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow(row)
+
+
+class ReplicaCheck(pl_.Callback):
+    """After the first optimiser step, hash every parameter on every rank and compare: DDP
+    replicas must hold bit-identical weights. Written to `path` by rank 0."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done = False
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.done:
+            return
+        self.done = True
+        digest = hashlib.sha256()
+        for name, p in sorted(module.named_parameters()):
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+        mine = torch.tensor(list(digest.digest()), dtype=torch.int64, device=module.device)
+        gathered = trainer.strategy.all_gather(mine)
+        if gathered.ndim == 1:
+            gathered = gathered[None]
+        hashes = [bytes(int(x) for x in row.tolist()).hex() for row in gathered]
+        if trainer.is_global_zero:
+            self.path.write_text(json.dumps({
+                "step": int(trainer.global_step), "world_size": trainer.world_size,
+                "parameter_sha256_per_rank": hashes, "identical": len(set(hashes)) == 1,
+            }, indent=2))
+            if len(set(hashes)) != 1:
+                log.error("DDP replicas diverged after the first step: %s", hashes)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def model_config(cfg: BertRecConfig, n_items: int, text_dim: int, inference: str) -> SeqRecConfig:
+    from components.bert.text_embeddings import resolve_encoder_path
+
+    tower = cfg.text_encoder.finetune_layers > 0 and "text" in cfg.mode
+    return SeqRecConfig(
+        n_items=n_items, mode=cfg.mode, text_dim=text_dim if "text" in cfg.mode else 0,
+        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size, max_len=cfg.max_len, dropout=cfg.dropout,
+        inference=inference,
+        text_encoder_path=str(resolve_encoder_path(cfg.text_encoder.path)) if tower else None,
+        text_finetune_layers=cfg.text_encoder.finetune_layers if tower else 0,
+        text_max_length=cfg.text_encoder.max_length,
+    )
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_module(
+    cfg: BertRecConfig, stage: StageConfig, objective: str, mcfg: SeqRecConfig,
+    text_features: torch.Tensor | None, texts: list[str] | None, item_counts: np.ndarray,
+) -> SeqRecModule:
+    return SeqRecModule(
+        dataclasses.asdict(mcfg), objective=objective, lr=stage.lr, weight_decay=cfg.weight_decay,
+        warmup_fraction=cfg.warmup_fraction, loss=cfg.loss, num_negatives=cfg.num_negatives,
+        negative_sampling=cfg.negative_sampling, item_counts=item_counts,
+        text_features=text_features, texts=texts,
+    )
+
+
+@torch.no_grad()
+def user_vectors(model: SeqRecModel, histories: list[np.ndarray], batch_size: int = 512) -> np.ndarray:
+    model.eval()
+    device = next(model.parameters()).device
+    table = model.item_representations()
+    out = []
+    for lo in range(0, len(histories), batch_size):
+        items = left_pad(histories[lo : lo + batch_size], model.cfg.max_len).to(device)
+        out.append(model.user_vectors(items, table).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.hidden_size), np.float32)
+
+
+def plot_learning_curve(csv_paths: list[Path], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for path in csv_paths:
+        if path.exists():
+            with path.open() as f:
+                rows += list(csv.DictReader(f))
+    if not rows:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    offset = 0
+    for stage in ("pretrain", "finetune"):
+        stage_rows = [r for r in rows if r["stage"] == stage]
+        if not stage_rows:
+            continue
+        x = [offset + int(r["epoch"]) for r in stage_rows]
+        ax1.plot(x, [float(r["train_loss"]) for r in stage_rows], marker="o", markersize=2, label=stage)
+        ax2.plot(x, [float(r["val_ndcg10"]) for r in stage_rows], marker="o", markersize=2, label=stage)
+        offset = x[-1]
+    ax1.set(xlabel="epoch", ylabel="training loss", title="Loss")
+    ax2.set(xlabel="epoch", ylabel="validation NDCG@10", title="Validation NDCG@10 (full ranking)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _load_inputs(features_dir: Path, text_dir: Path, cfg: BertRecConfig):
+    """Item text embeddings (text modes) and item texts (text tower)."""
+    text_features, texts, text_dim = None, None, 0
+    if "text" in cfg.mode:
+        emb = np.load(text_dir / "embeddings.npy")
+        text_dim = emb.shape[1]
+        if cfg.text_encoder.finetune_layers > 0:
+            texts = pl.read_parquet(features_dir / "items.parquet").sort("item_idx")["text"].fill_null("").to_list()
+        else:
+            text_features = torch.from_numpy(emb)
+    return text_features, texts, text_dim
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+def run_stage(
+    stage_name: str, features_dir: Path, text_dir: Path, out_dir: Path, params: Params,
+    init_from: Path | None = None, earlier_curve: Path | None = None,
+) -> StageResult:
+    """Train one stage (`pretrain` or `finetune`) into `out_dir`; see the module docstring."""
+    cfg = params.bert
+    stage = cfg.pretrain if stage_name == "pretrain" else cfg.finetune
+    objective = "cloze" if stage_name == "pretrain" else "next"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not stage.enabled:
+        (out_dir / "skipped.json").write_text(json.dumps({"stage": stage_name, "skipped": True}))
+        return StageResult(stage_name, out_dir, None, None, None, 0, 0.0, 0.0, False, skipped=True)
+    (out_dir / "skipped.json").unlink(missing_ok=True)
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(cfg.trainer.num_threads)
+
+    pl_.seed_everything(params.seed, workers=True, verbose=False)
+    text_features, texts, text_dim = _load_inputs(features_dir, text_dir, cfg)
+    dm = SequenceDataModule(features_dir, cfg.max_len, cfg.batch_size, objective, cfg.mask_prob,
+                            eval_batch_size=params.evaluation.batch_size)
+    dm.setup()
+    mcfg = model_config(cfg, dm.n_items, text_dim, inference="cloze" if objective == "cloze" else "causal")
+    module = build_module(cfg, stage, objective, mcfg, text_features, texts, dm.item_counts)
+    if init_from is not None:
+        loaded = load_model(init_from)
+        missing, unexpected = module.model.load_state_dict(loaded.state_dict(), strict=False)
+        if unexpected or [k for k in missing if not k.startswith("text_tower")]:
+            raise ValueError(f"pre-trained weights do not match the model: missing {missing}, unexpected {unexpected}")
+        log.info("fine-tuning from the pre-trained weights in %s", init_from)
+
+    ckpt_dir = out_dir / "checkpoints"
+    run_id = fingerprint(stage_name, dataclasses.asdict(cfg), params.seed,
+                         json.loads((features_dir / "stats.json").read_text()),
+                         str(init_from) if init_from else None)
+    resume = _resume_path(ckpt_dir, run_id)
+    total, trainable = count_parameters(module)
+    log.info("%s: %d parameters (%d trainable), %d training sequences, %s",
+             stage_name, total, trainable, len(dm.train_sequences), "resuming" if resume else "from scratch")
+
+    checkpoint = pl_.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor="val_ndcg10", mode="max", save_top_k=1, save_last=True,
+    )
+    callbacks = [
+        checkpoint,
+        pl_.callbacks.EarlyStopping(monitor="val_ndcg10", mode="max", patience=stage.patience),
+        EpochLog(out_dir / "metrics.csv", stage_name, len(dm.train_sequences), append=resume is not None),
+    ]
+    if cfg.trainer.check_replicas:
+        callbacks.append(ReplicaCheck(out_dir / "replica_check.json"))
+    trainer = pl_.Trainer(
+        max_epochs=stage.max_epochs, gradient_clip_val=cfg.grad_clip or None, callbacks=callbacks,
+        logger=False, default_root_dir=str(out_dir), num_sanity_val_steps=0,
+        enable_model_summary=False, **trainer_kwargs(cfg.trainer),
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    train_seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return StageResult(stage_name, out_dir, None, None, None, trainer.current_epoch, train_seconds, 0.0, resume is not None)
+
+    best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=False)
+    module.load_state_dict(best["state_dict"])
+    best_epoch = int(best["epoch"]) + 1
+    best_score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
+    epochs_run = trainer.current_epoch
+    seqs_per_s = len(dm.train_sequences) * epochs_run / train_seconds if train_seconds > 0 else 0.0
+    selected = module.model.cpu()
+
+    final = selected
+    if stage_name == "finetune" and cfg.refit_epochs > 0:
+        final = _refit(module, features_dir, cfg, params)
+
+    model_dir = out_dir / "model"
+    save_model(final, model_dir)
+    if stage_name == "finetune":
+        _write_factors(selected, final, features_dir, out_dir)
+    curves = ([earlier_curve] if earlier_curve else []) + [out_dir / "metrics.csv"]
+    plot_learning_curve(curves, out_dir / "learning_curve.png")
+    summary = {
+        "stage": stage_name, "best_epoch": best_epoch, "best_val_ndcg10": best_score, "epochs_run": epochs_run,
+        "train_seconds": train_seconds, "sequences_per_second": seqs_per_s, "resumed": resume is not None,
+        "refit_epochs": cfg.refit_epochs if stage_name == "finetune" else 0,
+        "parameters": total, "trainable_parameters": trainable, "training_sequences": len(dm.train_sequences),
+        **trainer_kwargs(cfg.trainer), "initialized_from": str(init_from) if init_from else None,
+    }
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    return StageResult(stage_name, out_dir, model_dir, best_epoch, best_score, epochs_run, train_seconds, seqs_per_s,
+                       resume is not None)
+
+
+def _resume_path(ckpt_dir: Path, run_id: str) -> Path | None:
+    """`last.ckpt` when it belongs to this exact run; otherwise stale checkpoints are removed."""
+    marker = ckpt_dir.with_name("checkpoint_run.json")
+    last = ckpt_dir / "last.ckpt"
+    if marker.exists() and json.loads(marker.read_text()).get("run_id") == run_id and last.exists():
+        return last
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"run_id": run_id}))
+    return None
+
+
+def _refit(module: SeqRecModule, features_dir: Path, cfg: BertRecConfig, params: Params) -> SeqRecModel:
+    """A few more epochs on training + validation sequences, from the selected weights."""
+    dm = SequenceDataModule(features_dir, cfg.max_len, cfg.batch_size, "next", train_until="test", validate=False)
+    trainer = pl_.Trainer(
+        max_epochs=cfg.refit_epochs, gradient_clip_val=cfg.grad_clip or None, logger=False,
+        enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
+        **{**trainer_kwargs(cfg.trainer), "devices": 1, "num_nodes": 1, "strategy": "auto"},
+    )
+    log.info("refit: %d epochs on training + validation sequences", cfg.refit_epochs)
+    trainer.fit(module, datamodule=dm)
+    return module.model.cpu()
+
+
+def _write_factors(selected: SeqRecModel, final: SeqRecModel, features_dir: Path, out_dir: Path) -> None:
+    seqs = load_sequences(features_dir)
+    items, users = {}, {}
+    for split, model in (("valid", selected), ("test", final)):
+        with torch.no_grad():
+            items[split] = model.eval().item_representations().float().numpy()
+        users[split] = user_vectors(model, seqs.histories(split, model.cfg.max_len))
+    FactorModel(items=items, users=users).save(out_dir / "factors.npz")
+    np.save(out_dir / "item_embeddings.npy", items["test"])
+
+
+def pretrain(features_dir: Path, text_dir: Path, out_dir: Path, params: Params) -> StageResult:
+    return run_stage("pretrain", features_dir, text_dir, out_dir, params)
+
+
+def finetune(features_dir: Path, text_dir: Path, pretrain_dir: Path, out_dir: Path, params: Params) -> StageResult:
+    """Next-item fine-tuning, from the pre-trained weights when that stage ran."""
+    pretrained = params.bert.pretrain.enabled and (pretrain_dir / "model" / "config.json").exists()
+    if params.bert.pretrain.enabled and not pretrained:
+        raise FileNotFoundError(f"{pretrain_dir}/model not found: run the pretrain stage first (or disable it)")
+    return run_stage(
+        "finetune", features_dir, text_dir, out_dir, params,
+        init_from=pretrain_dir / "model" if pretrained else None,
+        earlier_curve=pretrain_dir / "metrics.csv" if pretrained else None,
+    )
+
+
+def main(stage: str) -> int:
+    from components.cli import base_parser, params_from_args
+
+    args = base_parser(f"{stage} the BERT sequence recommender.").parse_args()
+    params = params_from_args(args)
+    art = args.artifacts
+    if stage == "pretrain":
+        res = pretrain(art / "features", art / "text_embeddings", art / "bert" / "pretrain", params)
+    else:
+        res = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", params)
+    if res.skipped:
+        print(f"{stage}: skipped (bert.{stage}.enabled is false)")
+    elif res.model_dir is not None:
+        print(f"{stage}: best validation NDCG@10 {res.best_val_ndcg10:.4f} at epoch {res.best_epoch} "
+              f"({res.epochs_run} epochs, {res.train_seconds:.0f} s, {res.sequences_per_second:.0f} sequences/s) "
+              f"-> {res.model_dir}")
+    return 0
+

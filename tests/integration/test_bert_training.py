@@ -1,0 +1,217 @@
+"""The BERT recommender's training on tiny data: stages, DDP, resume, text tower, cold start."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from components.bert.text_embeddings import embed_item_texts
+from components.bert.train import finetune, pretrain
+from components.config import Params
+from components.evaluate import FactorModel, evaluate_split
+from components.features import build_features, load_sequences
+from components.validate import validate
+from tests.bert_helpers import TINY_BERT_OVERRIDES, make_tiny_bert
+from tests.conftest import REPO, TINY, tiny_params
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def bert_overrides(tiny_bert: Path, cache: Path) -> list[str]:
+    return [*TINY_BERT_OVERRIDES, f"bert.text_encoder.path={tiny_bert}", f"bert.text_encoder.cache_dir={cache}"]
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_bert) -> tuple[Path, Params, list[str]]:
+    """Validated data, features and text embeddings for the tiny config; returns the artifacts
+    folder, the params and the overrides that produced them."""
+    overrides = bert_overrides(tiny_bert, tmp_path / "cache")
+    params = tiny_params(*overrides)
+    art = tmp_path / "artifacts"
+    assert validate(params, art / "validation", art / "data").success
+    build_features(art / "data", art / "features", params.features)
+    embed_item_texts(art / "features", art / "text_embeddings", params.bert.text_encoder)
+    return art, params, overrides
+
+
+def cli(stage: str, art: Path, overrides: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", f"components.bert.{stage}", "--artifacts", str(art)]
+    for o in [*TINY, *overrides]:
+        cmd += ["--set", o]
+    return cmd
+
+
+def test_text_embeddings_are_cached(prepared):
+    art, params, _ = prepared
+    again = embed_item_texts(art / "features", art / "text_embeddings", params.bert.text_encoder)
+    assert again.computed == 0 and again.cached == again.n_items
+    emb = np.load(art / "text_embeddings" / "embeddings.npy")
+    assert emb.shape == (again.n_items, 16) and np.isfinite(emb).all()
+
+
+def test_pretrain_then_finetune_outputs(prepared):
+    art, params, _ = prepared
+    pre = pretrain(art / "features", art / "text_embeddings", art / "bert" / "pretrain", params)
+    assert pre.model_dir and (pre.model_dir / "config.json").exists()
+    fine = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", params)
+    out = art / "bert"
+    for name in ("model/config.json", "model/model.safetensors", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                 "item_embeddings.npy", "factors.npz", "metrics.csv", "learning_curve.png", "training.json"):
+        assert (out / name).exists(), name
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["inference"] == "causal" and cfg["mode"] == "text+id"
+    training = json.loads((out / "training.json").read_text())
+    assert training["initialized_from"].endswith("pretrain/model")
+    assert training["precision"] == "32-true"  # CPU default
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, fine.epochs_run + 1))
+    assert all(0.0 <= float(r["val_ndcg10"]) <= 1.0 for r in rows)
+    factors = FactorModel.load(out / "factors.npz")
+    seqs = load_sequences(art / "features")
+    assert factors.users["test"].shape == (seqs.n_users, 16)
+
+
+def test_bert_learns_the_sequential_signal(prepared):
+    """On the synthetic data (next item = successor in its topic half the time) a small model
+    trained for seconds ranks the next item far better than popularity."""
+    art, params, _ = prepared
+    from components.config import apply_overrides, params_from_dict
+    from components.evaluate import popularity_model
+
+    p = params_from_dict(apply_overrides(params.to_dict(), [
+        "bert.pretrain.enabled=false", "bert.finetune.max_epochs=20", "bert.finetune.lr=0.005", "bert.hidden_size=32",
+    ]))
+    finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    seqs = load_sequences(art / "features")
+    counts = np.diff(seqs.history_matrix("valid").indptr)
+    no_head = np.zeros(seqs.n_items, bool)
+    bert = evaluate_split(FactorModel.load(art / "bert" / "factors.npz"), seqs, "test", p.evaluation, counts, no_head)[0]
+    pop = evaluate_split(popularity_model(seqs.history_matrix("valid"), seqs.n_users), seqs, "test", p.evaluation,
+                         counts, no_head)[0]
+    assert bert["recall@10"] > 2 * pop["recall@10"]
+
+
+def test_two_process_ddp_keeps_replicas_identical(prepared):
+    art, _, overrides = prepared
+    ddp = [*overrides, "bert.pretrain.enabled=false", "bert.finetune.max_epochs=1", "bert.refit_epochs=0",
+           "bert.trainer.devices=2", "bert.trainer.strategy=ddp", "bert.trainer.check_replicas=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cli("finetune", art, ddp), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = json.loads((art / "bert" / "replica_check.json").read_text())
+    assert check["world_size"] == 2
+    assert len(check["parameter_sha256_per_rank"]) == 2
+    assert check["identical"] is True
+    assert json.loads((art / "bert" / "training.json").read_text())["strategy"] == "ddp"
+
+
+def test_killed_run_resumes_from_last_checkpoint(prepared):
+    art, _, overrides = prepared
+    run = [*overrides, "bert.pretrain.enabled=false", "bert.finetune.max_epochs=30", "bert.finetune.patience=100",
+           "bert.refit_epochs=0"]
+    proc = subprocess.Popen(cli("finetune", art, run), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = art / "bert" / "metrics.csv"
+    deadline = time.time() + 300
+    try:
+        # Kill it once at least three epochs have completed (and checkpointed).
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "training finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = len(metrics.read_text().splitlines()) - 1
+    last = torch.load(art / "bert" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] + 1 >= 3
+
+    again = subprocess.run(cli("finetune", art, run), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    training = json.loads((art / "bert" / "training.json").read_text())
+    assert training["resumed"] is True
+    epochs = [int(r["epoch"]) for r in csv.DictReader(metrics.open())]
+    # The second run continued after the last checkpointed epoch instead of starting over.
+    assert epochs == sorted(epochs) and epochs[-1] == 30
+    assert len(epochs) <= 30 + 1 and done_before >= 3
+    assert epochs.count(1) == 1
+
+
+def test_text_tower_fine_tunes_a_tiny_bert_end_to_end(prepared):
+    art, params, _ = prepared
+    from components.config import apply_overrides, params_from_dict
+
+    p = params_from_dict(apply_overrides(params.to_dict(), [
+        "bert.text_encoder.finetune_layers=1", "bert.mode=text", "bert.pretrain.enabled=false",
+        "bert.finetune.max_epochs=2", "bert.refit_epochs=0", "bert.loss=sampled", "bert.num_negatives=32",
+    ]))
+    from transformers import AutoModel
+
+    before = AutoModel.from_pretrained(p.bert.text_encoder.path).state_dict()
+    finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    from components.bert.model import load_model
+
+    tuned = load_model(art / "bert" / "model")
+    assert tuned.text_tower is not None and tuned.cfg.text_finetune_layers == 1
+    after = tuned.text_tower.encoder.state_dict()
+    top = "encoder.layer.1.attention.self.query.weight"
+    bottom = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(before[top], after[top]), "the top layer must train"
+    assert torch.allclose(before[bottom], after[bottom]), "the bottom layer must stay frozen"
+
+
+def test_cold_items_are_recommended_through_their_text(tmp_path, tiny_bert):
+    """Items absent from training are still retrieved for users whose next item they are."""
+    overrides = bert_overrides(tiny_bert, tmp_path / "cache")
+    params = tiny_params(*overrides, "data.synthetic.n_users=400", "data.synthetic.n_interactions=8000",
+                         "bert.mode=text", "bert.pretrain.enabled=false", "bert.finetune.max_epochs=15",
+                         "bert.finetune.lr=0.005", "bert.refit_epochs=0", "bert.max_len=8")
+    art = tmp_path / "artifacts"
+    assert validate(params, art / "validation", art / "data").success
+    inter = pl.read_parquet(art / "data" / "interactions.parquet")
+    # Hold out 10% of the items: they keep only their occurrences as some user's last item.
+    items = sorted(inter["item_id"].unique().to_list())
+    rng = np.random.default_rng(0)
+    held = set(rng.choice(items, size=len(items) // 10, replace=False).tolist())
+    inter = inter.sort(["user_id", "timestamp"]).with_columns(
+        last=pl.int_range(pl.len()).over("user_id") == pl.len().over("user_id") - 1
+    )
+    inter = inter.filter(~pl.col("item_id").is_in(list(held)) | pl.col("last")).drop("last")
+    inter.write_parquet(art / "data" / "interactions.parquet")
+    build_features(art / "data", art / "features", params.features)
+    embed_item_texts(art / "features", art / "text_embeddings", params.bert.text_encoder)
+    finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", params)
+
+    seqs = load_sequences(art / "features")
+    item_ids = pl.read_parquet(art / "features" / "items.parquet")["item_id"].to_list()
+    cold = np.array([i in held for i in item_ids])
+    train_items = set(seqs.items[seqs.split == 0].tolist())
+    assert not any(cold[i] for i in train_items), "held-out items must be absent from training"
+    targets = seqs.target_matrix("test")
+    cold_users = [u for u in range(seqs.n_users) if targets[u].indices.size and cold[targets[u].indices[0]]]
+    assert len(cold_users) >= 10
+    model = FactorModel.load(art / "bert" / "factors.npz")
+    from components.evaluate import rank
+
+    top = rank(model.users["test"][cold_users], model.items["test"], seqs.history_matrix("test")[cold_users], 10, 256)
+    hits = np.mean([targets[u].indices[0] in top[i] for i, u in enumerate(cold_users)])
+    chance = 10 / seqs.n_items
+    assert hits > 3 * chance, f"cold-item recall@10 {hits:.3f} vs chance {chance:.3f}"

@@ -1,0 +1,153 @@
+"""The recommender network: masks, positions, losses, save/load, batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from components.bert.data import ClozeCollate, NextItemCollate
+from components.bert.model import MASK, PAD, SeqRecConfig, SeqRecModel, left_pad, load_model, save_model
+from components.bert.module import SeqRecModule
+
+
+def cfg(**kw) -> SeqRecConfig:
+    base = dict(n_items=30, mode="text+id", text_dim=8, hidden_size=16, num_layers=2, num_heads=2,
+                intermediate_size=32, max_len=6, dropout=0.0)
+    base.update(kw)
+    return SeqRecConfig(**base)
+
+
+def model(**kw) -> SeqRecModel:
+    torch.manual_seed(0)
+    c = cfg(**kw)
+    return SeqRecModel(c, text_features=torch.randn(c.n_items, c.text_dim) if "text" in c.mode else None).eval()
+
+
+def test_left_pad_keeps_the_most_recent_items():
+    out = left_pad([[1, 2], [3, 4, 5, 6, 7, 8, 9], []], 4)
+    assert out.tolist() == [[PAD, PAD, 1, 2], [6, 7, 8, 9], [PAD, PAD, PAD, PAD]]
+
+
+def test_causal_output_ignores_later_items():
+    m = model()
+    a = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    b = torch.tensor([[1, 2, 3, 9, 9, 9]])
+    ha, hb = m.encode(a, causal=True), m.encode(b, causal=True)
+    assert torch.allclose(ha[:, :3], hb[:, :3], atol=1e-6)
+    assert not torch.allclose(ha[:, 3:], hb[:, 3:])
+    # Bidirectional attention: early positions see the later items.
+    assert not torch.allclose(m.encode(a, causal=False)[:, :3], m.encode(b, causal=False)[:, :3])
+
+
+def test_padding_does_not_change_the_user_vector():
+    m = model()
+    short = left_pad([[4, 5, 6]], 6)
+    assert short.tolist() == [[PAD, PAD, PAD, 4, 5, 6]]
+    # Same history, different padding content can't leak: pads are masked as keys.
+    other = short.clone()
+    other[0, :3] = MASK
+    assert torch.allclose(m.user_vectors(short), m.encode(short, causal=True)[:, -1])
+    assert not torch.isnan(m.user_vectors(torch.full((1, 6), PAD))).any()
+
+
+def test_positions_matter():
+    m = model()
+    assert not torch.allclose(m.user_vectors(torch.tensor([[1, 2, 3, 4, 5, 6]])),
+                              m.user_vectors(torch.tensor([[6, 5, 4, 3, 2, 1]])))
+
+
+@pytest.mark.parametrize("mode", ["text", "id", "text+id"])
+def test_item_representations_by_mode(mode):
+    m = model(mode=mode, text_dim=8 if "text" in mode else 0)
+    reps = m.item_representations()
+    assert reps.shape == (30, 16)
+    subset = m.item_representations(torch.tensor([3, 7]))
+    assert torch.allclose(subset, reps[[3, 7]], atol=1e-6)
+    if mode == "id":
+        with pytest.raises(ValueError):
+            m.project_text(torch.randn(1, 8))
+    else:
+        # A text-only representation exists for any text embedding (cold start).
+        assert m.project_text(torch.randn(2, 8)).shape == (2, 16)
+
+
+def test_cloze_inference_reads_an_appended_mask():
+    m = model(inference="cloze")
+    hist = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    expected = m.encode(torch.tensor([[2, 3, 4, 5, 6, MASK]]), causal=False)[:, -1]
+    assert torch.allclose(m.user_vectors(hist), expected)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    m = model()
+    save_model(m, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    hist = torch.tensor([[PAD, 1, 2, 3, 4, 5]])
+    assert back.cfg == m.cfg
+    assert torch.allclose(back.user_vectors(hist), m.user_vectors(hist))
+    assert torch.allclose(back.item_representations(), m.item_representations())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mode"):
+        cfg(mode="image")
+    with pytest.raises(ValueError, match="divisible"):
+        cfg(hidden_size=15)
+    with pytest.raises(ValueError, match="text_dim"):
+        cfg(mode="text", text_dim=0)
+
+
+def test_next_item_collate_shifts_by_one():
+    x, y = NextItemCollate(4)([np.array([1, 2, 3]), np.array([5, 6, 7, 8, 9, 10])])
+    assert x.tolist() == [[PAD, PAD, 1, 2], [6, 7, 8, 9]]
+    assert y.tolist() == [[PAD, PAD, 2, 3], [7, 8, 9, 10]]
+
+
+def test_cloze_collate_masks_at_least_one_position():
+    torch.manual_seed(0)
+    x, y = ClozeCollate(5, mask_prob=0.0)([np.array([1, 2, 3])])
+    assert x.tolist() == [[PAD, PAD, 1, 2, MASK]] and y.tolist() == [[PAD, PAD, PAD, PAD, 3]]
+    x, y = ClozeCollate(5, mask_prob=1.0)([np.array([1, 2, 3])])
+    assert x.tolist() == [[PAD, PAD, MASK, MASK, MASK]] and y.tolist() == [[PAD, PAD, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_losses_train_a_memorisable_sequence(loss):
+    """Both losses can fit 'after item k comes item k+1' on a tiny catalogue."""
+    torch.manual_seed(0)
+    c = cfg(mode="id", text_dim=0, dropout=0.0)
+    module = SeqRecModule(
+        {**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
+        loss=loss, num_negatives=10, negative_sampling="popularity", item_counts=np.arange(30) + 1,
+    )
+    seqs = [np.arange(s, s + 7) % 30 for s in range(30)]
+    x, y = NextItemCollate(6)(seqs)
+    opt = torch.optim.Adam(module.parameters(), lr=0.01)
+    first = None
+    for _ in range(150):
+        value = module._loss(x, y)
+        first = first if first is not None else value.item()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    assert value.item() < 0.3 * first
+    module.eval()
+    with torch.no_grad():
+        users = module.model.user_vectors(left_pad([[3, 4, 5]], 6))
+        assert module.model.scores(users).argmax().item() == 6
+
+
+def test_sampled_loss_applies_log_q_and_masks_accidental_hits():
+    torch.manual_seed(0)
+    c = cfg(mode="id", text_dim=0, n_items=5)
+    module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
+                          loss="sampled", num_negatives=50, negative_sampling="uniform")
+    with torch.no_grad():
+        module.model.id_embedding.weight.zero_()
+        module.model.special.weight.zero_()
+    x, y = NextItemCollate(6)([np.array([0, 1, 2])])
+    # All scores equal and Q uniform: the loss is log(1 + #negatives that are not the positive).
+    value = module._loss(x, y).item()
+    assert np.isfinite(value)
+    assert value < np.log(51) + 1e-4
