@@ -35,6 +35,11 @@ PRESETS: dict[str, list[str]] = {
         "mf.alpha=10.0",
         "mf.recency_half_life=5.0",
         "mf.recency_boost=5.0",
+        # Short histories, a sparser catalogue: a wider recommender with stronger dropout
+        # (chosen on validation NDCG@10 over hidden 64/128, dropout 0.2/0.4, dot/cosine).
+        "bert.hidden_size=128",
+        "bert.intermediate_size=512",
+        "bert.dropout=0.4",
     ],
 }
 

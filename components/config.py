@@ -164,6 +164,8 @@ class BertRecConfig:
     num_heads: int
     intermediate_size: int
     dropout: float
+    similarity: Literal["dot", "cosine"]
+    temperature: float
     loss: Literal["full", "sampled"]
     num_negatives: int
     negative_sampling: Literal["uniform", "popularity"]

@@ -29,6 +29,15 @@ TINY = [
     "mf.factors=16",
     "mf.iterations=5",
     "mf.num_threads=1",
+    "bert.hidden_size=16",
+    "bert.num_layers=1",
+    "bert.intermediate_size=32",
+    "bert.max_len=12",
+    "bert.batch_size=64",
+    "bert.pretrain.max_epochs=1",
+    "bert.finetune.max_epochs=2",
+    "bert.refit_epochs=1",
+    "bert.trainer.num_threads=1",
 ]
 
 

@@ -50,6 +50,10 @@ class SeqRecConfig:
     # How a user vector is read: "causal" (output at the last item, next-item fine-tuned) or
     # "cloze" (bidirectional output at a MASK appended after the history, pre-trained only).
     inference: str = "causal"
+    # Scores: "dot" (u . v) or "cosine" (u . v / (|u| |v| temperature)). Cosine is applied by
+    # normalising the outputs, so scores stay dot products of the returned vectors.
+    similarity: str = "dot"
+    temperature: float = 1.0
     # Text tower (only when the text encoder's top layers are fine-tuned): where it came from and
     # how many of its layers train.
     text_encoder_path: str | None = None
@@ -65,6 +69,8 @@ class SeqRecConfig:
             raise ValueError("hidden_size must be divisible by num_heads")
         if self.inference not in ("causal", "cloze"):
             raise ValueError("inference must be 'causal' or 'cloze'")
+        if self.similarity not in ("dot", "cosine") or self.temperature <= 0:
+            raise ValueError("similarity must be 'dot' or 'cosine', with a positive temperature")
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -201,6 +207,18 @@ class SeqRecModel(nn.Module):
             rep = rep + self.id_embedding(item_ids)
         return rep
 
+    def output_items(self, item_table: torch.Tensor) -> torch.Tensor:
+        """The item vectors scores are taken against (unit length under cosine similarity)."""
+        if self.cfg.similarity == "cosine":
+            return torch.nn.functional.normalize(item_table, dim=-1)
+        return item_table
+
+    def output_users(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs -> user vectors (unit length / temperature under cosine)."""
+        if self.cfg.similarity == "cosine":
+            return torch.nn.functional.normalize(hidden, dim=-1) / self.cfg.temperature
+        return hidden
+
     def project_text(self, text_embeddings: torch.Tensor) -> torch.Tensor:
         """Representation of items known only by their text embedding (cold start)."""
         if "text" not in self.cfg.mode:
@@ -239,7 +257,13 @@ class SeqRecModel(nn.Module):
         emb = torch.where(is_item.unsqueeze(-1), emb, special)
         valid = items != PAD
         mask = self.attention_mask(valid, causal, emb.dtype)
-        return self.encoder(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+        # Positions are right-aligned to max_len: the most recent item is always at position
+        # max_len - 1, so a history padded to any length <= max_len encodes the same way.
+        length = items.shape[1]
+        if length > self.cfg.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len {self.cfg.max_len}")
+        positions = torch.arange(self.cfg.max_len - length, self.cfg.max_len, device=items.device).unsqueeze(0)
+        return self.encoder(inputs_embeds=emb, attention_mask=mask, position_ids=positions).last_hidden_state
 
     def user_vectors(self, items: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
         """The user vector for left-padded histories [B, L]: the causal encoder's output at the
@@ -247,13 +271,14 @@ class SeqRecModel(nn.Module):
         after the history."""
         if self.cfg.inference == "cloze":
             items = torch.cat([items[:, 1:], torch.full_like(items[:, :1], MASK)], dim=1)
-            return self.encode(items, item_table, causal=False)[:, -1]
-        return self.encode(items, item_table, causal=True)[:, -1]
+            return self.output_users(self.encode(items, item_table, causal=False)[:, -1])
+        return self.output_users(self.encode(items, item_table, causal=True)[:, -1])
 
     def scores(self, user_vectors: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of every item for `user_vectors` (as returned by `user_vectors`)."""
         if item_table is None:
             item_table = self.item_representations()
-        return user_vectors @ item_table.T
+        return user_vectors @ self.output_items(item_table).T
 
 
 def left_pad(histories: list, max_len: int) -> torch.Tensor:

@@ -69,21 +69,23 @@ class SeqRecModule(pl.LightningModule):
         causal = self.objective == "next"
         selected = targets != PAD
         positives = targets[selected]
+        m = self.model
         if self.hparams.loss == "full":
-            table = self.model.item_representations()
-            hidden = self.model.encode(inputs, table, causal=causal)[selected]
-            return F.cross_entropy(hidden @ table.T, positives)
+            table = m.item_representations()
+            hidden = m.output_users(m.encode(inputs, table, causal=causal)[selected])
+            return F.cross_entropy(hidden @ m.output_items(table).T, positives)
 
         negatives = torch.multinomial(self.proposal, self.hparams.num_negatives, replacement=True)
         needed = torch.unique(torch.cat([inputs[inputs >= 0], positives, negatives]))
         lookup = torch.full((self.model.cfg.n_items,), -1, dtype=torch.long, device=inputs.device)
         lookup[needed] = torch.arange(needed.numel(), device=inputs.device)
-        table = self.model.item_representations(needed)
+        table = m.item_representations(needed)
         local_inputs = torch.where(inputs >= 0, lookup[inputs.clamp(min=0)], inputs)
-        hidden = self.model.encode(local_inputs, table, causal=causal)[selected]
+        hidden = m.output_users(m.encode(local_inputs, table, causal=causal)[selected])
+        out = m.output_items(table)
         log_q = torch.log(self.proposal)
-        pos_logit = (hidden * table[lookup[positives]]).sum(-1, keepdim=True) - log_q[positives, None]
-        neg_logit = hidden @ table[lookup[negatives]].T - log_q[negatives][None, :]
+        pos_logit = (hidden * out[lookup[positives]]).sum(-1, keepdim=True) - log_q[positives, None]
+        neg_logit = hidden @ out[lookup[negatives]].T - log_q[negatives][None, :]
         neg_logit = neg_logit.masked_fill(negatives[None, :] == positives[:, None], float("-inf"))
         logits = torch.cat([pos_logit, neg_logit], dim=1)
         return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
@@ -103,7 +105,7 @@ class SeqRecModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         table = self._table
         users = self.model.user_vectors(batch["items"], table)
-        scores = users.float() @ table.float().T
+        scores = users.float() @ self.model.output_items(table).float().T
         scores[batch["exclude_rows"], batch["exclude_cols"]] = float("-inf")
         k = min(EVAL_K, scores.shape[1])
         topk = torch.topk(scores, k, dim=1).indices.cpu().numpy()

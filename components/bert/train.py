@@ -15,13 +15,15 @@ validation factors come from the selected model, test factors and the deployable
 refitted one.
 
 Outputs (finetune, under `artifacts/bert/`): `model/` (config.json + model.safetensors, the
-deployable network), `checkpoints/` (best.ckpt, last.ckpt), `item_embeddings.npy`,
+deployable network), `selected_model/` (the model selected on validation, before the refit),
+`checkpoints/` (best.ckpt, last.ckpt), `item_embeddings.npy`,
 `factors.npz` (for evaluation), `metrics.csv` (per epoch, both stages), `learning_curve.png`,
 `training.json`.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -163,7 +165,7 @@ def model_config(cfg: BertRecConfig, n_items: int, text_dim: int, inference: str
         n_items=n_items, mode=cfg.mode, text_dim=text_dim if "text" in cfg.mode else 0,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size, max_len=cfg.max_len, dropout=cfg.dropout,
-        inference=inference,
+        inference=inference, similarity=cfg.similarity, temperature=cfg.temperature,
         text_encoder_path=str(resolve_encoder_path(cfg.text_encoder.path)) if tower else None,
         text_finetune_layers=cfg.text_encoder.finetune_layers if tower else 0,
         text_max_length=cfg.text_encoder.max_length,
@@ -259,9 +261,8 @@ def run_stage(
     objective = "cloze" if stage_name == "pretrain" else "next"
     out_dir.mkdir(parents=True, exist_ok=True)
     if not stage.enabled:
-        (out_dir / "skipped.json").write_text(json.dumps({"stage": stage_name, "skipped": True}))
+        _write_skipped(stage_name, out_dir)
         return StageResult(stage_name, out_dir, None, None, None, 0, 0.0, 0.0, False, skipped=True)
-    (out_dir / "skipped.json").unlink(missing_ok=True)
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
 
@@ -315,7 +316,9 @@ def run_stage(
     best_score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
     epochs_run = trainer.current_epoch
     seqs_per_s = len(dm.train_sequences) * epochs_run / train_seconds if train_seconds > 0 else 0.0
-    selected = module.model.cpu()
+    # A copy: the refit trains `module` in place, and the validation factors must come from the
+    # model that never saw the validation targets.
+    selected = copy.deepcopy(module.model).cpu()
 
     final = selected
     if stage_name == "finetune" and cfg.refit_epochs > 0:
@@ -324,6 +327,9 @@ def run_stage(
     model_dir = out_dir / "model"
     save_model(final, model_dir)
     if stage_name == "finetune":
+        # The model validation metrics describe (the refitted one has seen validation targets):
+        # compression measures its variants on this one.
+        save_model(selected, out_dir / "selected_model")
         _write_factors(selected, final, features_dir, out_dir)
     curves = ([earlier_curve] if earlier_curve else []) + [out_dir / "metrics.csv"]
     plot_learning_curve(curves, out_dir / "learning_curve.png")
@@ -337,6 +343,21 @@ def run_stage(
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
     return StageResult(stage_name, out_dir, model_dir, best_epoch, best_score, epochs_run, train_seconds, seqs_per_s,
                        resume is not None)
+
+
+def _write_skipped(stage_name: str, out_dir: Path) -> None:
+    """A skipped stage still leaves its declared outputs (DVC), empty and marked as skipped;
+    a stale model from an earlier run must not look like this run's."""
+    model_dir = out_dir / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    (model_dir / "SKIPPED").write_text(f"bert.{stage_name}.enabled is false\n")
+    (out_dir / "training.json").write_text(json.dumps({"stage": stage_name, "skipped": True}, indent=2))
+    with (out_dir / "metrics.csv").open("w", newline="") as f:
+        csv.writer(f).writerow(EpochLog.FIELDS)
+    (out_dir / "checkpoints").mkdir(exist_ok=True)
+    (out_dir / "checkpoint_run.json").write_text(json.dumps({"run_id": None}))
 
 
 def _resume_path(ckpt_dir: Path, run_id: str) -> Path | None:
@@ -370,10 +391,27 @@ def _write_factors(selected: SeqRecModel, final: SeqRecModel, features_dir: Path
     items, users = {}, {}
     for split, model in (("valid", selected), ("test", final)):
         with torch.no_grad():
-            items[split] = model.eval().item_representations().float().numpy()
+            items[split] = model.eval().output_items(model.item_representations()).float().numpy()
         users[split] = user_vectors(model, seqs.histories(split, model.cfg.max_len))
     FactorModel(items=items, users=users).save(out_dir / "factors.npz")
     np.save(out_dir / "item_embeddings.npy", items["test"])
+
+
+def _use_pretrained(pretrain_dir: Path, features_dir: Path, out_dir: Path) -> StageResult:
+    """Fine-tuning skipped: the cloze model is the recommender (user vector read at a MASK)."""
+    model = load_model(pretrain_dir / "model")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, out_dir / "model")
+    save_model(model, out_dir / "selected_model")
+    _write_factors(model, model, features_dir, out_dir)
+    with (out_dir / "metrics.csv").open("w", newline="") as f:
+        csv.writer(f).writerow(EpochLog.FIELDS)
+    plot_learning_curve([pretrain_dir / "metrics.csv"], out_dir / "learning_curve.png")
+    (out_dir / "training.json").write_text(json.dumps({"stage": "finetune", "skipped": True,
+                                                        "model": "pre-trained (cloze)"}, indent=2))
+    (out_dir / "checkpoints").mkdir(exist_ok=True)
+    (out_dir / "checkpoint_run.json").write_text(json.dumps({"run_id": None}))
+    return StageResult("finetune", out_dir, out_dir / "model", None, None, 0, 0.0, 0.0, False, skipped=True)
 
 
 def pretrain(features_dir: Path, text_dir: Path, out_dir: Path, params: Params) -> StageResult:
@@ -385,6 +423,10 @@ def finetune(features_dir: Path, text_dir: Path, pretrain_dir: Path, out_dir: Pa
     pretrained = params.bert.pretrain.enabled and (pretrain_dir / "model" / "config.json").exists()
     if params.bert.pretrain.enabled and not pretrained:
         raise FileNotFoundError(f"{pretrain_dir}/model not found: run the pretrain stage first (or disable it)")
+    if not params.bert.finetune.enabled:
+        if not pretrained:
+            raise ValueError("bert.pretrain and bert.finetune are both disabled: enable at least one")
+        return _use_pretrained(pretrain_dir, features_dir, out_dir)
     return run_stage(
         "finetune", features_dir, text_dir, out_dir, params,
         init_from=pretrain_dir / "model" if pretrained else None,
@@ -403,7 +445,8 @@ def main(stage: str) -> int:
     else:
         res = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", params)
     if res.skipped:
-        print(f"{stage}: skipped (bert.{stage}.enabled is false)")
+        used = " (the pre-trained model is the recommender)" if res.model_dir else ""
+        print(f"{stage}: skipped (bert.{stage}.enabled is false){used}")
     elif res.model_dir is not None:
         print(f"{stage}: best validation NDCG@10 {res.best_val_ndcg10:.4f} at epoch {res.best_epoch} "
               f"({res.epochs_run} epochs, {res.train_seconds:.0f} s, {res.sequences_per_second:.0f} sequences/s) "

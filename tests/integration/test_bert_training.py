@@ -215,3 +215,51 @@ def test_cold_items_are_recommended_through_their_text(tmp_path, tiny_bert):
     hits = np.mean([targets[u].indices[0] in top[i] for i, u in enumerate(cold_users)])
     chance = 10 / seqs.n_items
     assert hits > 3 * chance, f"cold-item recall@10 {hits:.3f} vs chance {chance:.3f}"
+
+
+def test_stages_can_be_skipped(prepared):
+    art, params, _ = prepared
+    from components.config import apply_overrides, params_from_dict
+
+    def with_(*o):
+        return params_from_dict(apply_overrides(params.to_dict(), list(o)))
+
+    # Pre-training skipped: outputs exist (for DVC) and say so; fine-tuning starts from scratch.
+    p = with_("bert.pretrain.enabled=false", "bert.finetune.max_epochs=1", "bert.refit_epochs=0")
+    assert pretrain(art / "features", art / "text_embeddings", art / "bert" / "pretrain", p).skipped
+    assert (art / "bert" / "pretrain" / "model" / "SKIPPED").exists()
+    res = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    assert json.loads((art / "bert" / "training.json").read_text())["initialized_from"] is None
+    assert not res.skipped
+
+    # Fine-tuning skipped: the cloze model is the recommender.
+    p = with_("bert.pretrain.max_epochs=1", "bert.finetune.enabled=false")
+    pretrain(art / "features", art / "text_embeddings", art / "bert" / "pretrain", p)
+    res = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    assert res.skipped and res.model_dir is not None
+    assert json.loads((art / "bert" / "model" / "config.json").read_text())["inference"] == "cloze"
+    assert (art / "bert" / "factors.npz").exists()
+
+    with pytest.raises(ValueError, match="both disabled"):
+        finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert",
+                 with_("bert.pretrain.enabled=false", "bert.finetune.enabled=false"))
+
+
+def test_validation_factors_come_from_the_model_selected_before_the_refit(prepared):
+    """The refit trains on validation targets: validation scores must not come from it."""
+    art, params, _ = prepared
+    from components.bert.model import SeqRecConfig, SeqRecModel
+    from components.bert.train import user_vectors
+    from components.config import apply_overrides, params_from_dict
+
+    p = params_from_dict(apply_overrides(params.to_dict(), ["bert.pretrain.enabled=false", "bert.refit_epochs=2"]))
+    finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    best = torch.load(art / "bert" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    model = SeqRecModel(SeqRecConfig.load(art / "bert" / "model" / "config.json"))
+    model.load_state_dict({k[len("model."):]: v for k, v in best["state_dict"].items() if k.startswith("model.")})
+    seqs = load_sequences(art / "features")
+    factors = FactorModel.load(art / "bert" / "factors.npz")
+    expected = user_vectors(model, seqs.histories("valid", model.cfg.max_len))
+    np.testing.assert_allclose(factors.users["valid"], expected, rtol=1e-4, atol=1e-5)
+    # ...while the test factors come from the refitted (deployed) model.
+    assert not np.allclose(factors.users["test"], user_vectors(model, seqs.histories("test", model.cfg.max_len)))

@@ -62,7 +62,8 @@ def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
 def test_dvc_repro_then_experiment_changes_metrics(dvc_repo):
     dvc(dvc_repo, "repro")
     metrics = json.loads((dvc_repo / "artifacts" / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {"popularity", "mf"}
+    assert set(metrics) == {"popularity", "mf", "bert", "fused"}
+    assert (dvc_repo / "artifacts" / "bert" / "learning_curve.png").exists()
     assert (dvc_repo / "dvc.lock").exists()
 
     again = dvc(dvc_repo, "repro")
@@ -73,7 +74,8 @@ def test_dvc_repro_then_experiment_changes_metrics(dvc_repo):
     subprocess.run(["git", "commit", "-qm", "baseline"], cwd=dvc_repo, check=True, env=git_env())
     exp = dvc(dvc_repo, "exp", "run", "-S", "mf.factors=4")
     # Only the stages downstream of the changed parameter ran.
-    assert "Running stage 'train_mf'" in exp.stdout and "Running stage 'features'" not in exp.stdout
+    assert "Running stage 'train_mf'" in exp.stdout and "Running stage 'evaluate'" in exp.stdout
+    assert "Running stage 'features'" not in exp.stdout and "Running stage 'finetune_bert'" not in exp.stdout
     diff = dvc(dvc_repo, "metrics", "diff", "--json")
     changes = json.loads(diff.stdout)
     mf_ndcg = changes["artifacts/eval/metrics.json"]["mf.ndcg@10"]

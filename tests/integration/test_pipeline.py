@@ -24,12 +24,15 @@ def cli(step: str, artifacts: Path, *overrides: str) -> subprocess.CompletedProc
 
 def test_pipeline_end_to_end(tmp_path):
     art = tmp_path / "artifacts"
-    for step in ("validate", "features", "train_mf", "evaluate"):
-        proc = cli(step, art)
+    steps = ("validate", "features", "train_mf", "bert.text_embeddings", "bert.pretrain", "bert.finetune", "evaluate")
+    for step in steps:
+        proc = cli(step, art, f"bert.text_encoder.cache_dir={tmp_path / 'cache'}")
         assert proc.returncode == 0, f"{step}: {proc.stderr[-2000:]}"
     metrics = json.loads((art / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {"popularity", "mf"}
+    assert set(metrics) == {"popularity", "mf", "bert", "fused"}
     assert metrics["mf"]["ndcg@10"] > metrics["popularity"]["ndcg@10"]
+    fusion = json.loads((art / "eval" / "fusion.json").read_text())
+    assert 0.0 <= fusion["weight"] <= 1.0 and len(fusion["validation_curve"]) == 21
     assert "| mf |" in proc.stdout
     assert (art / "validation" / "data_docs" / "index.html").exists()
     assert (art / "eval" / "recall_at_k.png").exists()

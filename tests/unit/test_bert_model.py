@@ -151,3 +151,13 @@ def test_sampled_loss_applies_log_q_and_masks_accidental_hits():
     value = module._loss(x, y).item()
     assert np.isfinite(value)
     assert value < np.log(51) + 1e-4
+
+
+def test_padding_length_does_not_change_the_user_vector():
+    """Right-aligned positions: the same history padded to 6 or to 3 gives the same vector."""
+    m = model()
+    full = m.user_vectors(left_pad([[4, 5, 6]], 6))
+    short = m.user_vectors(left_pad([[4, 5, 6]], 3))
+    assert torch.allclose(full, short, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        m.user_vectors(left_pad([[1] * 7], 7))

@@ -1,0 +1,302 @@
+"""ONNX export of the recommenders, parity checks, and the serving bundle.
+
+Graphs (torch 2.13's dynamo exporter, opset 18, dynamic batch and sequence axes):
+
+- `sequence.onnx`: `items` [B, L] int64 item indices, `mask` [B, L] int64 (1 = item, 0 =
+  padding, left-padded), `exclude` [B, E] int64 (item indices not to recommend, -1 = none) ->
+  `user_vectors` [B, H], `topk_items` [B, K], `topk_scores` [B, K]. The item table is a constant
+  of the graph: one call turns a history into recommendations.
+- `text_encoder.onnx`: `input_ids`, `attention_mask` [B, T] int64 -> `text_embedding` [B, D]
+  (mean-pooled BERT) and `item_vector` [B, H] (the recommender's projection included), so the
+  service embeds a new item's text without PyTorch. The tokenizer files travel with it.
+- `mf.onnx`: `user_index` [B] int64, `exclude` [B, E] -> `topk_items`, `topk_scores`, so MF is
+  served and compared the same way.
+
+A bundle folder holds the graphs, the tokenizer, `items.json` (ids and titles) and `bundle.json`
+(item id map, model config, input/output names, K, package versions, sha256 of every file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.bert.model import PAD, SeqRecModel, left_pad
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+SEQUENCE_INPUTS = ["items", "mask", "exclude"]
+SEQUENCE_OUTPUTS = ["user_vectors", "topk_items", "topk_scores"]
+TEXT_INPUTS = ["input_ids", "attention_mask"]
+TEXT_OUTPUTS = ["text_embedding", "item_vector"]
+MF_INPUTS = ["user_index", "exclude"]
+MF_OUTPUTS = ["topk_items", "topk_scores"]
+
+
+# --------------------------------------------------------------------------------------------
+# Export wrappers: the exact computation each graph performs
+# --------------------------------------------------------------------------------------------
+
+
+def _exclude_and_topk(scores: torch.Tensor, exclude: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of excluded items -> -inf (exclude = -1 means none), then the top k."""
+    padded = torch.cat([scores, torch.zeros_like(scores[:, :1])], dim=1)
+    sink = torch.full_like(exclude, scores.shape[1])  # -1 entries land on the dropped column
+    index = torch.where(exclude < 0, sink, exclude)
+    padded = padded.scatter(1, index, float("-inf"))
+    values, indices = torch.topk(padded[:, :-1], k, dim=1)
+    return indices, values
+
+
+class SequenceGraph(nn.Module):
+    """History -> user vector and top-k items, the item table baked in."""
+
+    def __init__(self, model: SeqRecModel, k: int):
+        super().__init__()
+        self.model = model.eval()
+        self.k = min(k, model.cfg.n_items)
+        with torch.no_grad():
+            table = model.item_representations()
+            self.register_buffer("table", table.detach().clone())
+            self.register_buffer("output_table", model.output_items(table).detach().clone())
+
+    def forward(self, items: torch.Tensor, mask: torch.Tensor, exclude: torch.Tensor):
+        items = torch.where(mask > 0, items, torch.full_like(items, PAD))
+        users = self.model.user_vectors(items, self.table)
+        indices, values = _exclude_and_topk(users @ self.output_table.T, exclude, self.k)
+        return users, indices, values
+
+
+class TextGraph(nn.Module):
+    """Token ids -> mean-pooled text embedding and the recommender's item vector."""
+
+    def __init__(self, encoder: nn.Module, model: SeqRecModel | None):
+        super().__init__()
+        self.encoder = encoder.eval()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        from components.bert.text_embeddings import mean_pool
+
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        text = mean_pool(hidden, attention_mask)
+        if self.model is None:
+            return text, text
+        return text, self.model.output_items(self.model.project_text(text))
+
+
+class MFGraph(nn.Module):
+    def __init__(self, user_factors: np.ndarray, item_factors: np.ndarray, k: int):
+        super().__init__()
+        self.register_buffer("users", torch.as_tensor(user_factors, dtype=torch.float32))
+        self.register_buffer("items", torch.as_tensor(item_factors, dtype=torch.float32))
+        self.k = min(k, item_factors.shape[0])
+
+    def forward(self, user_index: torch.Tensor, exclude: torch.Tensor):
+        scores = self.users[user_index] @ self.items.T
+        return _exclude_and_topk(scores, exclude, self.k)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), input_names=inputs, output_names=outputs,
+            dynamic_shapes=dynamic, dynamo=True, optimize=True, opset_version=OPSET, verbose=False,
+        )
+    # Weights live inside the .onnx file (one file per graph is what the bundle hashes).
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=True)
+    onnx.save(proto, str(path), save_as_external_data=False)
+    for stray in path.parent.glob(path.name + ".data"):
+        stray.unlink()
+
+
+def export_sequence(model: SeqRecModel, path: Path, k: int) -> None:
+    graph = SequenceGraph(model, k)
+    L = model.cfg.max_len
+    items = torch.zeros((2, L), dtype=torch.long)
+    mask = torch.ones((2, L), dtype=torch.long)
+    exclude = torch.full((2, 3), -1, dtype=torch.long)
+    B = torch.export.Dim("batch", min=1, max=1 << 16)
+    S = torch.export.Dim("sequence", min=1, max=L)
+    E = torch.export.Dim("excluded", min=1, max=1 << 20)
+    _export(graph, (items, mask, exclude), path, SEQUENCE_INPUTS, SEQUENCE_OUTPUTS,
+            {"items": {0: B, 1: S}, "mask": {0: B, 1: S}, "exclude": {0: B, 1: E}})
+
+
+def export_text_encoder(encoder: nn.Module, model: SeqRecModel | None, path: Path, max_length: int) -> None:
+    graph = TextGraph(encoder, model)
+    ids = torch.ones((2, 8), dtype=torch.long)
+    mask = torch.ones((2, 8), dtype=torch.long)
+    B = torch.export.Dim("batch", min=1, max=1 << 16)
+    T = torch.export.Dim("tokens", min=1, max=max_length)
+    _export(graph, (ids, mask), path, TEXT_INPUTS, TEXT_OUTPUTS, {"input_ids": {0: B, 1: T}, "attention_mask": {0: B, 1: T}})
+
+
+def export_mf(user_factors: np.ndarray, item_factors: np.ndarray, path: Path, k: int) -> None:
+    graph = MFGraph(user_factors, item_factors, k)
+    B = torch.export.Dim("batch", min=1, max=1 << 16)
+    E = torch.export.Dim("excluded", min=1, max=1 << 20)
+    _export(graph, (torch.zeros(2, dtype=torch.long), torch.full((2, 3), -1, dtype=torch.long)), path,
+            MF_INPUTS, MF_OUTPUTS, {"user_index": {0: B}, "exclude": {0: B, 1: E}})
+
+
+def text_encoder_for(model: SeqRecModel, encoder_path: Path) -> nn.Module:
+    """The text encoder the recommender's item texts went through: its fine-tuned tower, or the
+    pretrained encoder the frozen embeddings came from."""
+    if model.text_tower is not None:
+        return model.text_tower.encoder
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(encoder_path, attn_implementation="eager")
+
+
+# --------------------------------------------------------------------------------------------
+# Parity: ONNX Runtime against PyTorch
+# --------------------------------------------------------------------------------------------
+
+
+def session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def sequence_inputs(histories: list[np.ndarray], length: int, exclude_width: int = 1) -> dict[str, np.ndarray]:
+    items = left_pad(histories, length)
+    mask = (items != PAD).long()
+    items = torch.where(mask > 0, items, torch.zeros_like(items))
+    exclude = np.full((len(histories), exclude_width), -1, dtype=np.int64)
+    for r, h in enumerate(histories):
+        h = np.asarray(h)[-exclude_width:]
+        exclude[r, : h.size] = h
+    return {"items": items.numpy(), "mask": mask.numpy(), "exclude": exclude}
+
+
+def check_sequence_parity(
+    model: SeqRecModel, onnx_path: Path, histories: list[np.ndarray], k: int,
+    batch_sizes: tuple[int, ...] = (1, 7, 64), lengths: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """Max |user vector| difference and top-k agreement at several batch sizes and lengths.
+
+    Several shapes, because an exporter that silently specialises a dynamic axis to the example
+    shape fails only at other shapes."""
+    graph = SequenceGraph(model, k).eval()
+    sess = session(onnx_path)
+    L = model.cfg.max_len
+    lengths = lengths or tuple(sorted({L, max(1, L // 2), max(1, L // 4)}))
+    results = []
+    for length in lengths:
+        for bs in batch_sizes:
+            rows = histories[: max(bs, 1)]
+            if not rows:
+                continue
+            feeds = sequence_inputs(rows, length, exclude_width=8)
+            onnx_users, onnx_top, _ = sess.run(None, feeds)
+            with torch.no_grad():
+                t_users, t_top, _ = graph(*(torch.from_numpy(feeds[n]) for n in SEQUENCE_INPUTS))
+            results.append({
+                "batch": len(rows), "length": length,
+                "max_abs_diff": float(np.abs(onnx_users - t_users.numpy()).max()),
+                "topk_identical": float((onnx_top == t_top.numpy()).all(axis=1).mean()),
+            })
+    return {
+        "shapes": results,
+        "max_abs_diff": max(r["max_abs_diff"] for r in results),
+        "min_topk_identical": min(r["topk_identical"] for r in results),
+    }
+
+
+def check_text_parity(graph_model: TextGraph, onnx_path: Path, tokenizer_dir: Path, texts: list[str], max_length: int) -> dict[str, float]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok.enable_truncation(max_length)
+    tok.enable_padding(pad_id=0)
+    enc = tok.encode_batch(texts)
+    ids = np.array([e.ids for e in enc], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+    onnx_text, onnx_item = session(onnx_path).run(None, {"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        t_text, t_item = graph_model(torch.from_numpy(ids), torch.from_numpy(mask))
+    return {
+        "max_abs_diff_text": float(np.abs(onnx_text - t_text.numpy()).max()),
+        "max_abs_diff_item": float(np.abs(onnx_item - t_item.numpy()).max()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Bundle
+# --------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "tokenizers", "recforge"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def copy_tokenizer(encoder_path: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    found = False
+    for name in TOKENIZER_FILES:
+        if (encoder_path / name).exists():
+            shutil.copy2(encoder_path / name, out / name)
+            found = found or name == "tokenizer.json"
+    if not found:
+        # Slow-tokenizer-only folders: build the fast tokenizer once and save its JSON.
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(encoder_path).backend_tokenizer.save(str(out / "tokenizer.json"))
+
+
+def write_bundle_manifest(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Add the sha256 of every file in the bundle and write `bundle.json`."""
+    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != "bundle.json")
+    manifest = {**manifest, "files": {str(p.relative_to(bundle)): sha256_file(p) for p in files}}
+    (bundle / "bundle.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+@dataclass(frozen=True)
+class BundleResult:
+    bundle_dir: Path
+    manifest: dict[str, Any]
+    parity: dict[str, Any]
