@@ -38,7 +38,6 @@ PRESETS: dict[str, list[str]] = {
         # Short histories, a sparser catalogue: a wider recommender with stronger dropout
         # (chosen on validation NDCG@10 over hidden 64/128, dropout 0.2/0.4, dot/cosine).
         "bert.hidden_size=128",
-        "bert.intermediate_size=512",
         "bert.dropout=0.4",
     ],
 }
