@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,dev
 
-.PHONY: install run test test-slow bench clean
+.PHONY: install run test test-slow bench bench-real clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test-slow: install
 bench: install
 	$(PY) -m benchmarks.quality --dataset synthetic --models popularity,mf --out artifacts/bench/quality-synthetic.json
 	$(PY) -m benchmarks.scaling --out artifacts/bench/scaling.json
+
+# The real datasets (../shared/datasets): quality of every model, and the compression trade-off.
+bench-real: install
+	$(PY) -m benchmarks.quality --dataset movielens-100k --models popularity,mf,bert,bert-no-pretrain,bert-id-only,fused --out artifacts/bench/quality-movielens-100k.json
+	$(PY) -m benchmarks.quality --dataset amazon-scientific --models popularity,mf,bert,bert-no-pretrain,bert-id-only,fused --out artifacts/bench/quality-amazon-scientific.json
+	$(PY) -m benchmarks.compression --dataset movielens-100k --out artifacts/bench/compression.json
 
 clean:
 	rm -rf artifacts .dvc/cache .dvc/tmp

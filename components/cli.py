@@ -37,9 +37,13 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging() -> None:
+    # INFO for our own code; libraries (onnxruntime's quantizer logs every tensor on the root
+    # logger, the ONNX exporter every folded constant) only from WARNING up.
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    for name in ("components", "benchmarks", "flows", "__main__"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def params_from_args(args: argparse.Namespace) -> Params:

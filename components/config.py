@@ -188,6 +188,54 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    # Structured: fraction of attention heads (per layer, at least one kept) and of FFN neurons
+    # removed, by weight magnitude; the layers are rebuilt smaller.
+    heads: float
+    ffn: float
+    # Unstructured global magnitude pruning of the encoder's linear weights (measured, reported;
+    # dense kernels do not get faster from zeros).
+    unstructured: float
+    # Short next-item fine-tune of the structurally pruned model.
+    recovery_epochs: int
+    recovery_lr: float
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    per_channel: bool
+    # Static QDQ INT8, calibrated on validation sequences (an extra variant).
+    static: bool
+    calibration_users: int
+    # Quantize the item-embedding lookup table too (Gather), not only the matrix products.
+    int8_embedding_table: bool
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    prune: PruneConfig
+    quantization: QuantizationConfig
+    # Which sequence-model variant is bundled: auto = onnx_int8 when its validation NDCG@10 is
+    # within `int8_tolerance` (relative) of onnx_fp32, else onnx_fp32.
+    select: Literal["auto", "onnx_fp32", "onnx_fp32_opt", "onnx_int8", "onnx_int8_static", "pruned_onnx_int8"]
+    int8_tolerance: float
+    # The INT8 text encoder is bundled when its mean cosine to fp32 on the item texts reaches this.
+    text_min_cosine: float
+    # Users of the validation split used to measure the variants (0 = all).
+    eval_users: int
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    # Items returned by one call of the sequence / MF graphs (the service's largest k).
+    k: int
+    # Parity gates (fp32 ONNX against PyTorch), checked on validation users.
+    max_abs_diff: float
+    min_top10_identical: float
+    parity_users: int
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     data: DataConfig
@@ -197,6 +245,8 @@ class Params:
     mf: MFConfig
     bert: BertRecConfig
     fusion: FusionConfig
+    compress: CompressConfig
+    export: ExportConfig
 
     def section(self, name: str) -> Any:
         """One top-level section by name (used for cache keys and logging)."""

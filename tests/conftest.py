@@ -38,6 +38,8 @@ TINY = [
     "bert.finetune.max_epochs=2",
     "bert.refit_epochs=1",
     "bert.trainer.num_threads=1",
+    "compress.prune.recovery_epochs=1",
+    "export.parity_users=64",
 ]
 
 

@@ -59,6 +59,10 @@ class SeqRecConfig:
     text_encoder_path: str | None = None
     text_finetune_layers: int = 0
     text_max_length: int = 64
+    # Structured pruning: attention heads and FFN width of each encoder layer when they differ
+    # from num_heads / intermediate_size (None = unpruned).
+    layer_heads: list[int] | None = None
+    layer_intermediate: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -71,6 +75,10 @@ class SeqRecConfig:
             raise ValueError("inference must be 'causal' or 'cloze'")
         if self.similarity not in ("dot", "cosine") or self.temperature <= 0:
             raise ValueError("similarity must be 'dot' or 'cosine', with a positive temperature")
+        for name, sizes, full in (("layer_heads", self.layer_heads, self.num_heads),
+                                  ("layer_intermediate", self.layer_intermediate, self.intermediate_size)):
+            if sizes is not None and (len(sizes) != self.num_layers or not all(1 <= n <= full for n in sizes)):
+                raise ValueError(f"{name} must list {self.num_layers} sizes in [1, {full}], got {sizes}")
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -170,6 +178,12 @@ class SeqRecModel(nn.Module):
         # Items enter as embeddings: BERT's word table is never read. Frozen, it is also no
         # "unused parameter" for DDP.
         self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+        for i, layer in enumerate(self.encoder.encoder.layer):
+            # A pruned model: rebuild the smaller layers (the weights come from its state dict).
+            heads = cfg.layer_heads[i] if cfg.layer_heads else cfg.num_heads
+            width = cfg.layer_intermediate[i] if cfg.layer_intermediate else cfg.intermediate_size
+            if heads < cfg.num_heads or width < cfg.intermediate_size:
+                shrink_layer(layer, torch.arange(heads), torch.arange(width))
         self.special = nn.Embedding(2, h)  # 0: padding, 1: [MASK]
         nn.init.normal_(self.special.weight, std=0.02)
         self.text_tower: TextTower | None = None
@@ -279,6 +293,29 @@ class SeqRecModel(nn.Module):
         if item_table is None:
             item_table = self.item_representations()
         return user_vectors @ self.output_items(item_table).T
+
+
+def shrink_layer(layer: nn.Module, keep_heads: torch.Tensor, keep_neurons: torch.Tensor) -> None:
+    """Rebuild one `BertLayer` with only the attention heads `keep_heads` and the FFN neurons
+    `keep_neurons` (sorted indices), in place: the smaller linear layers hold exactly the kept
+    rows/columns, so the pruned layer computes what the full one did with those units zeroed.
+
+    transformers 5 has no `prune_heads`; `prune_linear_layer` does the slicing."""
+    from transformers.pytorch_utils import prune_linear_layer
+
+    attn = layer.attention.self
+    size = attn.attention_head_size
+    if keep_heads.numel() < attn.num_attention_heads:
+        index = (keep_heads[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+        attn.query = prune_linear_layer(attn.query, index)
+        attn.key = prune_linear_layer(attn.key, index)
+        attn.value = prune_linear_layer(attn.value, index)
+        layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, index, dim=1)
+        attn.num_attention_heads = int(keep_heads.numel())
+        attn.all_head_size = attn.num_attention_heads * size
+    if keep_neurons.numel() < layer.intermediate.dense.out_features:
+        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, keep_neurons)
+        layer.output.dense = prune_linear_layer(layer.output.dense, keep_neurons, dim=1)
 
 
 def left_pad(histories: list, max_len: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from components.config import apply_overrides
+from tests.bert_helpers import make_tiny_bert
 from tests.conftest import REPO, TINY
 
 pytestmark = pytest.mark.integration
@@ -34,7 +35,10 @@ def dvc_repo(tmp_path: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, dest)
     raw = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, TINY), sort_keys=False))
+    # A tiny text encoder: the stages (embeddings, compression, export) run as with MiniLM, faster.
+    encoder = make_tiny_bert(tmp_path / "tiny-bert")
+    overrides = [*TINY, f"bert.text_encoder.path={encoder}", "bert.text_encoder.max_length=24"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=repo, check=True, env=git_env())
     return repo
@@ -65,6 +69,7 @@ def test_dvc_repro_then_experiment_changes_metrics(dvc_repo):
     assert set(metrics) == {"popularity", "mf", "bert", "fused"}
     assert (dvc_repo / "artifacts" / "bert" / "learning_curve.png").exists()
     assert (dvc_repo / "dvc.lock").exists()
+    assert (dvc_repo / "artifacts" / "bundle" / "bundle.json").exists()
 
     again = dvc(dvc_repo, "repro")
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout
@@ -76,6 +81,7 @@ def test_dvc_repro_then_experiment_changes_metrics(dvc_repo):
     # Only the stages downstream of the changed parameter ran.
     assert "Running stage 'train_mf'" in exp.stdout and "Running stage 'evaluate'" in exp.stdout
     assert "Running stage 'features'" not in exp.stdout and "Running stage 'finetune_bert'" not in exp.stdout
+    assert "Running stage 'compress'" not in exp.stdout
     diff = dvc(dvc_repo, "metrics", "diff", "--json")
     changes = json.loads(diff.stdout)
     mf_ndcg = changes["artifacts/eval/metrics.json"]["mf.ndcg@10"]

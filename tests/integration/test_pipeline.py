@@ -24,7 +24,8 @@ def cli(step: str, artifacts: Path, *overrides: str) -> subprocess.CompletedProc
 
 def test_pipeline_end_to_end(tmp_path):
     art = tmp_path / "artifacts"
-    steps = ("validate", "features", "train_mf", "bert.text_embeddings", "bert.pretrain", "bert.finetune", "evaluate")
+    steps = ("validate", "features", "train_mf", "bert.text_embeddings", "bert.pretrain", "bert.finetune",
+             "compress", "export", "evaluate")
     for step in steps:
         proc = cli(step, art, f"bert.text_encoder.cache_dir={tmp_path / 'cache'}")
         assert proc.returncode == 0, f"{step}: {proc.stderr[-2000:]}"
@@ -36,11 +37,44 @@ def test_pipeline_end_to_end(tmp_path):
     assert "| mf |" in proc.stdout
     assert (art / "validation" / "data_docs" / "index.html").exists()
     assert (art / "eval" / "recall_at_k.png").exists()
+    check_bundle(art)
     shown = subprocess.run(
         [sys.executable, "-m", "components.evaluate", "--artifacts", str(art), "--show"],
         cwd=REPO, capture_output=True, text=True,
     )
     assert shown.returncode == 0 and "| popularity |" in shown.stdout
+
+
+def check_bundle(art: Path) -> None:
+    """The bundle holds what bundle.json says, byte for byte, and its graphs run."""
+    import hashlib
+
+    import numpy as np
+
+    from components.export import session, tokenize
+
+    bundle = art / "bundle"
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"bundle.json"}
+    assert set(manifest["files"]) == on_disk
+    for rel, digest in manifest["files"].items():
+        assert hashlib.sha256((bundle / rel).read_bytes()).hexdigest() == digest, rel
+    assert {"sequence.onnx", "text_encoder.onnx", "mf.onnx", "tokenizer/tokenizer.json"} <= on_disk
+    assert manifest["sequence"]["variant"] in ("onnx_fp32", "onnx_int8")
+    assert manifest["package_versions"]["onnxruntime"]
+    report = json.loads((art / "compress" / "report.json").read_text())
+    assert report["sequence"]["parity"]["max_abs_diff"] < 1e-4
+    assert report["sequence"]["parity"]["min_top10_identical"] >= 0.99
+    text = report["text_encoder"]
+    assert text["variants"]["onnx_int8"]["size_mb"] * 3.5 < text["variants"]["onnx_fp32"]["size_mb"]
+    assert text["variants"]["onnx_int8"]["cosine_to_fp32"] > 0.98
+
+    # A new item's text -> its item vector, without PyTorch.
+    feeds = tokenize(bundle / "tokenizer", ["Vintage hiking tent with poles"], manifest["text_encoder"]["max_length"])
+    _, item_vector = session(bundle / manifest["text_encoder"]["file"]).run(None, feeds)
+    assert item_vector.shape == (1, manifest["model_config"]["hidden_size"]) and np.isfinite(item_vector).all()
+    parity = json.loads((art / "bundle_parity.json").read_text())
+    assert parity["mf"]["top10_identical"] == 1.0
 
 
 def test_invalid_data_stops_the_pipeline(tmp_path):

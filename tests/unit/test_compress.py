@@ -1,0 +1,149 @@
+"""Pruning, quantization, ONNX export and parity on a tiny hand-built recommender."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from components.bert.model import SeqRecConfig, SeqRecModel, left_pad, load_model, save_model
+from components.compress import choose, overlap, prune_structured, prune_unstructured, quantize_int8
+from components.export import (
+    check_sequence_parity,
+    export_mf,
+    export_sequence,
+    sequence_inputs,
+    session,
+    check_mf_parity,
+)
+
+
+def tiny(**kw) -> SeqRecModel:
+    torch.manual_seed(0)
+    base = dict(n_items=40, mode="text+id", text_dim=8, hidden_size=16, num_layers=2, num_heads=4,
+                intermediate_size=32, max_len=8, dropout=0.0)
+    base.update(kw)
+    c = SeqRecConfig(**base)
+    return SeqRecModel(c, text_features=torch.randn(c.n_items, c.text_dim)).eval()
+
+
+def histories(n: int, rng_seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(rng_seed)
+    return [rng.integers(0, 40, rng.integers(1, 12)) for _ in range(n)]
+
+
+def users_of(m: SeqRecModel, hs: list[np.ndarray]) -> torch.Tensor:
+    with torch.no_grad():
+        return m.user_vectors(left_pad(hs, m.cfg.max_len))
+
+
+def test_pruning_units_that_contribute_nothing_changes_nothing():
+    m = tiny()
+    with torch.no_grad():
+        for layer in m.encoder.encoder.layer:
+            # Heads 1 and 3 output zeros (their value rows are zero) ...
+            size = layer.attention.self.attention_head_size
+            for h in (1, 3):
+                layer.attention.self.value.weight[h * size : (h + 1) * size] = 0
+                layer.attention.self.value.bias[h * size : (h + 1) * size] = 0
+            # ... and the second half of the FFN neurons are dead (GELU(0) = 0).
+            layer.intermediate.dense.weight[16:] = 0
+            layer.intermediate.dense.bias[16:] = 0
+    pruned = prune_structured(m, heads_ratio=0.5, ffn_ratio=0.5)
+    assert pruned.cfg.layer_heads == [2, 2] and pruned.cfg.layer_intermediate == [16, 16]
+    layer = pruned.encoder.encoder.layer[0]
+    assert layer.attention.self.query.out_features == 8 and layer.intermediate.dense.out_features == 16
+    hs = histories(20)
+    assert torch.allclose(users_of(m, hs), users_of(pruned, hs), atol=1e-5)
+    # The original is untouched.
+    assert m.encoder.encoder.layer[0].attention.self.num_attention_heads == 4
+
+
+def test_pruning_removes_the_smallest_units_and_keeps_one_head():
+    m = tiny()
+    pruned = prune_structured(m, heads_ratio=0.9, ffn_ratio=0.25)
+    assert pruned.cfg.layer_heads == [1, 1] and pruned.cfg.layer_intermediate == [24, 24]
+    before = sum(p.numel() for p in m.encoder.parameters())
+    assert sum(p.numel() for p in pruned.encoder.parameters()) < before
+    with pytest.raises(ValueError):
+        prune_structured(m, heads_ratio=1.0, ffn_ratio=0.0)
+
+
+def test_pruned_model_saves_and_loads(tmp_path):
+    pruned = prune_structured(tiny(), 0.5, 0.5)
+    save_model(pruned, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert back.cfg.layer_heads == [2, 2]
+    hs = histories(5)
+    assert torch.allclose(users_of(pruned, hs), users_of(back, hs), atol=1e-6)
+
+
+def test_unstructured_pruning_reaches_the_requested_sparsity():
+    m = tiny()
+    sparse, report = prune_unstructured(m, 0.6)
+    assert report["global_sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert set(report["per_matrix"]) and all(0 <= v <= 1 for v in report["per_matrix"].values())
+    # Global: matrices are pruned to different degrees, and the original keeps its weights.
+    assert len({round(v, 2) for v in report["per_matrix"].values()}) > 1
+    assert float((m.encoder.encoder.layer[0].intermediate.dense.weight == 0).float().mean()) == 0.0
+
+
+def test_choose_int8_only_within_tolerance():
+    q = {"onnx_fp32": {"ndcg@10": 0.100}, "onnx_int8": {"ndcg@10": 0.0995}}
+    assert choose("auto", q, 0.01)[0] == "onnx_int8"
+    q["onnx_int8"]["ndcg@10"] = 0.0985
+    variant, reason = choose("auto", q, 0.01)
+    assert variant == "onnx_fp32" and "-1.50%" in reason
+    assert choose("onnx_int8", q, 0.01)[0] == "onnx_int8"
+    with pytest.raises(ValueError, match="not built"):
+        choose("pruned_onnx_int8", q, 0.01)
+
+
+def test_overlap_worked_example():
+    assert overlap(np.array([[1, 2, 3, 4]]), np.array([[4, 3, 9, 8]])) == 0.5
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    m = tiny()
+    path = tmp_path_factory.mktemp("onnx") / "sequence.onnx"
+    export_sequence(m, path, k=15)
+    return m, path
+
+
+def test_onnx_matches_pytorch_at_several_shapes(exported):
+    m, path = exported
+    parity = check_sequence_parity(m, path, histories(70), k=15, batch_sizes=(1, 5, 64), lengths=(2, 5, 8))
+    assert len(parity["shapes"]) == 9
+    assert parity["max_abs_diff"] < 1e-4 and parity["min_top10_identical"] >= 0.99
+
+
+def test_onnx_excludes_items_and_returns_k(exported):
+    m, path = exported
+    hs = histories(16, 1)
+    feeds = sequence_inputs(hs, m.cfg.max_len, exclude_width=12)
+    users, top, scores = session(path).run(None, feeds)
+    assert top.shape == (16, 15) and users.shape == (16, 16)
+    for row, h in enumerate(hs):
+        assert not set(top[row]) & set(h[-12:].tolist())
+        assert np.all(np.diff(scores[row]) <= 1e-6)
+
+
+def test_int8_is_smaller_and_close(exported, tmp_path):
+    m, path = exported
+    q = tmp_path / "int8.onnx"
+    quantize_int8(path, q, per_channel=True)
+    assert q.stat().st_size < path.stat().st_size
+    feeds = sequence_inputs(histories(64, 2), m.cfg.max_len)
+    u32, t32, _ = session(path).run(None, feeds)
+    u8, t8, _ = session(q).run(None, feeds)
+    cos = (u32 * u8).sum(1) / np.linalg.norm(u32, axis=1) / np.linalg.norm(u8, axis=1)
+    assert cos.mean() > 0.98
+    assert overlap(t8[:, :10], t32[:, :10]) > 0.7
+
+
+def test_mf_graph_matches_numpy(tmp_path):
+    rng = np.random.default_rng(0)
+    users, items = rng.normal(size=(30, 6)).astype(np.float32), rng.normal(size=(50, 6)).astype(np.float32)
+    export_mf(users, items, tmp_path / "mf.onnx", k=10)
+    assert check_mf_parity(users, items, tmp_path / "mf.onnx", 10)["top10_identical"] == 1.0
