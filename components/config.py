@@ -236,6 +236,19 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    # null: $MLFLOW_TRACKING_URI, else a local SQLite store (mlflow/mlflow.db).
+    tracking_uri: str | None
+    experiment: str
+    model_name: str
+    # The challenger must beat the champion's validation NDCG@10 and Recall@10 by this much
+    # (relative; 0 = at least equal).
+    min_relative_improvement: float
+    # p50 latency of the bundled sequence model, batch 1, one thread.
+    latency_budget_ms: float
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     data: DataConfig
@@ -247,6 +260,7 @@ class Params:
     fusion: FusionConfig
     compress: CompressConfig
     export: ExportConfig
+    registry: RegistryConfig
 
     def section(self, name: str) -> Any:
         """One top-level section by name (used for cache keys and logging)."""
@@ -312,6 +326,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ParamsError(f"{key}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `1e-7` as a string (it wants `1.0e-7`); accept it.
+            try:
+                return float(value)
+            except ValueError:
+                raise ParamsError(f"{key}: expected float, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{key}: expected float, got {value!r}")
         return float(value)

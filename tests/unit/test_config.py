@@ -82,6 +82,13 @@ def test_overrides_parse_yaml_values():
     assert p.validation.weight_max is None
 
 
+def test_float_in_exponent_notation_without_a_dot():
+    # YAML 1.1 reads 1e-7 as a string; as a float setting it is what the user meant.
+    assert load_params(REPO / "params.yaml", ["bert.finetune.lr=1e-7"]).bert.finetune.lr == 1e-7
+    with pytest.raises(ParamsError, match=r"bert\.finetune\.lr: expected float, got 'fast'"):
+        load_params(REPO / "params.yaml", ["bert.finetune.lr=fast"])
+
+
 def test_override_of_unknown_key_fails():
     with pytest.raises(ParamsError, match=r"unknown key mf\.factorz"):
         load_params(REPO / "params.yaml", ["mf.factorz=3"])
