@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,dev
 
-.PHONY: install run test test-slow bench bench-real clean
+.PHONY: install run repro mlflow mlflow-ui deploy test test-slow bench bench-real clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,27 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# The main job on the built-in dataset: validate -> features -> MF -> evaluate, then the table.
+# The main job on the built-in dataset: the Prefect training flow (validate -> ... -> register),
+# ending with the metrics table and the registered model. `make repro` does the same with DVC.
 run: install
+	$(PY) -m flows.training
+
+repro: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 	$(PY) -m components.evaluate --show
+
+mlflow: install
+	PYTHON=$(CURDIR)/$(PY) bash mlflow/server.sh
+
+mlflow-ui: install
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+# Work pool + deployment of prefect.yaml + a worker (needs a Prefect server: `prefect server start`).
+deploy: install
+	$(VENV)/bin/prefect work-pool create recforge-process --type process --overwrite
+	RECFORGE_HOME=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
+	$(VENV)/bin/prefect deployment ls
+	$(VENV)/bin/prefect worker start --pool recforge-process
 
 test: install
 	$(PY) -m pytest -m "not slow" -q

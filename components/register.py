@@ -119,6 +119,11 @@ def log_training_run(artifacts: Path, params: Params, run_name: str | None = Non
     from components.export import package_versions
 
     _client(params.registry)
+    uri = tracking_uri(params.registry)
+    if mlflow.get_experiment_by_name(params.registry.experiment) is None and uri.startswith("sqlite:///"):
+        # Without a server, artifacts go beside the database (not into ./mlruns).
+        store = Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
+        mlflow.create_experiment(params.registry.experiment, artifact_location=store.as_uri())
     mlflow.set_experiment(params.registry.experiment)
     validation = _read_json(artifacts / "validation" / "summary.json") or {}
     with mlflow.start_run(run_name=run_name) as run:

@@ -157,6 +157,8 @@ def main() -> int:
     parser.add_argument("--force", action="store_true", help="rerun every step, cached or not")
     args = parser.parse_args()
     result = training(args.overrides, args.params, args.artifacts, args.force)
+    metrics = json.loads((Path(args.artifacts) / "eval" / "metrics.json").read_text())
+    print("\n" + summary_markdown(metrics, result, result["cached"]))
     print(f"\nregistered model: {result['model_uri']} ({'promoted to champion' if result['promoted'] else 'not promoted'})")
     return 0
 
