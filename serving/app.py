@@ -1,0 +1,474 @@
+"""The recommendation service: FastAPI + onnxruntime + numpy; nothing from training.
+
+    python -m serving.app --bundle artifacts/bundle                 # a local bundle
+    python -m serving.app --model-name recforge-recommender          # the registry's champion
+        [--tracking-uri http://127.0.0.1:5000] [--poll-seconds 30]
+
+Endpoints: POST /recommend, POST /events, POST /items (admin), POST /admin/reload (admin),
+GET /items/{id}/similar, GET /health, GET /ready, GET /metrics, GET /docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving import registry
+from serving.bundle import Bundle, BundleError
+from serving.store import EventStore
+
+log = logging.getLogger("serving")
+
+MAX_K = 1000
+MAX_HISTORY = 1000
+MAX_BODY_BYTES = 256 * 1024
+ID = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+@dataclass(frozen=True)
+class Settings:
+    bundle: Path | None = None
+    model_name: str | None = None
+    tracking_uri: str | None = None
+    cache_dir: Path = Path("artifacts/serving/bundles")
+    db: Path = Path("artifacts/serving/events.db")
+    admin_token: str | None = None
+    poll_seconds: float = 30.0
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    cache_size: int = 10_000
+    threads: int = 1
+
+
+# ---- request / response models --------------------------------------------------------------
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: ID | None = None
+    history: list[ID] | None = Field(default=None, max_length=10_000, description="recent items, oldest first")
+    k: int = Field(default=10, ge=1, le=MAX_K)
+    exclude_seen: bool = True
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: ID
+    item_id: ID
+    timestamp: int | None = Field(default=None, ge=0, le=4_102_444_800, description="unix seconds; default now")
+    weight: float | None = Field(default=None, ge=-1e6, le=1e6)
+
+
+class NewItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: ID
+    text: str = Field(min_length=1, max_length=20_000)
+    title: str | None = Field(default=None, max_length=500)
+
+
+# ---- state ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Catalog:
+    """Items added through /items: recommendable at once, scored from their text."""
+
+    ids: list[str] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.float32))
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.bundle: Bundle | None = None
+        self.catalog = Catalog()
+        self.store = EventStore(settings.db)
+        self.cache: OrderedDict[tuple, dict] = OrderedDict()
+        self.user_versions: dict[str, int] = {}
+        self.catalog_version = 0
+        self.lock = threading.Lock()
+        self.queue: asyncio.Queue | None = None
+        self.last_error: str | None = None
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.metrics = CollectorRegistry()
+        self.latency = Histogram("recforge_request_seconds", "request latency", ["endpoint"], registry=self.metrics,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0))
+        self.requests = Counter("recforge_requests_total", "requests", ["endpoint", "status"], registry=self.metrics)
+        self.model_version = Gauge("recforge_model_version", "served model version (0 = local bundle)", registry=self.metrics)
+        self.swaps = Counter("recforge_model_swaps_total", "hot swaps", ["result"], registry=self.metrics)
+        self.batch_size = Histogram("recforge_batch_size", "requests per ONNX call", registry=self.metrics,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64))
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def load_initial(self) -> None:
+        s = self.settings
+        if s.bundle is not None:
+            self._install(Bundle.load(s.bundle, "local", s.threads))
+            return
+        try:
+            self.refresh()
+        except Exception as exc:  # registry down, or a bad champion: the last good bundle serves
+            cached = registry.last_good(s.cache_dir)
+            if cached is None:
+                raise RuntimeError(f"no model: the registry failed ({exc}) and no cached bundle exists") from exc
+            log.warning("registry unavailable (%s): serving the cached bundle version %s", exc, cached[0])
+            self._install(Bundle.load(cached[1], cached[0], s.threads))
+
+    def refresh(self) -> bool:
+        """Load the registry's champion if it changed; True when swapped. A bad bundle raises
+        and the current one keeps serving."""
+        s = self.settings
+        version, artifact = registry.champion_version(s.tracking_uri, s.model_name)
+        if self.bundle is not None and self.bundle.version == version:
+            return False
+        try:
+            path = registry.fetch(s.tracking_uri, s.model_name, s.cache_dir, version, artifact)
+            bundle = Bundle.load(path, version, s.threads)
+        except Exception as exc:
+            self.swaps.labels("refused").inc()
+            self.last_error = f"version {version} refused: {exc}"
+            raise
+        registry.remember(s.cache_dir, version, path)
+        self._install(bundle)
+        return True
+
+    def reload_local(self) -> None:
+        self._install(Bundle.load(self.settings.bundle, "local", self.settings.threads))
+
+    def _install(self, bundle: Bundle) -> None:
+        catalog = Catalog(vectors=np.zeros((0, bundle.item_vectors.shape[1]), np.float32))
+        added = [(i, t) for i, t in self.store.items() if i not in bundle.index]
+        if added and bundle.text_encoder is not None:
+            catalog.ids = [i for i, _ in added]
+            catalog.titles = [t.split(". ")[0][:200] for _, t in added]
+            catalog.vectors = bundle.embed_text([t for _, t in added])
+        with self.lock:
+            old = self.bundle
+            self.bundle, self.catalog = bundle, catalog
+            self.cache.clear()
+            self.catalog_version += 1
+        self.model_version.set(float(bundle.version) if bundle.version.isdigit() else 0)
+        if old is not None:
+            self.swaps.labels("swapped").inc()
+        log.info("serving bundle %s (%d items, %d added)", bundle.version, len(bundle.item_ids), len(catalog.ids))
+
+    # ---- micro-batching ----------------------------------------------------------------------
+
+    async def batcher(self) -> None:
+        """Concurrent requests share one ONNX call: wait for one, gather up to `max_batch` for at
+        most `max_wait_ms`, run them in a worker thread."""
+        assert self.queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            batch = [first]
+            deadline = loop.time() + self.settings.max_wait_ms / 1000
+            while len(batch) < self.settings.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict[int, list] = {}
+            for job in batch:  # a hot swap mid-batch: each request runs on the bundle it mapped ids with
+                groups.setdefault(id(job[0]), []).append(job)
+            for jobs in groups.values():
+                self.batch_size.observe(len(jobs))
+                bundle = jobs[0][0]
+                try:
+                    users, top, scores = await loop.run_in_executor(
+                        None, bundle.recommend_batch, [j[1] for j in jobs], [j[2] for j in jobs])
+                except Exception as exc:
+                    for j in jobs:
+                        if not j[3].done():
+                            j[3].set_exception(exc)
+                    continue
+                for r, j in enumerate(jobs):
+                    if not j[3].done():
+                        j[3].set_result((users[r], top[r], scores[r]))
+
+    async def infer(self, bundle: Bundle, history: list[int], exclude: list[int]):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((bundle, history, exclude, future))
+        return await future
+
+    # ---- recommendation --------------------------------------------------------------------
+
+    async def recommend(self, req: RecommendRequest) -> dict[str, Any]:
+        with self.lock:
+            bundle, catalog, catalog_version = self.bundle, self.catalog, self.catalog_version
+        if bundle is None:
+            raise HTTPException(503, "no model loaded yet")
+        stored = self.store.history(req.user_id, MAX_HISTORY) if req.user_id else []
+        raw = (stored + list(req.history or []))[-MAX_HISTORY:]
+        key = (req.user_id, tuple(raw), req.k, req.exclude_seen, self.user_versions.get(req.user_id or "", 0),
+               catalog_version, bundle.version)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.cache.move_to_end(key)
+            return {**hit, "cached": True}
+
+        known = [bundle.index[i] for i in raw if i in bundle.index]
+        added = {i for i in raw if i in set(catalog.ids)}
+        ignored = sorted({i for i in raw if i not in bundle.index and i not in added})
+        seen = set(raw) if req.exclude_seen else set()
+        if not known:
+            result = self._popular(bundle, catalog, req.k, seen)
+        else:
+            history = known[-bundle.max_len:]
+            exclude = sorted({bundle.index[i] for i in seen if i in bundle.index})
+            user, top, scores = await self.infer(bundle, history, exclude)
+            result = self._rank(bundle, catalog, user, top, scores, history, req.k, seen)
+        result.update({"model_version": bundle.version, "history_used": len(known),
+                       "ignored_items": ignored, "cached": False,
+                       "user_known": bool(stored)})
+        self.cache[key] = result
+        if len(self.cache) > self.settings.cache_size:
+            self.cache.popitem(last=False)
+        return result
+
+    def _rank(self, bundle: Bundle, catalog: Catalog, user, top, scores, history, k, seen) -> dict[str, Any]:
+        cands = [(float(s), int(i), None) for i, s in zip(top, scores) if np.isfinite(s)]
+        if catalog.ids:
+            extra = catalog.vectors @ user
+            cands += [(float(s), None, j) for j, s in enumerate(extra) if catalog.ids[j] not in seen]
+            cands.sort(key=lambda c: -c[0])
+        cands = cands[:k]
+        hist_unit = bundle.unit_vectors[history]
+        items = []
+        for score, idx, extra_j in cands:
+            vec = bundle.unit_vectors[idx] if idx is not None else catalog.vectors[extra_j] / (
+                np.linalg.norm(catalog.vectors[extra_j]) + 1e-12)
+            sims = hist_unit @ vec
+            best = int(np.argmax(sims))
+            because = bundle.item_ids[history[best]]
+            items.append({
+                "item_id": bundle.item_ids[idx] if idx is not None else catalog.ids[extra_j],
+                "score": score,
+                "title": bundle.titles[idx] if idx is not None else catalog.titles[extra_j],
+                "explanation": {"because_you_interacted_with": because, "title": bundle.titles[history[best]],
+                                "similarity": float(sims[best])},
+            })
+        return {"items": items, "fallback": None}
+
+    def _popular(self, bundle: Bundle, catalog: Catalog, k: int, seen: set[str]) -> dict[str, Any]:
+        out = []
+        for idx in bundle.popular:
+            if bundle.item_ids[idx] in seen:
+                continue
+            out.append({"item_id": bundle.item_ids[idx], "score": float(bundle.popularity[idx]),
+                        "title": bundle.titles[idx], "explanation": {"popular": True}})
+            if len(out) == k:
+                break
+        return {"items": out, "fallback": "popularity"}
+
+    def similar(self, item_id: str, k: int) -> dict[str, Any]:
+        with self.lock:
+            bundle, catalog = self.bundle, self.catalog
+        if bundle is None:
+            raise HTTPException(503, "no model loaded yet")
+        if item_id in bundle.index:
+            vec = bundle.unit_vectors[bundle.index[item_id]]
+        elif item_id in catalog.ids:
+            v = catalog.vectors[catalog.ids.index(item_id)]
+            vec = v / (np.linalg.norm(v) + 1e-12)
+        else:
+            raise HTTPException(404, f"unknown item {item_id!r}")
+        sims = bundle.unit_vectors @ vec
+        order = [int(i) for i in np.argsort(-sims)[: k + 1] if bundle.item_ids[int(i)] != item_id][:k]
+        return {"item_id": item_id, "similar": [
+            {"item_id": bundle.item_ids[i], "title": bundle.titles[i], "similarity": float(sims[i])} for i in order]}
+
+    def add_item(self, item: NewItem) -> dict[str, Any]:
+        with self.lock:
+            bundle = self.bundle
+        if bundle is None:
+            raise HTTPException(503, "no model loaded yet")
+        if item.item_id in bundle.index:
+            raise HTTPException(409, f"item {item.item_id!r} is already in the model's catalogue")
+        try:
+            vec = bundle.embed_text([item.text])[0]
+        except BundleError as exc:
+            raise HTTPException(422, str(exc)) from None
+        self.store.add_item(item.item_id, item.text if not item.title else f"{item.title}. {item.text}")
+        with self.lock:
+            cat = self.catalog
+            ids, titles = list(cat.ids), list(cat.titles)
+            vectors = cat.vectors
+            if item.item_id in ids:
+                j = ids.index(item.item_id)
+                vectors = vectors.copy()
+                vectors[j] = vec
+                titles[j] = item.title or item.text.split(". ")[0][:200]
+            else:
+                ids.append(item.item_id)
+                titles.append(item.title or item.text.split(". ")[0][:200])
+                vectors = np.vstack([vectors, vec[None, :]])
+            self.catalog = Catalog(ids, titles, vectors)
+            self.catalog_version += 1
+            self.cache.clear()
+        return {"item_id": item.item_id, "added": True, "catalog_added_items": len(ids)}
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings) -> FastAPI:
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.queue = asyncio.Queue()
+        batcher = asyncio.create_task(service.batcher())
+        await asyncio.get_running_loop().run_in_executor(None, service.load_initial)
+        poller = asyncio.create_task(poll()) if settings.model_name and settings.poll_seconds > 0 else None
+        yield
+        batcher.cancel()
+        if poller:
+            poller.cancel()
+        service.store.close()
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(settings.poll_seconds)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, service.refresh)
+            except Exception as exc:  # keep serving the current model
+                log.warning("champion poll: %s", exc)
+
+    app = FastAPI(title="RecForge recommendation service", version="1", lifespan=lifespan)
+    app.state.service = service
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        start = time.perf_counter()
+        route = request.scope.get("route")
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error")
+            response = JSONResponse({"detail": "internal error"}, status_code=500)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        service.latency.labels(endpoint).observe(time.perf_counter() - start)
+        service.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    def admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        token = settings.admin_token
+        if not token:
+            raise HTTPException(403, "admin endpoints are disabled (no admin token configured)")
+        if authorization != f"Bearer {token}":
+            raise HTTPException(401, "admin token required: Authorization: Bearer <token>")
+
+    @app.post("/recommend")
+    async def recommend(req: RecommendRequest) -> dict[str, Any]:
+        """Top-k for a known user (history from the event store), an explicit recent history, or
+        both; with neither, the most popular items, flagged `fallback: popularity`."""
+        return await service.recommend(req)
+
+    @app.post("/events", status_code=201)
+    async def events(event: Event) -> dict[str, Any]:
+        ts = event.timestamp if event.timestamp is not None else int(time.time())
+        service.store.add(event.user_id, event.item_id, ts, event.weight)
+        service.user_versions[event.user_id] = service.user_versions.get(event.user_id, 0) + 1
+        bundle = service.bundle
+        known = bundle is not None and (event.item_id in bundle.index or event.item_id in service.catalog.ids)
+        return {"stored": True, "timestamp": ts, "item_known": known}
+
+    @app.post("/items", status_code=201, dependencies=[Depends(admin)])
+    async def items(item: NewItem) -> dict[str, Any]:
+        return await asyncio.get_running_loop().run_in_executor(None, service.add_item, item)
+
+    @app.post("/admin/reload", dependencies=[Depends(admin)])
+    async def reload() -> dict[str, Any]:
+        try:
+            if settings.bundle is not None:
+                await asyncio.get_running_loop().run_in_executor(None, service.reload_local)
+                swapped = True
+            else:
+                swapped = await asyncio.get_running_loop().run_in_executor(None, service.refresh)
+        except (BundleError, Exception) as exc:
+            raise HTTPException(409, f"reload refused, the current model keeps serving: {exc}") from None
+        return {"swapped": swapped, "model_version": service.bundle.version}
+
+    @app.get("/items/{item_id}/similar")
+    async def similar(item_id: Annotated[str, Field(max_length=256)], k: int = 10) -> dict[str, Any]:
+        if not 1 <= k <= MAX_K:
+            raise HTTPException(422, f"k must be in [1, {MAX_K}]")
+        return service.similar(item_id, k)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if service.bundle is None:
+            return JSONResponse({"ready": False}, status_code=503)
+        return {"ready": True, "model_version": service.bundle.version, "items": len(service.bundle.item_ids),
+                "added_items": len(service.catalog.ids), "last_error": service.last_error}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        from prometheus_client import generate_latest
+
+        return PlainTextResponse(generate_latest(service.metrics).decode(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, str, int]:
+    p = argparse.ArgumentParser(description="The RecForge recommendation service.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", type=Path, help="a local bundle folder (artifacts/bundle)")
+    src.add_argument("--model-name", help="serve models:/<name>@champion from the MLflow registry")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow/mlflow.db"))
+    p.add_argument("--cache-dir", type=Path, default=Path("artifacts/serving/bundles"))
+    p.add_argument("--db", type=Path, default=Path("artifacts/serving/events.db"))
+    p.add_argument("--poll-seconds", type=float, default=30.0)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per call")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    a = p.parse_args(argv)
+    settings = Settings(bundle=a.bundle, model_name=a.model_name, tracking_uri=a.tracking_uri, cache_dir=a.cache_dir,
+                        db=a.db, admin_token=os.environ.get("RECFORGE_ADMIN_TOKEN"), poll_seconds=a.poll_seconds,
+                        max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, threads=a.threads)
+    return settings, a.host, a.port
+
+
+def main() -> int:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings, host, port = settings_from_args()
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

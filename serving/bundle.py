@@ -1,0 +1,139 @@
+"""A verified, loaded ONNX bundle (see components/export.py for what it holds).
+
+No PyTorch here: onnxruntime, numpy and the `tokenizers` library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class BundleError(RuntimeError):
+    """A bundle that is incomplete, corrupt or inconsistent; it is refused."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(bundle_dir: Path) -> dict[str, Any]:
+    """The manifest, after checking every listed file's sha256 (and that none is missing)."""
+    manifest_path = bundle_dir / "bundle.json"
+    if not manifest_path.exists():
+        raise BundleError(f"{bundle_dir}: no bundle.json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path}: not JSON ({exc})") from None
+    for rel, expected in manifest.get("files", {}).items():
+        path = bundle_dir / rel
+        if not path.exists():
+            raise BundleError(f"{bundle_dir}: {rel} is missing")
+        if sha256_file(path) != expected:
+            raise BundleError(f"{bundle_dir}: {rel} does not match its sha256 in bundle.json")
+    return manifest
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    version: str
+    threads: int = 1
+    item_ids: list[str] = field(init=False)
+    index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = self.manifest
+        self.item_ids = list(m["item_ids"])
+        self.index = {item: i for i, item in enumerate(self.item_ids)}
+        self.max_len = int(m["sequence"]["max_len"])
+        self.k = int(m["k"])
+        self.sequence = _session(self.path / m["sequence"]["file"], self.threads)
+        items = json.loads((self.path / m["items"]).read_text())
+        self.titles: list[str] = items["titles"]
+        popularity = np.asarray(items["popularity"], dtype=np.float64)
+        self.popular = np.argsort(-popularity, kind="stable")
+        self.popularity = popularity
+        vectors = np.load(self.path / m["item_vectors"]).astype(np.float32)
+        if vectors.shape[0] != len(self.item_ids):
+            raise BundleError(f"{self.path}: {vectors.shape[0]} item vectors for {len(self.item_ids)} items")
+        self.item_vectors = vectors
+        self.unit_vectors = vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12)
+        self.text_encoder = None
+        self.tokenizer = None
+        text = m.get("text_encoder")
+        if text:
+            from tokenizers import Tokenizer
+
+            self.text_encoder = _session(self.path / text["file"], self.threads)
+            tok = Tokenizer.from_file(str(self.path / text["tokenizer"]))
+            tok.enable_truncation(int(text["max_length"]))
+            tok.enable_padding(pad_id=0)
+            self.tokenizer = tok
+
+    @classmethod
+    def load(cls, path: Path, version: str = "local", threads: int = 1) -> "Bundle":
+        manifest = verify(path)
+        try:
+            bundle = cls(path, manifest, version, threads)
+            bundle.warm_up()
+        except BundleError:
+            raise
+        except Exception as exc:  # a model that does not load or run is a bad bundle
+            raise BundleError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from None
+        return bundle
+
+    def warm_up(self) -> None:
+        self.recommend_batch([[0]], [[0]])
+
+    # ---- inference ----------------------------------------------------------------------
+
+    def recommend_batch(self, histories: list[list[int]], excludes: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One ONNX call for a batch: (user vectors, top-K indices, scores)."""
+        n = len(histories)
+        length = max(1, min(self.max_len, max((len(h) for h in histories), default=1)))
+        items = np.zeros((n, length), dtype=np.int64)
+        mask = np.zeros((n, length), dtype=np.int64)
+        for r, h in enumerate(histories):
+            h = h[-length:]
+            if h:
+                items[r, length - len(h):] = h
+                mask[r, length - len(h):] = 1
+        width = max(1, max((len(e) for e in excludes), default=1))
+        exclude = np.full((n, width), -1, dtype=np.int64)
+        for r, e in enumerate(excludes):
+            exclude[r, : len(e)] = e
+        users, top, scores = self.sequence.run(None, {"items": items, "mask": mask, "exclude": exclude})
+        return users, top, scores
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        if self.text_encoder is None:
+            raise BundleError("this bundle has no text encoder (an id-only model): items cannot be added from text")
+        enc = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        _, item_vectors = self.text_encoder.run(None, {"input_ids": ids, "attention_mask": mask})
+        if self.manifest["model_config"].get("similarity") == "cosine":
+            item_vectors = item_vectors / (np.linalg.norm(item_vectors, axis=1, keepdims=True) + 1e-12)
+        return item_vectors.astype(np.float32)

@@ -1,0 +1,265 @@
+"""The recommendation service over real HTTP (uvicorn subprocess) on a bundle trained here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.bert_helpers import make_tiny_bert
+from tests.conftest import REPO, TINY, tiny_params
+from tests.mlflow_server import free_port
+
+pytestmark = pytest.mark.integration
+TOKEN = "test-admin-token"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A real bundle from the tiny pipeline (components called directly)."""
+    from components.bert.text_embeddings import embed_item_texts
+    from components.bert.train import finetune, pretrain
+    from components.compress import compress
+    from components.export import export_bundle
+    from components.features import build_features
+    from components.train_mf import train_mf
+    from components.validate import validate
+
+    tmp = tmp_path_factory.mktemp("serving")
+    encoder = make_tiny_bert(tmp / "tiny-bert")
+    params = tiny_params(f"bert.text_encoder.path={encoder}", "bert.text_encoder.max_length=24",
+                         f"bert.text_encoder.cache_dir={tmp / 'cache'}", "bert.pretrain.enabled=false",
+                         "bert.finetune.max_epochs=10", "bert.finetune.lr=0.005", "compress.prune.heads=0",
+                         "compress.prune.ffn=0", "compress.prune.unstructured=0")
+    art = tmp / "artifacts"
+    assert validate(params, art / "validation", art / "data").success
+    build_features(art / "data", art / "features", params.features)
+    train_mf(art / "features", art / "mf", params.mf, params.seed)
+    embed_item_texts(art / "features", art / "text_embeddings", params.bert.text_encoder)
+    pretrain(art / "features", art / "text_embeddings", art / "bert" / "pretrain", params)
+    finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", params)
+    compress(art / "features", art / "bert", art / "compress", params)
+    export_bundle(art / "features", art / "bert", art / "mf", art / "compress", art / "bundle", params)
+    return art / "bundle"
+
+
+class Server:
+    def __init__(self, bundle: Path, db: Path):
+        self.port = free_port()
+        env = {**os.environ, "RECFORGE_ADMIN_TOKEN": TOKEN}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.app", "--bundle", str(bundle), "--db", str(db), "--port", str(self.port)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if self.call("GET", "/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"service did not start: {self.proc.stdout.read()[-3000:]}")
+
+    def call(self, method: str, path: str, body=None, token: str | None = None, raw: bytes | None = None):
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                text = r.read().decode()
+                return r.status, (json.loads(text) if r.headers.get_content_type() == "application/json" else text)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode() or "null")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def server(bundle, tmp_path):
+    s = Server(bundle, tmp_path / "events.db")
+    yield s
+    s.stop()
+
+
+def test_service_imports_nothing_from_training():
+    code = ("import sys, serving.app, serving.bundle, serving.registry, serving.store; "
+            "bad = [m for m in ('torch', 'pytorch_lightning', 'lightning', 'prefect', 'transformers') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_recommend_from_history_with_explanations(server, bundle):
+    ids = json.loads((bundle / "bundle.json").read_text())["item_ids"]
+    status, body = server.call("POST", "/recommend", {"history": [ids[1], ids[2], "no-such-item"], "k": 5})
+    assert status == 200 and len(body["items"]) == 5 and body["fallback"] is None
+    assert body["ignored_items"] == ["no-such-item"] and body["history_used"] == 2
+    returned = [i["item_id"] for i in body["items"]]
+    assert ids[1] not in returned and ids[2] not in returned  # seen items excluded
+    assert all(i["explanation"]["because_you_interacted_with"] in (ids[1], ids[2]) for i in body["items"])
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    again = server.call("POST", "/recommend", {"history": [ids[1], ids[2], "no-such-item"], "k": 5})[1]
+    assert again["cached"] and [i["item_id"] for i in again["items"]] == returned
+
+
+def test_no_history_falls_back_to_popularity(server):
+    status, body = server.call("POST", "/recommend", {"user_id": "stranger", "k": 3})
+    assert status == 200 and body["fallback"] == "popularity" and len(body["items"]) == 3
+
+
+@pytest.mark.parametrize("payload", [
+    {"k": 0}, {"k": 1001}, {"k": "ten"}, {"history": "i001"}, {"history": [1, 2]}, {"unknown_field": 1},
+    {"user_id": ""}, {"user_id": "x" * 300},
+])
+def test_bad_requests_get_422_with_the_reason(server, payload):
+    status, body = server.call("POST", "/recommend", payload)
+    assert status == 422 and body["detail"]
+
+
+def test_malformed_and_oversized_bodies(server):
+    assert server.call("POST", "/recommend", raw=b"{not json")[0] == 422
+    big = json.dumps({"history": ["x" * 200] * 2000}).encode()
+    assert server.call("POST", "/recommend", raw=big)[0] == 413
+    assert server.call("GET", "/items/nothing-here/similar")[0] == 404
+    assert server.call("GET", "/items/x/similar?k=0")[0] == 422
+
+
+def test_events_reflect_at_once_and_survive_a_restart(bundle, tmp_path):
+    ids = json.loads((bundle / "bundle.json").read_text())["item_ids"]
+    db = tmp_path / "events.db"
+    s = Server(bundle, db)
+    try:
+        before = s.call("POST", "/recommend", {"user_id": "alice", "k": 5})[1]
+        assert before["fallback"] == "popularity"
+        for item in ids[3:6]:
+            assert s.call("POST", "/events", {"user_id": "alice", "item_id": item})[0] == 201
+        after = s.call("POST", "/recommend", {"user_id": "alice", "k": 5})[1]
+        assert after["fallback"] is None and after["user_known"] and after["history_used"] == 3
+        assert not {i["item_id"] for i in after["items"]} & set(ids[3:6])
+        assert s.call("POST", "/events", {"user_id": "alice", "item_id": "x", "timestamp": -1})[0] == 422
+    finally:
+        s.stop()
+    s = Server(bundle, db)
+    try:
+        restarted = s.call("POST", "/recommend", {"user_id": "alice", "k": 5})[1]
+        assert restarted["history_used"] == 3
+    finally:
+        s.stop()
+
+
+def test_new_item_from_text_is_recommendable_at_once(server):
+    item = {"item_id": "brand-new", "text": "Vintage hiking tent with poles, part 1 of the hiking collection"}
+    assert server.call("POST", "/items", item)[0] == 401
+    assert server.call("POST", "/items", item, token="wrong")[0] == 401
+    status, body = server.call("POST", "/items", item, token=TOKEN)
+    assert status == 201 and body["added"]
+    similar = server.call("GET", "/items/brand-new/similar?k=3")[1]
+    assert len(similar["similar"]) == 3
+    rec = server.call("POST", "/recommend", {"history": [similar["similar"][0]["item_id"]], "k": 1000})[1]
+    assert "brand-new" in [i["item_id"] for i in rec["items"]]
+
+
+def test_reload_under_load_and_a_corrupt_bundle_is_refused(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    ids = json.loads((copy / "bundle.json").read_text())["item_ids"]
+    s = Server(copy, tmp_path / "events.db")
+    try:
+        def ask(i: int) -> int:
+            return s.call("POST", "/recommend", {"history": [ids[i % len(ids)], ids[(i * 7) % len(ids)]], "k": 10})[0]
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(ask, i) for i in range(300)]
+            for _ in range(3):  # hot swaps while requests are in flight
+                assert s.call("POST", "/admin/reload", token=TOKEN)[0] == 200
+            statuses = [f.result() for f in futures]
+        assert statuses.count(200) == len(statuses)
+
+        with (copy / "sequence.onnx").open("r+b") as f:  # flip bytes: the sha256 no longer matches
+            f.seek(100)
+            f.write(b"corrupt!")
+        status, body = s.call("POST", "/admin/reload", token=TOKEN)
+        assert status == 409 and "sha256" in body["detail"]
+        assert s.call("POST", "/recommend", {"history": [ids[0]], "k": 3})[0] == 200
+        metrics = s.call("GET", "/metrics")[1]
+        assert "recforge_request_seconds_bucket" in metrics and "recforge_model_swaps_total" in metrics
+    finally:
+        s.stop()
+
+
+def test_champion_from_the_registry_hot_swap_and_registry_down(bundle, tmp_path):
+    """Serve models:/<name>@champion from a real MLflow server, follow a new champion, and start
+    from the cached bundle when the registry is gone."""
+    from components.register import log_training_run, register_bundle
+    from tests.mlflow_server import mlflow_server
+
+    art = bundle.parent
+    cache = tmp_path / "bundles"
+    with mlflow_server(tmp_path / "mlflow") as uri:
+        params = tiny_params(f"registry.tracking_uri={uri}", "registry.model_name=served", "registry.latency_budget_ms=1000")
+        first = register_bundle(art, params, log_training_run(art, params))
+        assert first.promoted, first.reason
+
+        port = free_port()
+        cmd = [sys.executable, "-m", "serving.app", "--model-name", "served", "--tracking-uri", uri,
+               "--cache-dir", str(cache), "--db", str(tmp_path / "events.db"), "--port", str(port), "--poll-seconds", "1"]
+        s = Server.__new__(Server)
+        s.port = port
+        s.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 90
+            while time.time() < deadline:
+                try:
+                    status, body = s.call("GET", "/ready")
+                    if status == 200:
+                        break
+                except OSError:
+                    time.sleep(0.3)
+            assert body["model_version"] == "1"
+            second = register_bundle(art, params, log_training_run(art, params))
+            assert second.promoted and second.champion_version == 2
+            deadline = time.time() + 60
+            while s.call("GET", "/ready")[1]["model_version"] != "2" and time.time() < deadline:
+                time.sleep(0.5)
+            assert s.call("GET", "/ready")[1]["model_version"] == "2"
+        finally:
+            s.stop()
+
+    # The registry is down now: the service starts on the last good bundle.
+    s = Server.__new__(Server)
+    s.port = free_port()
+    cmd[cmd.index("--port") + 1] = str(s.port)
+    s.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        status = None
+        while time.time() < deadline and status != 200:
+            try:
+                status, body = s.call("GET", "/ready")
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200 and body["model_version"] == "2"
+        assert s.call("POST", "/recommend", {"k": 3})[0] == 200
+    finally:
+        s.stop()
