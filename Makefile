@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,dev
 
-.PHONY: install run repro mlflow mlflow-ui deploy test test-slow bench bench-real clean
+.PHONY: install run repro serve mlflow mlflow-ui deploy test test-slow bench bench-real clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ run: install
 repro: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 	$(PY) -m components.evaluate --show
+
+# The service on the registry's champion (falls back to the last cached bundle); SERVE_ARGS to
+# override, e.g. make serve SERVE_ARGS="--bundle artifacts/bundle".
+SERVE_ARGS ?= --model-name recforge-recommender
+serve: install
+	$(PY) -m serving.app $(SERVE_ARGS)
 
 mlflow: install
 	PYTHON=$(CURDIR)/$(PY) bash mlflow/server.sh

@@ -222,7 +222,7 @@ class Service:
         raw = (stored + list(req.history or []))[-MAX_HISTORY:]
         key = (req.user_id, tuple(raw), req.k, req.exclude_seen, self.user_versions.get(req.user_id or "", 0),
                catalog_version, bundle.version)
-        hit = self.cache.get(key)
+        hit = self.cache.get(key) if self.settings.cache_size else None
         if hit is not None:
             self.cache.move_to_end(key)
             return {**hit, "cached": True}
@@ -241,9 +241,10 @@ class Service:
         result.update({"model_version": bundle.version, "history_used": len(known),
                        "ignored_items": ignored, "cached": False,
                        "user_known": bool(stored)})
-        self.cache[key] = result
-        if len(self.cache) > self.settings.cache_size:
-            self.cache.popitem(last=False)
+        if self.settings.cache_size:
+            self.cache[key] = result
+            if len(self.cache) > self.settings.cache_size:
+                self.cache.popitem(last=False)
         return result
 
     def _rank(self, bundle: Bundle, catalog: Catalog, user, top, scores, history, k, seen) -> dict[str, Any]:
@@ -452,12 +453,14 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, str, in
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per call")
+    p.add_argument("--cache-size", type=int, default=10_000, help="cached responses (0 = no cache)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     a = p.parse_args(argv)
     settings = Settings(bundle=a.bundle, model_name=a.model_name, tracking_uri=a.tracking_uri, cache_dir=a.cache_dir,
                         db=a.db, admin_token=os.environ.get("RECFORGE_ADMIN_TOKEN"), poll_seconds=a.poll_seconds,
-                        max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, threads=a.threads)
+                        max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, threads=a.threads,
+                        cache_size=a.cache_size)
     return settings, a.host, a.port
 
 
