@@ -108,7 +108,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/compression/movielens-100k"))
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads in the service")
-    parser.add_argument("--max-wait-ms", type=float, default=1.0)
+    parser.add_argument("--max-wait-ms", type=float, default=0.0)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
