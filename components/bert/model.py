@@ -266,7 +266,9 @@ class SeqRecModel(nn.Module):
         if item_table is None:
             item_table = self.item_representations()
         is_item = items >= 0
-        emb = item_table[items.clamp(min=0)]
+        # F.embedding rather than indexing: it exports as an ONNX Gather, which the INT8
+        # quantizer can store as INT8 (an indexing GatherND it leaves in fp32).
+        emb = torch.nn.functional.embedding(items.clamp(min=0), item_table)
         special = self.special.weight[(items == MASK).long()]  # PAD -> row 0, MASK -> row 1
         emb = torch.where(is_item.unsqueeze(-1), emb, special)
         valid = items != PAD

@@ -147,3 +147,27 @@ def test_mf_graph_matches_numpy(tmp_path):
     users, items = rng.normal(size=(30, 6)).astype(np.float32), rng.normal(size=(50, 6)).astype(np.float32)
     export_mf(users, items, tmp_path / "mf.onnx", k=10)
     assert check_mf_parity(users, items, tmp_path / "mf.onnx", 10)["top10_identical"] == 1.0
+
+
+def test_static_qdq_and_int8_embedding_table_options(exported, tmp_path):
+    from components.compress import quantize_static_qdq
+
+    m, path = exported
+    hs = histories(64, 3)
+    calibration = [sequence_inputs(hs[i : i + 16], m.cfg.max_len) for i in range(0, 64, 16)]
+    static = tmp_path / "static.onnx"
+    quantize_static_qdq(path, static, calibration, per_channel=True)
+    table = tmp_path / "table.onnx"
+    quantize_int8(path, table, per_channel=True, embedding_table=True)
+    import onnx
+
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(static)).graph.node)
+    plain = tmp_path / "plain.onnx"
+    quantize_int8(path, plain, per_channel=True)
+    # The lookup table stored as INT8 makes the file smaller than quantizing the products only.
+    assert table.stat().st_size < plain.stat().st_size
+    feeds = sequence_inputs(hs, m.cfg.max_len)
+    _, t32, _ = session(path).run(None, feeds)
+    for q in (static, table):
+        _, tq, _ = session(q).run(None, feeds)
+        assert overlap(tq[:, :10], t32[:, :10]) > 0.6
