@@ -65,3 +65,26 @@ class EventStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def main() -> int:
+    """`python -m serving.store export --db events.db --out interactions.csv`: the events as an
+    interactions file for `data.source: files` (the feedback loop into training)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export the service's events for training.")
+    parser.add_argument("command", choices=["export"])
+    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if not args.db.exists():
+        parser.error(f"{args.db} does not exist")
+    store = EventStore(args.db)
+    n = store.export_csv(args.out)
+    store.close()
+    print(f"{n} events -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -166,6 +166,14 @@ def test_events_reflect_at_once_and_survive_a_restart(bundle, tmp_path):
         assert restarted["history_used"] == 3
     finally:
         s.stop()
+    # The feedback loop: the events as an interactions file the training flow reads.
+    out = tmp_path / "interactions.csv"
+    proc = subprocess.run([sys.executable, "-m", "serving.store", "export", "--db", str(db), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0] == "user_id,item_id,timestamp,weight" and len(lines) == 4
+    assert all(line.startswith("alice,") for line in lines[1:])
 
 
 def test_new_item_from_text_is_recommendable_at_once(server):
