@@ -2,14 +2,21 @@
 
     python -m benchmarks.serving --data-dir DIR --out serving.json
 
-Starts `python -m serving.app` on localhost with the bundle of a model trained on
-movielens-100k (the compression benchmark's work folder is reused when present, else it is
-trained), and drives it from this process with an asyncio HTTP client at concurrency 1, 8 and
-32 for a fixed time each. Each request sends a real user's recent history (test split) and asks
-for the top 10. Reports p50/p95/p99 latency, requests per second and errors per level.
+Scenarios, each a `python -m serving.app` process on localhost driven from this process by an
+asyncio HTTP client at concurrency 1, 8 and 32 for a fixed time each (p50/p95/p99 latency,
+requests per second, errors):
 
-Only the `movielens-100k` scenario is implemented: the synthetic 100k / 1M-item catalogues need
-the FAISS retrieval path, which the service does not have yet.
+- `movielens-100k`: the bundle of a model trained on movielens-100k (the compression
+  benchmark's work folder is reused when present, else it is trained). Ranking in the graph.
+- `synthetic-100k`, `synthetic-1m`: the same sequence model over a catalogue grown to 100k / 1M
+  items. The extra items stand for items embedded from their text offline: each is a real item's
+  vector plus Gaussian noise of half the per-dimension spread, so the table keeps the real
+  one's cluster structure. Ranking outside the graph: exact batched product at 100k, FAISS
+  (IVF by default) at 1M, where the ANN Recall@10 against exact search is also measured, with
+  the service's own retrieval code and settings, on the benchmark's users.
+
+Each request sends a real user's recent history (test split) and asks for the top 10, seen
+items excluded; response caching is off, so every request is computed.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +40,7 @@ from benchmarks.common import machine, write_json
 from benchmarks.presets import overrides_for
 from components.cli import add_params_arguments, run_main
 from components.config import load_params
+from serving.retrieval import ANN_KINDS, RetrievalConfig
 
 log = logging.getLogger("benchmarks.serving")
 
@@ -49,15 +58,88 @@ def ensure_bundle(params, work: Path) -> Path:
     return work / "bundle"
 
 
-def start_server(bundle: Path, port: int, db: Path, threads: int, max_wait_ms: float) -> subprocess.Popen:
+def synthetic_catalogue(base: Path, n_items: int, out: Path, seed: int = 0) -> Path:
+    """`base` bundle with its catalogue grown to `n_items` (see the module docstring). The
+    sequence graph is reused; `sequence.catalog_items` tells the service which items it covers."""
+    from serving.bundle import sha256_file
+
+    manifest = json.loads((base / "bundle.json").read_text())
+    if (out / "bundle.json").exists():
+        done = json.loads((out / "bundle.json").read_text())
+        if len(done["item_ids"]) == n_items and done["files"].get("sequence.onnx") == manifest["files"]["sequence.onnx"]:
+            return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    vectors = np.load(base / manifest["item_vectors"]).astype(np.float32)
+    items = json.loads((base / manifest["items"]).read_text())
+    n0, extra = len(vectors), n_items - len(vectors)
+    if extra <= 0:
+        raise ValueError(f"{n_items} items is not more than the base catalogue's {n0}")
+    rng = np.random.default_rng(seed)
+    parents = rng.integers(0, n0, extra)
+    spread = vectors.std(axis=0, keepdims=True)
+    grown = np.concatenate([vectors, vectors[parents] + 0.5 * spread * rng.standard_normal((extra, vectors.shape[1]),
+                                                                                          dtype=np.float32)])
+    np.save(out / "item_vectors.npy", grown)
+    (out / "items.json").write_text(json.dumps({
+        "titles": items["titles"] + [f"Synthetic item {j} (near {items['titles'][p]})" for j, p in enumerate(parents)],
+        "popularity": items["popularity"] + [0] * extra,
+    }))
+    for name in ("sequence.onnx", "text_encoder.onnx", "tokenizer"):
+        src = base / name
+        if src.is_dir():
+            shutil.copytree(src, out / name)
+        elif src.exists():
+            shutil.copy2(src, out / name)
+    manifest = {**manifest, "item_ids": manifest["item_ids"] + [f"syn-{j:07d}" for j in range(extra)],
+                "sequence": {**manifest["sequence"], "catalog_items": n0}, "mf": None,
+                "synthetic": {"base_items": n0, "seed": seed, "noise": "0.5 x per-dimension std"}}
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    manifest["files"] = {str(p.relative_to(out)): sha256_file(p) for p in files}
+    (out / "bundle.json").write_text(json.dumps(manifest))
+    return out
+
+
+def ann_recall(bundle: Path, histories: list[list[int]], retrieval, cache_dir: Path, k: int = 10) -> dict[str, float]:
+    """Recall@k of the service's ANN index against exact search, seen items excluded, for the
+    benchmark's users. Builds (and caches, for the service to load) the index."""
+    import onnxruntime as ort
+
+    from serving.retrieval import Retriever, exact_topk, recall_at_k
+
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    vectors = np.load(bundle / manifest["item_vectors"])
+    retriever = Retriever(vectors, retrieval, manifest["files"][manifest["item_vectors"]], cache_dir)
+    sess = ort.InferenceSession(str(bundle / "sequence.onnx"), providers=["CPUExecutionProvider"])
+    L = manifest["sequence"]["max_len"]
+    users = []
+    for start in range(0, len(histories), 256):
+        chunk = histories[start:start + 256]
+        items = np.zeros((len(chunk), L), np.int64)
+        mask = np.zeros((len(chunk), L), np.int64)
+        for r, h in enumerate(chunk):
+            items[r, L - len(h):], mask[r, L - len(h):] = h, 1
+        users.append(sess.run(["user_vectors"], {"items": items, "mask": mask,
+                                                 "exclude": np.full((len(chunk), 1), -1, np.int64)})[0])
+    users = np.concatenate(users)
+    exact, _ = exact_topk(users, vectors, k, histories)
+    approx, _ = retriever.search(users, k, histories)
+    return {f"ann_recall@{k}": recall_at_k(approx, exact, k), "index": retriever.label,
+            "index_build_s": round(retriever.build_seconds, 1), "table_mb": round(retriever.table_bytes / 2**20, 1),
+            **({"nlist": retriever.nlist, "nprobe": retrieval.nprobe} if retriever.kind == "ivf" else {}),
+            **({"ef_search": retrieval.ef_search} if retriever.kind == "hnsw" else {})}
+
+
+def start_server(bundle: Path, port: int, db: Path, threads: int, max_wait_ms: float,
+                 extra: list[str]) -> subprocess.Popen:
     db.unlink(missing_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.app", "--bundle", str(bundle), "--port", str(port), "--db", str(db),
-         "--threads", str(threads), "--max-wait-ms", str(max_wait_ms),
-         "--cache-size", "0"],  # every request computed: no cached answers in the figures
+         "--threads", str(threads), "--max-wait-ms", str(max_wait_ms), "--cache-dir", str(db.parent / "bundles"),
+         "--cache-size", "0", *extra],  # every request computed: no cached answers in the figures
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
     )
-    deadline = time.time() + 60
+    deadline = time.time() + 900  # a 1M catalogue is hashed, loaded and indexed first
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
@@ -101,6 +183,50 @@ async def drive(url: str, payloads: list[bytes], concurrency: int, seconds: floa
             "p99_ms": float(np.percentile(lat, 99)), "rps": len(lat) / elapsed, "errors": errors, "requests": len(lat)}
 
 
+def run_levels(bundle: Path, payloads: list[bytes], args, db: Path, extra: list[str]) -> dict[str, Any]:
+    server = start_server(bundle, args.port, db, args.threads, args.max_wait_ms, extra)
+    url = f"http://127.0.0.1:{args.port}/recommend"
+    result: dict[str, Any] = {}
+    try:
+        asyncio.run(drive(url, payloads, 4, 3.0))  # warm-up
+        for c in (1, 8, 32):
+            result[f"c{c}"] = asyncio.run(drive(url, payloads, c, args.seconds))
+            log.info("%s c%d: %s", bundle.name, c, result[f"c{c}"])
+        with urllib.request.urlopen(f"http://127.0.0.1:{args.port}/ready", timeout=5) as r:
+            result["retrieval"] = json.loads(r.read())["retrieval"]
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    return result
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = [s for s in SCENARIOS if s in out]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / max(1, len(scenarios))
+    for j, name in enumerate(scenarios):
+        xs = np.arange(3) + j * width
+        axes[0].bar(xs, [out[name][f"c{c}"]["p99_ms"] for c in (1, 8, 32)], width, label=name)
+        axes[1].bar(xs, [out[name][f"c{c}"]["rps"] for c in (1, 8, 32)], width, label=name)
+    for ax, title in zip(axes, ("p99 latency (ms)", "requests / s")):
+        ax.set_xticks(np.arange(3) + width * (len(scenarios) - 1) / 2, ["c1", "c8", "c32"])
+        ax.set_title(title)
+    axes[0].axhline(15, color="grey", ls="--", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("RecForge service, 2 CPU cores shared with the load generator")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+SCENARIOS = ("movielens-100k", "synthetic-100k", "synthetic-1m")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_params_arguments(parser)
@@ -110,8 +236,17 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads in the service")
     parser.add_argument("--max-wait-ms", type=float, default=0.0)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, among {SCENARIOS}")
+    parser.add_argument("--ann", choices=ANN_KINDS, default=RetrievalConfig.ann)
+    parser.add_argument("--nprobe", type=int, default=RetrievalConfig.nprobe)
+    parser.add_argument("--ef-search", type=int, default=RetrievalConfig.ef_search)
+    parser.add_argument("--int8-table", action="store_true", help="the service scores an INT8 item table")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; choose among {SCENARIOS}")
     params = load_params(args.params, [*overrides_for("movielens-100k", args.data_dir), *args.overrides])
     bundle = ensure_bundle(params, args.workdir)
 
@@ -121,25 +256,34 @@ def main() -> int:
     ids = manifest["item_ids"]
     seqs = load_sequences(args.workdir / "features")
     L = manifest["sequence"]["max_len"]
-    payloads = [json.dumps({"history": [ids[i] for i in h[-L:]], "k": 10}).encode()
-                for h in seqs.histories("test", L) if len(h)]
+    histories = [[int(i) for i in h[-L:]] for h in seqs.histories("test", L) if len(h)]
+    payloads = [json.dumps({"history": [ids[i] for i in h], "k": 10}).encode() for h in histories]
+    retrieval = RetrievalConfig(ann=args.ann, nprobe=args.nprobe, ef_search=args.ef_search, int8=args.int8_table,
+                                threads=args.threads)
+    knobs = ["--ann", args.ann, "--nprobe", str(args.nprobe), "--ef-search", str(args.ef_search),
+             "--exact-max-items", str(retrieval.exact_max_items), *(["--int8-table"] if args.int8_table else [])]
+    run_dir = args.workdir / "serving-bench"
+    run_dir.mkdir(parents=True, exist_ok=True)
 
-    server = start_server(bundle, args.port, args.workdir / "bench-events.db", args.threads, args.max_wait_ms)
-    url = f"http://127.0.0.1:{args.port}/recommend"
-    result: dict[str, Any] = {}
-    try:
-        asyncio.run(drive(url, payloads, 4, 3.0))  # warm-up
-        for c in (1, 8, 32):
-            result[f"c{c}"] = asyncio.run(drive(url, payloads, c, args.seconds))
-            log.info("c%d: %s", c, result[f"c{c}"])
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
-    out = {"movielens-100k": {**result, "bundle_variant": manifest["sequence"]["variant"], "users": len(payloads),
-                              "seconds_per_level": args.seconds},
-           "machine": machine(), "note": "synthetic-100k and synthetic-1m not implemented (no FAISS path yet)"}
-    print(json.dumps(out["movielens-100k"], indent=2))
+    out: dict[str, Any] = {}
+    for name in scenarios:
+        target = bundle
+        extra: dict[str, Any] = {}
+        if name != "movielens-100k":
+            n_items = {"synthetic-100k": 100_000, "synthetic-1m": 1_000_000}[name]
+            log.info("%s: building the catalogue", name)
+            target = synthetic_catalogue(bundle, n_items, run_dir / name)
+            if n_items > retrieval.exact_max_items or retrieval.int8:
+                extra = ann_recall(target, histories, retrieval, run_dir / "ann")
+                log.info("%s: %s", name, extra)
+        levels = run_levels(target, payloads, args, run_dir / "events.db", knobs)
+        out[name] = {**levels, **extra, "items": len(json.loads((target / "bundle.json").read_text())["item_ids"]),
+                     "bundle_variant": manifest["sequence"]["variant"], "users": len(payloads),
+                     "seconds_per_level": args.seconds}
+        print(name, json.dumps(out[name], indent=2))
+    out["machine"] = machine()
     write_json(args.out, out)
+    plot(out, args.out.with_suffix(".png"))
     return 0
 
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serving import registry
 from serving.bundle import Bundle, BundleError
+from serving.retrieval import ANN_KINDS, RetrievalConfig
 from serving.store import EventStore
 
 log = logging.getLogger("serving")
@@ -53,6 +54,8 @@ class Settings:
     max_wait_ms: float = 0.0
     cache_size: int = 10_000
     threads: int = 1
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    index_cache_dir: Path = Path("artifacts/serving/ann")
 
 
 # ---- request / response models --------------------------------------------------------------
@@ -118,10 +121,14 @@ class Service:
 
     # ---- loading ---------------------------------------------------------------------------
 
+    def _load(self, path: Path, version: str) -> Bundle:
+        s = self.settings
+        return Bundle.load(path, version, s.threads, s.retrieval, s.index_cache_dir)
+
     def load_initial(self) -> None:
         s = self.settings
         if s.bundle is not None:
-            self._install(Bundle.load(s.bundle, "local", s.threads))
+            self._install(self._load(s.bundle, "local"))
             return
         try:
             self.refresh()
@@ -130,7 +137,7 @@ class Service:
             if cached is None:
                 raise RuntimeError(f"no model: the registry failed ({exc}) and no cached bundle exists") from exc
             log.warning("registry unavailable (%s): serving the cached bundle version %s", exc, cached[0])
-            self._install(Bundle.load(cached[1], cached[0], s.threads))
+            self._install(self._load(cached[1], cached[0]))
 
     def refresh(self) -> bool:
         """Load the registry's champion if it changed; True when swapped. A bad bundle raises
@@ -141,7 +148,7 @@ class Service:
             return False
         try:
             path = registry.fetch(s.tracking_uri, s.model_name, s.cache_dir, version, artifact)
-            bundle = Bundle.load(path, version, s.threads)
+            bundle = self._load(path, version)
         except Exception as exc:
             self.swaps.labels("refused").inc()
             self.last_error = f"version {version} refused: {exc}"
@@ -151,7 +158,7 @@ class Service:
         return True
 
     def reload_local(self) -> None:
-        self._install(Bundle.load(self.settings.bundle, "local", self.settings.threads))
+        self._install(self._load(self.settings.bundle, "local"))
 
     def _install(self, bundle: Bundle) -> None:
         catalog = Catalog(vectors=np.zeros((0, bundle.item_vectors.shape[1]), np.float32))
@@ -202,7 +209,8 @@ class Service:
                 bundle = jobs[0][0]
                 try:
                     users, top, scores = await loop.run_in_executor(
-                        None, bundle.recommend_batch, [j[1] for j in jobs], [j[2] for j in jobs])
+                        None, bundle.recommend_batch, [j[1] for j in jobs], [j[2] for j in jobs],
+                        max(j[4] for j in jobs))
                 except Exception as exc:
                     for j in jobs:
                         if not j[3].done():
@@ -212,9 +220,9 @@ class Service:
                     if not j[3].done():
                         j[3].set_result((users[r], top[r], scores[r]))
 
-    async def infer(self, bundle: Bundle, history: list[int], exclude: list[int]):
+    async def infer(self, bundle: Bundle, history: list[int], exclude: list[int], k: int):
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((bundle, history, exclude, future))
+        await self.queue.put((bundle, history, exclude, future, k))
         return await future
 
     # ---- recommendation --------------------------------------------------------------------
@@ -233,7 +241,9 @@ class Service:
             self.cache.move_to_end(key)
             return {**hit, "cached": True}
 
-        known = [bundle.index[i] for i in raw if i in bundle.index]
+        # Items past the graph's catalogue (embedded from text) are excluded when seen but cannot
+        # be encoded as history.
+        known = [bundle.index[i] for i in raw if bundle.index.get(i, bundle.graph_items) < bundle.graph_items]
         added_ids = set(catalog.ids)
         added = {i for i in raw if i in added_ids}
         ignored = sorted({i for i in raw if i not in bundle.index and i not in added})
@@ -243,7 +253,7 @@ class Service:
         else:
             history = known[-bundle.max_len:]
             exclude = sorted({bundle.index[i] for i in seen if i in bundle.index})
-            user, top, scores = await self.infer(bundle, history, exclude)
+            user, top, scores = await self.infer(bundle, history, exclude, req.k)
             result = self._rank(bundle, catalog, user, top, scores, history, req.k, seen)
         result.update({"model_version": bundle.version, "history_used": len(known),
                        "ignored_items": ignored, "cached": False,
@@ -305,7 +315,10 @@ class Service:
         else:
             raise HTTPException(404, f"unknown item {item_id!r}")
         sims = bundle.unit_vectors @ vec
-        order = [int(i) for i in np.argsort(-sims)[: k + 1] if bundle.item_ids[int(i)] != item_id][:k]
+        head = min(k + 1, len(sims))
+        part = np.argpartition(-sims, head - 1)[:head] if head < len(sims) else np.arange(len(sims))
+        part = part[np.argsort(-sims[part], kind="stable")]
+        order = [int(i) for i in part if bundle.item_ids[int(i)] != item_id][:k]
         return {"item_id": item_id, "similar": [
             {"item_id": bundle.item_ids[i], "title": bundle.titles[i], "similarity": float(sims[i])} for i in order]}
 
@@ -456,6 +469,7 @@ def create_app(settings: Settings) -> FastAPI:
         if service.bundle is None:
             return JSONResponse({"ready": False}, status_code=503)
         return {"ready": True, "model_version": service.bundle.version, "items": len(service.bundle.item_ids),
+                "retrieval": service.bundle.retrieval_kind,
                 "added_items": len(service.catalog.ids), "last_error": service.last_error}
 
     @app.get("/metrics")
@@ -481,13 +495,23 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, str, in
                    help="extra wait for a fuller batch (0: batch only what is already queued)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per call")
     p.add_argument("--cache-size", type=int, default=10_000, help="cached responses (0 = no cache)")
+    defaults = RetrievalConfig()
+    p.add_argument("--exact-max-items", type=int, default=defaults.exact_max_items,
+                   help="exact top-k up to this catalogue size, FAISS beyond")
+    p.add_argument("--ann", choices=ANN_KINDS, default=defaults.ann, help="FAISS index beyond --exact-max-items")
+    p.add_argument("--nprobe", type=int, default=defaults.nprobe, help="IVF lists searched per query")
+    p.add_argument("--ef-search", type=int, default=defaults.ef_search, help="HNSW search breadth")
+    p.add_argument("--int8-table", action="store_true", help="score against an INT8 copy of the item vectors")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     a = p.parse_args(argv)
     settings = Settings(bundle=a.bundle, model_name=a.model_name, tracking_uri=a.tracking_uri, cache_dir=a.cache_dir,
                         db=a.db, admin_token=os.environ.get("RECFORGE_ADMIN_TOKEN"), poll_seconds=a.poll_seconds,
                         max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, threads=a.threads,
-                        cache_size=a.cache_size)
+                        cache_size=a.cache_size, index_cache_dir=a.cache_dir.parent / "ann",
+                        retrieval=RetrievalConfig(exact_max_items=a.exact_max_items, ann=a.ann, nprobe=a.nprobe,
+                                                  ef_search=a.ef_search, int8=a.int8_table,
+                                                  threads=a.threads))
     return settings, a.host, a.port
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.retrieval import RetrievalConfig, Retriever
+
 
 class BundleError(RuntimeError):
     """A bundle that is incomplete, corrupt or inconsistent; it is refused."""
@@ -60,6 +62,8 @@ class Bundle:
     manifest: dict[str, Any]
     version: str
     threads: int = 1
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    index_cache_dir: Path | None = None
     item_ids: list[str] = field(init=False)
     index: dict[str, int] = field(init=False)
 
@@ -80,6 +84,17 @@ class Bundle:
             raise BundleError(f"{self.path}: {vectors.shape[0]} item vectors for {len(self.item_ids)} items")
         self.item_vectors = vectors
         self.unit_vectors = vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + 1e-12)
+        # The sequence graph encodes histories over (and, for small catalogues, ranks) its first
+        # `graph_items` items; a catalogue beyond the graph's (items embedded from text offline)
+        # or over `exact_max_items` is ranked outside the graph, exactly or by FAISS.
+        self.graph_items = int(m["sequence"].get("catalog_items", len(self.item_ids)))
+        if not 0 < self.graph_items <= len(self.item_ids):
+            raise BundleError(f"{self.path}: sequence.catalog_items {self.graph_items} outside 1..{len(self.item_ids)}")
+        self.retriever: Retriever | None = None
+        if (self.graph_items < len(self.item_ids) or len(self.item_ids) > self.retrieval.exact_max_items
+                or self.retrieval.int8):
+            key = m.get("files", {}).get(m["item_vectors"])
+            self.retriever = Retriever(vectors, self.retrieval, key, self.index_cache_dir)
         self.text_encoder = None
         self.tokenizer = None
         text = m.get("text_encoder")
@@ -93,10 +108,11 @@ class Bundle:
             self.tokenizer = tok
 
     @classmethod
-    def load(cls, path: Path, version: str = "local", threads: int = 1) -> "Bundle":
+    def load(cls, path: Path, version: str = "local", threads: int = 1,
+             retrieval: RetrievalConfig | None = None, index_cache_dir: Path | None = None) -> "Bundle":
         manifest = verify(path)
         try:
-            bundle = cls(path, manifest, version, threads)
+            bundle = cls(path, manifest, version, threads, retrieval or RetrievalConfig(), index_cache_dir)
             bundle.warm_up()
         except BundleError:
             raise
@@ -109,8 +125,14 @@ class Bundle:
 
     # ---- inference ----------------------------------------------------------------------
 
-    def recommend_batch(self, histories: list[list[int]], excludes: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One ONNX call for a batch: (user vectors, top-K indices, scores)."""
+    @property
+    def retrieval_kind(self) -> str:
+        return "graph" if self.retriever is None else self.retriever.label
+
+    def recommend_batch(self, histories: list[list[int]], excludes: list[list[int]],
+                        k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One ONNX call for a batch: (user vectors, top-k indices, scores). History indices must
+        be below `graph_items`. The graph path returns the graph's K; the external one `k`."""
         n = len(histories)
         length = max(1, min(self.max_len, max((len(h) for h in histories), default=1)))
         items = np.zeros((n, length), dtype=np.int64)
@@ -120,6 +142,11 @@ class Bundle:
             if h:
                 items[r, length - len(h):] = h
                 mask[r, length - len(h):] = 1
+        if self.retriever is not None:
+            (users,) = self.sequence.run(["user_vectors"], {"items": items, "mask": mask,
+                                                            "exclude": np.full((n, 1), -1, dtype=np.int64)})
+            top, scores = self.retriever.search(users, min(k or self.k, len(self.item_ids)), excludes)
+            return users, top, scores
         width = max(1, max((len(e) for e in excludes), default=1))
         exclude = np.full((n, width), -1, dtype=np.int64)
         for r, e in enumerate(excludes):

@@ -53,11 +53,12 @@ def bundle(tmp_path_factory) -> Path:
 
 
 class Server:
-    def __init__(self, bundle: Path, db: Path):
+    def __init__(self, bundle: Path, db: Path, *extra: str):
         self.port = free_port()
         env = {**os.environ, "RECFORGE_ADMIN_TOKEN": TOKEN}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.app", "--bundle", str(bundle), "--db", str(db), "--port", str(self.port)],
+            [sys.executable, "-m", "serving.app", "--bundle", str(bundle), "--db", str(db), "--port", str(self.port),
+             "--cache-dir", str(db.parent / "bundles"), *extra],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.time() + 60
@@ -271,3 +272,72 @@ def test_champion_from_the_registry_hot_swap_and_registry_down(bundle, tmp_path)
         assert s.call("POST", "/recommend", {"k": 3})[0] == 200
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("ann", ["ivf", "hnsw"])
+def test_catalogue_past_the_graph_is_served_by_faiss(bundle, tmp_path, ann):
+    """A catalogue grown past the graph's items (as the 1M-item benchmark does), over
+    --exact-max-items: the service ranks with FAISS, excludes seen items, explains, and agrees
+    with exact search on most of the top 10."""
+    from benchmarks.serving import synthetic_catalogue
+
+    base = json.loads((bundle / "bundle.json").read_text())
+    grown = synthetic_catalogue(bundle, len(base["item_ids"]) + 3000, tmp_path / "grown")
+    ids = json.loads((grown / "bundle.json").read_text())["item_ids"]
+    history = [ids[1], ids[2], "syn-0000007"]
+    exact = Server(grown, tmp_path / "exact" / "events.db", "--cache-size", "0")
+    try:
+        ready = exact.call("GET", "/ready")[1]
+        assert ready["retrieval"] == "exact" and ready["items"] == len(ids)
+        want = exact.call("POST", "/recommend", {"history": history, "k": 10})[1]
+    finally:
+        exact.stop()
+    s = Server(grown, tmp_path / "ann" / "events.db", "--exact-max-items", "1000", "--ann", ann, "--cache-size", "0")
+    try:
+        assert s.call("GET", "/ready")[1]["retrieval"] == ann
+        status, body = s.call("POST", "/recommend", {"history": history, "k": 10})
+        assert status == 200 and len(body["items"]) == 10
+        returned = [i["item_id"] for i in body["items"]]
+        # The synthetic item is seen (excluded) but not encodable by the sequence graph.
+        assert not set(returned) & set(history) and body["history_used"] == 2 and body["ignored_items"] == []
+        assert all(i["explanation"]["because_you_interacted_with"] in history[:2] for i in body["items"])
+        overlap = len(set(returned) & {i["item_id"] for i in want["items"]})
+        assert overlap >= 7, (returned, want)
+        similar = s.call("GET", "/items/syn-0000007/similar?k=5")[1]
+        assert len(similar["similar"]) == 5
+    finally:
+        s.stop()
+    # The index was cached beside the bundles: a restart loads it instead of rebuilding.
+    assert len(list((tmp_path / "ann" / "ann").glob("*.faiss"))) == 1
+
+
+def test_openapi_fuzzing_never_gets_a_server_error(server):
+    """Schemathesis generates valid and invalid requests for every operation in the service's
+    OpenAPI schema and sends them over HTTP: none may answer 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+
+    base_url = f"http://127.0.0.1:{server.port}"
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    sent: dict[tuple[str, str], int] = {}
+    for op in operations:
+        name = f"{op.method.upper()} {op.path}"
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def check(case):
+                response = case.call(base_url=base_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+                sent[name, mode.value] = sent.get((name, mode.value), 0) + 1
+                case.validate_response(response, checks=[not_a_server_error])
+
+            try:
+                check()
+            except Unsatisfiable:  # an operation without inputs has no invalid form
+                assert mode is GenerationMode.NEGATIVE
+    for name in ("POST /recommend", "POST /events", "POST /items", "GET /items/{item_id}/similar"):
+        assert sent.get((name, "positive"), 0) >= 10 and sent.get((name, "negative"), 0) >= 10, sent
+    assert server.call("GET", "/ready")[0] == 200
