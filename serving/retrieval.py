@@ -19,6 +19,8 @@ import numpy as np
 log = logging.getLogger("serving.retrieval")
 
 ANN_KINDS = ("ivf", "hnsw")
+# Extra results fetched per query to make up for excluded items (see `Retriever.search`).
+EXCLUDE_SLACK = 16
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class RetrievalConfig:
     ann: str = "ivf"
     # IVF: lists ~ 4 sqrt(N); nprobe lists visited per query (recall vs. latency).
     nlist: int | None = None
-    nprobe: int = 48
+    nprobe: int = 32
     # HNSW: graph degree, build and search breadth.
     hnsw_m: int = 32
     ef_construction: int = 80
@@ -181,28 +183,48 @@ class Retriever:
     def label(self) -> str:
         return self.kind + ("-int8" if self.config.int8 else "")
 
-    def search(self, users: np.ndarray, k: int, excludes: list[list[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, users: np.ndarray, k: int,
+               excludes: list[list[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(indices [B, k], scores [B, k]) best first, padded with -1 / -inf."""
         users = np.ascontiguousarray(users, dtype=np.float32)
         if self.index is None:
             return exact_topk(users, self.vectors, k, excludes)
         excludes = excludes or [[] for _ in range(len(users))]
-        fetch = min(self.n, k + max((len(e) for e in excludes), default=0))
-        if self.kind == "hnsw":
-            # HNSW returns at most efSearch neighbours: widen it for large k.
-            self.index.hnsw.efSearch = max(self.config.ef_search, fetch)
-        scores, top = self.index.search(users, fetch)
+        # Over-fetch a little for the excluded (seen) items; the few rows that lose more than
+        # that to exclusions are searched again, wide enough. Fetching k + the longest history
+        # for every row made the search of a batch several times slower.
+        fetch = min(self.n, k + min(EXCLUDE_SLACK, max((len(e) for e in excludes), default=0)))
+        scores, top = self._search(users, fetch)
         out_top = np.full((len(users), k), -1, np.int64)
         out_scores = np.full((len(users), k), -np.inf, np.float32)
         for r, excluded in enumerate(excludes):
-            row, row_scores = top[r], scores[r]
-            keep = row >= 0
-            if excluded:
-                keep &= ~np.isin(row, excluded)
-            row, row_scores = row[keep][:k], row_scores[keep][:k]
+            row, row_scores = self._filter(top[r], scores[r], excluded, k)
+            if len(row) < k and fetch < min(self.n, k + len(excluded)):
+                wide_scores, wide_top = self._search(users[r:r + 1], min(self.n, k + len(excluded)))
+                row, row_scores = self._filter(wide_top[0], wide_scores[0], excluded, k)
             out_top[r, : len(row)] = row
             out_scores[r, : len(row)] = row_scores
         return out_top, out_scores
+
+    def _search(self, users: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        # Per-call parameters, not the index's fields: worker threads search concurrently.
+        if self.kind == "hnsw":
+            # HNSW returns at most efSearch neighbours: widened for large k.
+            params = faiss.SearchParametersHNSW(efSearch=max(self.config.ef_search, fetch))
+        elif self.kind == "ivf":
+            params = faiss.SearchParametersIVF(nprobe=self.config.nprobe)
+        else:
+            params = None
+        return self.index.search(users, fetch, params=params)
+
+    @staticmethod
+    def _filter(row: np.ndarray, row_scores: np.ndarray, excluded: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        keep = row >= 0
+        if excluded:
+            keep &= ~np.isin(row, excluded)
+        return row[keep][:k], row_scores[keep][:k]
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> float:

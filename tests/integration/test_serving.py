@@ -144,6 +144,12 @@ def test_malformed_and_oversized_bodies(server):
     assert server.call("POST", "/recommend", raw=big)[0] == 413
     assert server.call("GET", "/items/nothing-here/similar")[0] == 404
     assert server.call("GET", "/items/x/similar?k=0")[0] == 422
+    # Found by the fuzzer: a lone surrogate cannot be stored or written back; an integer past
+    # 64 bits in a rejected body must still be echoed in the 422.
+    assert server.call("POST", "/recommend", raw=b'{"user_id": "\\ud800"}')[0] == 422
+    assert server.call("POST", "/events", raw=b'{"user_id": "u", "item_id": "\\udfff"}')[0] == 422
+    status, body = server.call("POST", "/recommend", raw=b'{"k": 99999999999999999999999999}')
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "k"]
 
 
 def test_events_reflect_at_once_and_survive_a_restart(bundle, tmp_path):
