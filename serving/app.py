@@ -569,6 +569,9 @@ def create_app(settings: Settings) -> FastAPI:
             return JSONResponse({"ready": False}, status_code=503)
         return {"ready": True, "model_version": service.bundle.version, "items": len(service.bundle.item_ids),
                 "retrieval": service.bundle.retrieval_kind,
+                "index_build_s": (round(service.bundle.retriever.build_seconds, 1)
+                                  if service.bundle.retriever is not None and service.bundle.retriever.index is not None
+                                  else None),
                 "added_items": len(service.catalog.ids), "last_error": service.last_error}
 
     @app.get("/metrics")
