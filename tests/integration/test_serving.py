@@ -347,3 +347,22 @@ def test_openapi_fuzzing_never_gets_a_server_error(server):
     for name in ("POST /recommend", "POST /events", "POST /items", "GET /items/{item_id}/similar"):
         assert sent.get((name, "positive"), 0) >= 10 and sent.get((name, "negative"), 0) >= 10, sent
     assert server.call("GET", "/ready")[0] == 200
+
+
+def test_mixed_length_batch_rows_come_back_in_request_order(bundle):
+    """Histories are split into length groups and answered per group: each row must still get
+    its own answer (dynamic INT8 scales move scores slightly with batch-mates, so rows are
+    matched by their nearest single-request vector)."""
+    import numpy as np
+
+    from serving.bundle import Bundle
+
+    b = Bundle.load(bundle)
+    histories = [list(range(1, 1 + n)) for n in (30, 3, 25, 2, 17, 1)]
+    histories = [[i % b.graph_items for i in h] for h in histories]
+    assert len(b.length_groups(histories)) > 1
+    users, _, _ = b.recommend_batch(histories, [[] for _ in histories])
+    alone = np.concatenate([b.recommend_batch([h], [[]])[0] for h in histories])
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    nearest = (unit(users) @ unit(alone).T).argmax(axis=1)
+    assert nearest.tolist() == list(range(len(histories)))
