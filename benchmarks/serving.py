@@ -62,7 +62,7 @@ def ensure_bundle(params, work: Path) -> Path:
 def synthetic_catalogue(base: Path, n_items: int, out: Path, seed: int = 0) -> Path:
     """`base` bundle with its catalogue grown to `n_items` (see the module docstring). The
     sequence graph is reused; `sequence.catalog_items` tells the service which items it covers."""
-    from serving.bundle import sha256_file
+    from components.export import write_bundle_manifest
 
     manifest = json.loads((base / "bundle.json").read_text())
     if (out / "bundle.json").exists():
@@ -96,38 +96,24 @@ def synthetic_catalogue(base: Path, n_items: int, out: Path, seed: int = 0) -> P
     manifest = {**manifest, "item_ids": manifest["item_ids"] + [f"syn-{j:07d}" for j in range(extra)],
                 "sequence": {**manifest["sequence"], "catalog_items": n0}, "mf": None,
                 "synthetic": {"base_items": n0, "seed": seed, "noise": "0.5 x per-dimension std"}}
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    manifest["files"] = {str(p.relative_to(out)): sha256_file(p) for p in files}
-    (out / "bundle.json").write_text(json.dumps(manifest))
+    write_bundle_manifest(out, {k: v for k, v in manifest.items() if k != "files"})
     return out
 
 
-def ann_recall(bundle: Path, histories: list[list[int]], retrieval, cache_dir: Path, k: int = 10) -> dict[str, float]:
+def ann_recall(bundle_dir: Path, histories: list[list[int]], retrieval, cache_dir: Path,
+               k: int = 10) -> dict[str, float]:
     """Recall@k of the service's ANN index against exact search, seen items excluded, for the
-    benchmark's users, with the index the service built and cached."""
-    import onnxruntime as ort
+    benchmark's users: the bundle loaded and queried as the service does (with the index it
+    built and cached), exact search over the same user vectors."""
+    from serving.bundle import Bundle
+    from serving.retrieval import exact_topk, recall_at_k
 
-    from serving.retrieval import Retriever, exact_topk, recall_at_k
-
-    manifest = json.loads((bundle / "bundle.json").read_text())
-    vectors = np.load(bundle / manifest["item_vectors"])
-    retriever = Retriever(vectors, retrieval, manifest["files"][manifest["item_vectors"]], cache_dir)
-    sess = ort.InferenceSession(str(bundle / "sequence.onnx"), providers=["CPUExecutionProvider"])
-    L = manifest["sequence"]["max_len"]
-    users = []
-    for start in range(0, len(histories), 256):
-        chunk = histories[start:start + 256]
-        items = np.zeros((len(chunk), L), np.int64)
-        mask = np.zeros((len(chunk), L), np.int64)
-        for r, h in enumerate(chunk):
-            items[r, L - len(h):], mask[r, L - len(h):] = h, 1
-        users.append(sess.run(["user_vectors"], {"items": items, "mask": mask,
-                                                 "exclude": np.full((len(chunk), 1), -1, np.int64)})[0])
-    users = np.concatenate(users)
+    bundle = Bundle.load(bundle_dir, retrieval=retrieval, index_cache_dir=cache_dir)
+    retriever = bundle.retriever
+    users, approx, _ = bundle.recommend_batch(histories, histories, k)
     # In chunks: the exact scores of every user against 1M items at once would be 4 GB.
-    exact = np.concatenate([exact_topk(users[i:i + 64], vectors, k, histories[i:i + 64])[0]
+    exact = np.concatenate([exact_topk(users[i:i + 64], bundle.item_vectors, k, histories[i:i + 64])[0]
                             for i in range(0, len(users), 64)])
-    approx, _ = retriever.search(users, k, histories)
     return {f"ann_recall@{k}": recall_at_k(approx, exact, k), "index": retriever.label,
             "table_mb": round(retriever.table_bytes / 2**20, 1),
             **({"nlist": retriever.nlist, "nprobe": retrieval.nprobe} if retriever.kind == "ivf" else {}),

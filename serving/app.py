@@ -33,7 +33,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from serving import registry
 from serving.bundle import Bundle, BundleError
-from serving.retrieval import ANN_KINDS, RetrievalConfig
+from serving.retrieval import ANN_KINDS, RetrievalConfig, exact_topk
 from serving.store import EventStore
 
 log = logging.getLogger("serving")
@@ -357,13 +357,11 @@ class Service:
             vec = v / (np.linalg.norm(v) + 1e-12)
         else:
             raise HTTPException(404, f"unknown item {item_id!r}")
-        sims = bundle.unit_vectors @ vec
-        head = min(k + 1, len(sims))
-        part = np.argpartition(-sims, head - 1)[:head] if head < len(sims) else np.arange(len(sims))
-        part = part[np.argsort(-sims[part], kind="stable")]
-        order = [int(i) for i in part if bundle.item_ids[int(i)] != item_id][:k]
+        top, sims = exact_topk(vec[None, :].astype(np.float32), bundle.unit_vectors, k + 1)
+        pairs = [(i, sim) for i, sim in zip(top[0].tolist(), sims[0].tolist())
+                 if i >= 0 and bundle.item_ids[i] != item_id][:k]
         return {"item_id": item_id, "similar": [
-            {"item_id": bundle.item_ids[i], "title": bundle.titles[i], "similarity": float(sims[i])} for i in order]}
+            {"item_id": bundle.item_ids[i], "title": bundle.titles[i], "similarity": sim} for i, sim in pairs]}
 
     def add_item(self, item: NewItem) -> dict[str, Any]:
         with self.lock:

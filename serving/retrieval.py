@@ -116,7 +116,6 @@ class Retriever:
             try:
                 index = faiss.read_index(str(path))
                 if index.ntotal == self.n and index.d == self.dim:
-                    self._configure(index)
                     log.info("ANN index loaded from %s", path)
                     return index
             except RuntimeError as exc:  # a damaged cache file is rebuilt, not fatal
@@ -163,14 +162,7 @@ class Retriever:
             index.cp.seed = c.seed
             index.train(sample)
             index.add(self.vectors)
-        self._configure(index)
         return index
-
-    def _configure(self, index) -> None:
-        if self.kind == "hnsw":
-            index.hnsw.efSearch = self.config.ef_search
-        elif self.kind == "ivf":
-            index.nprobe = self.config.nprobe
 
     # ---- search -------------------------------------------------------------------------
 
