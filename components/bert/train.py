@@ -98,12 +98,27 @@ class EpochLog(pl_.Callback):
     def __init__(self, path: Path, stage: str, n_sequences: int, append: bool):
         self.path, self.stage, self.n_sequences = path, stage, n_sequences
         self._start = 0.0
+        self._trimmed = False
         if not append or not path.exists():
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(self.FIELDS)
 
     def on_train_epoch_start(self, trainer, module) -> None:
+        if not self._trimmed and trainer.is_global_zero:
+            self._drop_rows_after(trainer.current_epoch)
+        self._trimmed = True
         self._start = time.perf_counter()
+
+    def _drop_rows_after(self, epochs_done: int) -> None:
+        """A killed run can have logged an epoch that its checkpoint does not hold (rows are
+        written before the checkpoint callbacks run): that epoch is trained again, so its old row
+        goes and the log stays one row per epoch of the trajectory that continues."""
+        with self.path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        kept = [rows[0]] + [r for r in rows[1:] if int(r[1]) <= epochs_done]
+        if len(kept) != len(rows):
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerows(kept)
 
     def on_train_epoch_end(self, trainer, module) -> None:
         if not trainer.is_global_zero:
@@ -290,10 +305,17 @@ def run_stage(
              stage_name, total, trainable, len(dm.train_sequences), "resuming" if resume else "from scratch")
 
     checkpoint = pl_.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor="val_ndcg10", mode="max", save_top_k=1, save_last=True,
+        dirpath=ckpt_dir, filename="best", monitor="val_ndcg10", mode="max", save_top_k=1,
     )
+    # Not `save_last=True`: Lightning refreshes that only when the best checkpoint changes, so a
+    # run killed after a few epochs without improvement would lose all of them. An unmonitored
+    # top-1 checkpoint is rewritten every epoch.
+    latest = pl_.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+    )
+    resumed_at = int(torch.load(resume, map_location="cpu", weights_only=False)["epoch"]) + 1 if resume else 0
     callbacks = [
-        checkpoint,
+        checkpoint, latest,
         pl_.callbacks.EarlyStopping(monitor="val_ndcg10", mode="max", patience=stage.patience),
         EpochLog(out_dir / "metrics.csv", stage_name, len(dm.train_sequences), append=resume is not None),
     ]
@@ -310,7 +332,7 @@ def run_stage(
     if not trainer.is_global_zero:
         return StageResult(stage_name, out_dir, None, None, None, trainer.current_epoch, train_seconds, 0.0, resume is not None)
 
-    best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=False)
+    best = torch.load(checkpoint.best_model_path or latest.best_model_path, map_location="cpu", weights_only=False)
     module.load_state_dict(best["state_dict"])
     best_epoch = int(best["epoch"]) + 1
     best_score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
@@ -336,7 +358,7 @@ def run_stage(
     summary = {
         "stage": stage_name, "best_epoch": best_epoch, "best_val_ndcg10": best_score, "epochs_run": epochs_run,
         "train_seconds": train_seconds, "sequences_per_second": seqs_per_s, "resumed": resume is not None,
-        "refit_epochs": cfg.refit_epochs if stage_name == "finetune" else 0,
+        "resumed_after_epoch": resumed_at, "refit_epochs": cfg.refit_epochs if stage_name == "finetune" else 0,
         "parameters": total, "trainable_parameters": trainable, "training_sequences": len(dm.train_sequences),
         **trainer_kwargs(cfg.trainer), "initialized_from": str(init_from) if init_from else None,
     }
