@@ -28,6 +28,7 @@ from components.validate import ValidationFailed, report, validate
 log = logging.getLogger("benchmarks.quality")
 
 HEADLINE = ("recall@10", "ndcg@10", "mrr@10", "coverage@10")
+REFERENCE = "mf"  # the baseline the quality targets are ratios to
 
 
 @dataclass(frozen=True)
@@ -134,18 +135,43 @@ def run_dataset(dataset: str, models: list[str], params: Params, work: Path) -> 
         row["train_seconds"] = t.train_seconds
         row.update(t.extra)
         rows[name] = row
+    if REFERENCE in factor_models:
+        _add_ratios_to_reference(rows, factor_models, work, params)
     return rows
+
+
+def _add_ratios_to_reference(rows: dict[str, dict[str, float]], models: dict, work: Path, params: Params) -> None:
+    """Test NDCG@10 of each model as a ratio to MF's, with a paired-bootstrap 95% interval: a
+    target such as "bert >= MF" is met with confidence only when the interval's low end clears it."""
+    from components.evaluate import per_user_ndcg
+    from components.metrics import paired_bootstrap_ratio
+
+    seqs = load_sequences(work / "features")
+    k, batch = 10, params.evaluation.batch_size
+    reference = per_user_ndcg(models[REFERENCE], seqs, "test", k, batch)
+    for name, row in rows.items():
+        if name == REFERENCE:
+            continue
+        ratio, low, high = paired_bootstrap_ratio(per_user_ndcg(models[name], seqs, "test", k, batch), reference,
+                                                  seed=params.seed)
+        row.update({"ndcg@10_vs_mf": ratio, "ndcg@10_vs_mf_ci95_low": low, "ndcg@10_vs_mf_ci95_high": high})
 
 
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     cols = [*HEADLINE, "train_seconds", "sequences_per_second"]
-    lines = ["| dataset | model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = ["| dataset | model | " + " | ".join(cols) + " | ndcg@10 / MF [95% CI] |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
     for dataset, rows in results.items():
         for model, row in rows.items():
             cells = []
             for c in cols:
                 v = row.get(c)
                 cells.append("" if v is None else f"{v:.4f}" if c in HEADLINE else f"{v:.0f}")
+            if "ndcg@10_vs_mf" in row:
+                cells.append(f"{row['ndcg@10_vs_mf']:.3f} [{row['ndcg@10_vs_mf_ci95_low']:.3f}, "
+                             f"{row['ndcg@10_vs_mf_ci95_high']:.3f}]")
+            else:
+                cells.append("")
             lines.append(f"| {dataset} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

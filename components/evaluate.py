@@ -96,6 +96,15 @@ def rank(
     return out
 
 
+def per_user_ndcg(model: FactorModel, seqs: Sequences, split: str, k: int, batch_size: int) -> np.ndarray:
+    """NDCG@k of every user with a target in `split` (user order), for paired comparisons."""
+    targets = seqs.target_matrix(split)
+    users = np.flatnonzero(np.diff(targets.indptr) > 0)
+    topk = rank(model.users[split][users], model.items[split], seqs.history_matrix(split)[users], k, batch_size)
+    t = targets[users]
+    return metrics.ndcg_at_k(metrics.hits(topk, t), np.diff(t.indptr), k)
+
+
 def evaluate_split(
     model: FactorModel,
     seqs: Sequences,

@@ -93,3 +93,31 @@ def recall_curve(topk: np.ndarray, targets: sp.csr_matrix, max_k: int) -> np.nda
     if curve.size < max_k:  # fewer items than max_k: nothing more can be found
         curve = np.concatenate([curve, np.full(max_k - curve.size, curve[-1] if curve.size else 0.0)])
     return curve
+
+
+def paired_bootstrap_ratio(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """mean(a) / mean(b) of per-user metrics of two models on the same users, with a paired
+    bootstrap confidence interval: users are resampled with replacement, the same resample for
+    both models, so what the two share (easy and hard users) cancels out of the ratio.
+
+    Returns (ratio, low, high). A ratio target is met with confidence when `low` clears it."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError("a and b must be non-empty per-user vectors of the same length")
+    if b.sum() <= 0:
+        raise ValueError("the reference model scores zero on every user: no ratio")
+    rng = np.random.default_rng(seed)
+    n = a.size
+    ratios = np.empty(n_boot)
+    # Resample counts rather than index matrices: memory O(chunk * n), not O(n_boot * n).
+    chunk = max(1, min(n_boot, 20_000_000 // (8 * n)))
+    for lo in range(0, n_boot, chunk):
+        hi = min(lo + chunk, n_boot)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=hi - lo).astype(np.float64)
+        sum_b = counts @ b
+        ratios[lo:hi] = np.divide(counts @ a, sum_b, out=np.full(hi - lo, np.nan), where=sum_b > 0)
+    tail = (1.0 - level) / 2.0
+    low, high = np.nanquantile(ratios, [tail, 1.0 - tail])
+    return float(a.mean() / b.mean()), float(low), float(high)

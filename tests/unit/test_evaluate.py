@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from components.evaluate import FactorModel, evaluate, format_table, popularity_model, rank
+from components.evaluate import FactorModel, evaluate, format_table, per_user_ndcg, popularity_model, rank
 from tests.unit.test_features import write_snapshot
 from components.features import build_features
 from tests.conftest import tiny_params
@@ -60,3 +60,25 @@ def test_evaluate_writes_metrics_for_every_model_and_slice(tmp_path):
     csv = (tmp_path / "eval" / "recall_at_k.csv").read_text().splitlines()
     assert csv[0] == "k,oracle,popularity" and len(csv) == 21
     assert "| oracle | 1.0000" in format_table(ev.test, [10])
+
+
+def test_per_user_ndcg_averages_to_the_reported_ndcg(tmp_path):
+    import polars as pl
+
+    from components.features import load_sequences
+
+    rng = np.random.default_rng(3)
+    rows = [(f"u{u}", f"i{i}", t) for u in range(12) for t, i in enumerate(rng.choice(9, size=5, replace=False))]
+    inter = pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
+    items = sorted({r[1] for r in rows})
+    data = write_snapshot(tmp_path / "data", inter, pl.DataFrame({"item_id": items, "text": items}))
+    cfg = tiny_params("features.min_user_interactions=0", "features.min_item_interactions=0")
+    build_features(data, tmp_path / "f", cfg.features)
+    seqs = load_sequences(tmp_path / "f")
+    model = FactorModel(items={s: rng.normal(size=(seqs.n_items, 4)).astype(np.float32) for s in ("valid", "test")},
+                        users={s: rng.normal(size=(seqs.n_users, 4)).astype(np.float32) for s in ("valid", "test")})
+    ev = evaluate(tmp_path / "f", {"random": model}, tmp_path / "eval", cfg.evaluation)
+    for split, reported in (("valid", ev.valid), ("test", ev.test)):
+        per_user = per_user_ndcg(model, seqs, split, 10, 4)
+        assert per_user.shape == (12,) and ((per_user >= 0) & (per_user <= 1)).all()
+        assert per_user.mean() == pytest.approx(reported["random"]["ndcg@10"])

@@ -84,3 +84,33 @@ def test_agrees_with_ranx():
 def test_recall_curve_is_flat_beyond_the_catalogue():
     topk = np.array([[1, 0]])
     assert metrics.recall_curve(topk, csr([[0]], 2), 4).tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_paired_bootstrap_ratio_worked_examples():
+    from components.metrics import paired_bootstrap_ratio
+
+    rng = np.random.default_rng(0)
+    b = (rng.random(3000) < 0.2) * rng.random(3000)
+    # Identical models, and a model exactly twice as good on every user: a paired resample
+    # cannot move those ratios.
+    assert paired_bootstrap_ratio(b, b) == (1.0, 1.0, 1.0)
+    assert paired_bootstrap_ratio(2 * b, b) == pytest.approx((2.0, 2.0, 2.0))
+    # 10 % better on average, with noise: the interval holds the ratio and clears 1.
+    a = b * 1.1 * rng.uniform(0.8, 1.2, size=b.size)
+    ratio, low, high = paired_bootstrap_ratio(a, b, seed=1)
+    assert low < ratio < high and 1.0 < low and ratio == pytest.approx(a.mean() / b.mean())
+    # Two models that each get a different handful of users right: the interval straddles 1.
+    ref, other = b.copy(), b.copy()
+    ref[:5], other[:5] = 1.0, 0.0
+    ref[5:10], other[5:10] = 0.0, 1.0
+    _, low, high = paired_bootstrap_ratio(other, ref, seed=1)
+    assert low < 1.0 < high
+
+
+def test_paired_bootstrap_ratio_rejects_bad_input():
+    from components.metrics import paired_bootstrap_ratio
+
+    with pytest.raises(ValueError, match="same length"):
+        paired_bootstrap_ratio(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="zero"):
+        paired_bootstrap_ratio(np.ones(3), np.zeros(3))
