@@ -112,10 +112,12 @@ class EpochLog(pl_.Callback):
     def _drop_rows_after(self, epochs_done: int) -> None:
         """A killed run can have logged an epoch that its checkpoint does not hold (rows are
         written before the checkpoint callbacks run): that epoch is trained again, so its old row
-        goes and the log stays one row per epoch of the trajectory that continues."""
+        goes and the log stays one row per epoch of the trajectory that continues. A row cut
+        short by the kill goes too."""
         with self.path.open(newline="") as f:
             rows = list(csv.reader(f))
-        kept = [rows[0]] + [r for r in rows[1:] if int(r[1]) <= epochs_done]
+        whole = [r for r in rows[1:] if len(r) == len(self.FIELDS) and r[1].isdigit()]
+        kept = [self.FIELDS] + [r for r in whole if int(r[1]) <= epochs_done]
         if len(kept) != len(rows):
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerows(kept)

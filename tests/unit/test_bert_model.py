@@ -161,3 +161,21 @@ def test_padding_length_does_not_change_the_user_vector():
     assert torch.allclose(full, short, atol=1e-5)
     with pytest.raises(ValueError, match="exceeds max_len"):
         m.user_vectors(left_pad([[1] * 7], 7))
+
+
+def test_epoch_log_keeps_only_checkpointed_epochs_on_resume(tmp_path):
+    import csv
+
+    from components.bert.train import EpochLog
+
+    path = tmp_path / "metrics.csv"
+    log = EpochLog(path, "finetune", 10, append=False)
+    with path.open("a", newline="") as f:
+        for epoch in range(1, 6):
+            csv.writer(f).writerow(["finetune", epoch, 1.0, 0.1, 0.2, 1e-3, 2.0, 5.0])
+        f.write("finetune,6,0.9")  # cut short by the kill
+    # Resumed from a checkpoint holding 3 epochs: rows 4-5 and the torn row go.
+    EpochLog(path, "finetune", 10, append=True)._drop_rows_after(3)
+    rows = list(csv.DictReader(path.open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert log.FIELDS == list(rows[0])
