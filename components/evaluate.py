@@ -96,12 +96,19 @@ def rank(
     return out
 
 
-def per_user_ndcg(model: FactorModel, seqs: Sequences, split: str, k: int, batch_size: int) -> np.ndarray:
-    """NDCG@k of every user with a target in `split` (user order), for paired comparisons."""
+def _ranked(
+    model: FactorModel, seqs: Sequences, split: str, k: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+    """The users with a target in `split`, their top-k (history excluded) and their targets."""
     targets = seqs.target_matrix(split)
     users = np.flatnonzero(np.diff(targets.indptr) > 0)
     topk = rank(model.users[split][users], model.items[split], seqs.history_matrix(split)[users], k, batch_size)
-    t = targets[users]
+    return users, topk, targets[users]
+
+
+def per_user_ndcg(model: FactorModel, seqs: Sequences, split: str, k: int, batch_size: int) -> np.ndarray:
+    """NDCG@k of every user with a target in `split` (user order), for paired comparisons."""
+    _, topk, t = _ranked(model, seqs, split, k, batch_size)
     return metrics.ndcg_at_k(metrics.hits(topk, t), np.diff(t.indptr), k)
 
 
@@ -114,12 +121,8 @@ def evaluate_split(
     head_items: np.ndarray,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Metrics of one model on one split, with slices; also returns the Recall@k curve."""
-    targets = seqs.target_matrix(split)
-    users = np.flatnonzero(np.diff(targets.indptr) > 0)
-    history = seqs.history_matrix(split)
     max_k = max(cfg.ks)
-    topk = rank(model.users[split][users], model.items[split], history[users], max_k, cfg.batch_size)
-    t = targets[users]
+    users, topk, t = _ranked(model, seqs, split, max_k, cfg.batch_size)
     result = metrics.summarize(topk, t, cfg.ks, seqs.n_items)
     result["n_users"] = float(users.size)
 

@@ -98,15 +98,18 @@ class EpochLog(pl_.Callback):
     def __init__(self, path: Path, stage: str, n_sequences: int, append: bool):
         self.path, self.stage, self.n_sequences = path, stage, n_sequences
         self._start = 0.0
-        self._trimmed = False
+        # Epochs already done when this process started training (read off the restored
+        # checkpoint); None until the first epoch starts.
+        self.resumed_after: int | None = None
         if not append or not path.exists():
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(self.FIELDS)
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        if not self._trimmed and trainer.is_global_zero:
-            self._drop_rows_after(trainer.current_epoch)
-        self._trimmed = True
+        if self.resumed_after is None:
+            self.resumed_after = trainer.current_epoch
+            if trainer.is_global_zero:
+                self._drop_rows_after(trainer.current_epoch)
         self._start = time.perf_counter()
 
     def _drop_rows_after(self, epochs_done: int) -> None:
@@ -315,11 +318,11 @@ def run_stage(
     latest = pl_.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
     )
-    resumed_at = int(torch.load(resume, map_location="cpu", weights_only=False)["epoch"]) + 1 if resume else 0
+    epoch_log = EpochLog(out_dir / "metrics.csv", stage_name, len(dm.train_sequences), append=resume is not None)
     callbacks = [
         checkpoint, latest,
         pl_.callbacks.EarlyStopping(monitor="val_ndcg10", mode="max", patience=stage.patience),
-        EpochLog(out_dir / "metrics.csv", stage_name, len(dm.train_sequences), append=resume is not None),
+        epoch_log,
     ]
     if cfg.trainer.check_replicas:
         callbacks.append(ReplicaCheck(out_dir / "replica_check.json"))
@@ -360,7 +363,8 @@ def run_stage(
     summary = {
         "stage": stage_name, "best_epoch": best_epoch, "best_val_ndcg10": best_score, "epochs_run": epochs_run,
         "train_seconds": train_seconds, "sequences_per_second": seqs_per_s, "resumed": resume is not None,
-        "resumed_after_epoch": resumed_at, "refit_epochs": cfg.refit_epochs if stage_name == "finetune" else 0,
+        "resumed_after_epoch": epoch_log.resumed_after if epoch_log.resumed_after is not None else epochs_run,
+        "refit_epochs": cfg.refit_epochs if stage_name == "finetune" else 0,
         "parameters": total, "trainable_parameters": trainable, "training_sequences": len(dm.train_sequences),
         **trainer_kwargs(cfg.trainer), "initialized_from": str(init_from) if init_from else None,
     }
