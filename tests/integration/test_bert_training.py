@@ -20,7 +20,7 @@ from components.bert.text_embeddings import embed_item_texts
 from components.bert.train import finetune, pretrain
 from components.config import Params
 from components.evaluate import FactorModel, evaluate_split
-from components.features import build_features, load_sequences
+from components.features import build_features, id_sort_key, load_sequences
 from components.validate import validate
 from tests.bert_helpers import TINY_BERT_OVERRIDES, make_tiny_bert
 from tests.conftest import REPO, TINY, tiny_params
@@ -207,7 +207,9 @@ def test_cold_items_are_recommended_through_their_text(tmp_path, tiny_bert):
     items = sorted(inter["item_id"].unique().to_list())
     rng = np.random.default_rng(0)
     held = set(rng.choice(items, size=len(items) // 10, replace=False).tolist())
-    inter = inter.sort(["user_id", "timestamp"]).with_columns(
+    # Ties broken by item id, as features do: polars' default sort leaves tied rows in any
+    # order, which would make a different item "last" from run to run.
+    inter = inter.sort([id_sort_key("user_id", inter), "timestamp", id_sort_key("item_id", inter)]).with_columns(
         last=pl.int_range(pl.len()).over("user_id") == pl.len().over("user_id") - 1
     )
     inter = inter.filter(~pl.col("item_id").is_in(list(held)) | pl.col("last")).drop("last")
