@@ -29,7 +29,9 @@ class RetrievalConfig:
     # batched product of 8 users costs ~5 ms on one core, past that ANN wins.
     exact_max_items: int = 200_000
     ann: str = "ivf"
-    # IVF: lists ~ 4 sqrt(N); nprobe lists visited per query (recall vs. latency).
+    # IVF: lists ~ 4 sqrt(N), at most N / 39 (FAISS's floor of training points per centroid:
+    # below it, small catalogues get lists too thin to cluster and recall collapses); nprobe
+    # lists visited per query (recall vs. latency).
     nlist: int | None = None
     nprobe: int = 32
     # HNSW: graph degree, build and search breadth.
@@ -105,7 +107,7 @@ class Retriever:
 
     @property
     def nlist(self) -> int:
-        return self.config.nlist or max(16, min(65_536, int(4 * math.sqrt(self.n))))
+        return self.config.nlist or max(1, min(65_536, int(4 * math.sqrt(self.n)), self.n // 39))
 
     def _load_or_build(self, cache_key: str | None, cache_dir: Path | None):
         import faiss

@@ -94,3 +94,9 @@ def test_int8_table_keeps_the_ranking_at_a_quarter_of_the_memory(ann):
     approx = Retriever(vectors, RetrievalConfig(exact_max_items=0, ann=ann, int8=True, nlist=32, nprobe=32))
     assert approx.label == f"{ann}-int8"
     assert recall_at_k(approx.search(users, 10)[0], exact) >= 0.9
+
+
+def test_default_lists_keep_enough_points_per_centroid():
+    # 4 sqrt(N) lists would leave ~14 points each at N = 3120; capped at N / 39 (FAISS's floor).
+    vectors = np.random.default_rng(0).normal(size=(3120, 8)).astype(np.float32)
+    assert Retriever(vectors, RetrievalConfig(exact_max_items=0)).nlist == 80
