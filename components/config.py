@@ -164,6 +164,7 @@ class BertRecConfig:
     num_heads: int
     intermediate_size: int
     dropout: float
+    text_whitening: bool
     similarity: Literal["dot", "cosine"]
     temperature: float
     loss: Literal["full", "sampled"]
@@ -176,6 +177,7 @@ class BertRecConfig:
     mask_prob: float
     pretrain: StageConfig
     finetune: StageConfig
+    refit: Literal["continue", "retrain"]
     refit_epochs: int
     trainer: TrainerConfig
 

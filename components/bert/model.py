@@ -5,6 +5,9 @@ Item representation (mode by `bert.mode`):
     text     proj(text_embedding[i])           works for items never seen in training
     id       id_embedding[i]
     text+id  proj(text_embedding[i]) + id_embedding[i]
+With `text_whitening`, proj reads the PCA-whitened embedding (x - mean) W, mean and W fixed
+buffers computed once from the catalogue's text embeddings and saved with the weights, so new
+items from text go through the same transform.
 
 The text embeddings are the pretrained encoder's mean-pooled vectors (frozen), or, when the top
 layers of the text encoder are fine-tuned, computed on the fly by `TextTower`.
@@ -54,6 +57,7 @@ class SeqRecConfig:
     # normalising the outputs, so scores stay dot products of the returned vectors.
     similarity: str = "dot"
     temperature: float = 1.0
+    text_whitening: bool = False
     # Text tower (only when the text encoder's top layers are fine-tuned): where it came from and
     # how many of its layers train.
     text_encoder_path: str | None = None
@@ -86,6 +90,24 @@ class SeqRecConfig:
     @classmethod
     def load(cls, path: Path) -> "SeqRecConfig":
         return cls(**json.loads(Path(path).read_text()))
+
+
+# Eigenvalues below this fraction of the mean are regularised rather than blown up: sentence
+# encoders leave some directions with (numerically) zero variance.
+WHITENING_EPS = 5e-4
+
+
+def whitening(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA whitening of row vectors: (mean [d], W [d, d]) with (x - mean) W of identity
+    covariance over `embeddings` (up to the regularised directions)."""
+    x = embeddings.double()
+    mean = x.mean(dim=0)
+    centred = x - mean
+    cov = centred.T @ centred / max(1, x.shape[0] - 1)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    eps = WHITENING_EPS * float(eigenvalues.clamp(min=0).mean()) + 1e-12
+    w = eigenvectors / torch.sqrt(eigenvalues.clamp(min=0) + eps)
+    return mean.float(), w.float()
 
 
 def bert_config(cfg: SeqRecConfig):
@@ -166,9 +188,10 @@ class SeqRecModel(nn.Module):
         text_features: torch.Tensor | None = None,
         texts: list[str] | None = None,
     ):
-        """`text_features`: frozen item text embeddings [n_items, text_dim] (text modes without
-        fine-tuning). `texts`: item texts, to build the text tower when its layers are fine-tuned.
-        Both may be omitted when the weights are loaded from a state dict afterwards."""
+        """`text_features`: the item text embeddings [n_items, text_dim]: the frozen features
+        of text modes without fine-tuning, and the whitening statistics either way. `texts`: item
+        texts, to build the text tower when its layers are fine-tuned. Both may be omitted when
+        the weights are loaded from a state dict afterwards."""
         super().__init__()
         from transformers import BertModel
 
@@ -191,6 +214,13 @@ class SeqRecModel(nn.Module):
             self.id_embedding = nn.Embedding(cfg.n_items, h)
             nn.init.normal_(self.id_embedding.weight, std=0.02)
         if "text" in cfg.mode:
+            if text_features is not None and tuple(text_features.shape) != (cfg.n_items, cfg.text_dim):
+                raise ValueError(f"text_features must be {(cfg.n_items, cfg.text_dim)}, got {tuple(text_features.shape)}")
+            if cfg.text_whitening:
+                mean, w = (whitening(text_features) if text_features is not None
+                           else (torch.zeros(cfg.text_dim), torch.eye(cfg.text_dim)))
+                self.register_buffer("text_mean", mean)
+                self.register_buffer("text_whitener", w)
             if cfg.text_finetune_layers > 0:
                 if cfg.text_encoder_path is None:
                     raise ValueError("fine-tuning the text encoder needs text_encoder_path")
@@ -200,8 +230,6 @@ class SeqRecModel(nn.Module):
             else:
                 if text_features is None:
                     text_features = torch.zeros((cfg.n_items, cfg.text_dim))
-                if tuple(text_features.shape) != (cfg.n_items, cfg.text_dim):
-                    raise ValueError(f"text_features must be {(cfg.n_items, cfg.text_dim)}, got {tuple(text_features.shape)}")
                 # Saved with the weights, so the model is whole without the embeddings file.
                 self.register_buffer("text_features", text_features.float().clone())
             self.text_projection = nn.Linear(cfg.text_dim, h)
@@ -216,7 +244,7 @@ class SeqRecModel(nn.Module):
         rep = torch.zeros((item_ids.shape[0], self.cfg.hidden_size), device=device)
         if "text" in self.cfg.mode:
             text = self.text_tower(item_ids) if self.text_tower is not None else self.text_features[item_ids]
-            rep = rep + self.text_projection(text)
+            rep = rep + self._project(text)
         if "id" in self.cfg.mode:
             rep = rep + self.id_embedding(item_ids)
         return rep
@@ -237,7 +265,12 @@ class SeqRecModel(nn.Module):
         """Representation of items known only by their text embedding (cold start)."""
         if "text" not in self.cfg.mode:
             raise ValueError("an id-only model cannot represent items from text")
-        return self.text_projection(text_embeddings)
+        return self._project(text_embeddings)
+
+    def _project(self, text: torch.Tensor) -> torch.Tensor:
+        if self.cfg.text_whitening:
+            text = (text - self.text_mean) @ self.text_whitener
+        return self.text_projection(text)
 
     # ---- users ---------------------------------------------------------------------------
 

@@ -8,11 +8,12 @@ selection. `last.ckpt` is written every epoch: a run killed mid-training and sta
 the same settings and data resumes from it (a fingerprint of both guards against resuming a
 different run).
 
-Fine-tuning starts from the pre-trained weights when the pretrain stage ran. With
-`refit_epochs > 0`, the selected model is then trained a few more epochs on training +
-validation sequences (everything before the test item, as a deployed model would be updated);
-validation factors come from the selected model, test factors and the deployable model from the
-refitted one.
+Fine-tuning starts from the pre-trained weights when the pretrain stage ran. The model selected
+on validation is then refitted on training + validation sequences (everything before the test
+item, as a deployed model would be updated): `refit: continue` trains it `refit_epochs` more
+epochs; `refit: retrain` trains again from the stage's starting weights for the selected number
+of epochs. Validation factors come from the selected model, test factors and the deployable
+model from the refitted one.
 
 Outputs (finetune, under `artifacts/bert/`): `model/` (config.json + model.safetensors, the
 deployable network), `selected_model/` (the model selected on validation, before the refit),
@@ -186,6 +187,7 @@ def model_config(cfg: BertRecConfig, n_items: int, text_dim: int, inference: str
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size, max_len=cfg.max_len, dropout=cfg.dropout,
         inference=inference, similarity=cfg.similarity, temperature=cfg.temperature,
+        text_whitening=cfg.text_whitening and "text" in cfg.mode,
         text_encoder_path=str(resolve_encoder_path(cfg.text_encoder.path)) if tower else None,
         text_finetune_layers=cfg.text_encoder.finetune_layers if tower else 0,
         text_max_length=cfg.text_encoder.max_length,
@@ -254,15 +256,15 @@ def plot_learning_curve(csv_paths: list[Path], out: Path) -> None:
 
 
 def _load_inputs(features_dir: Path, text_dir: Path, cfg: BertRecConfig):
-    """Item text embeddings (text modes) and item texts (text tower)."""
+    """Item text embeddings (text modes: the frozen features, or the whitening statistics of
+    the text tower) and item texts (text tower)."""
     text_features, texts, text_dim = None, None, 0
     if "text" in cfg.mode:
         emb = np.load(text_dir / "embeddings.npy")
         text_dim = emb.shape[1]
+        text_features = torch.from_numpy(emb)
         if cfg.text_encoder.finetune_layers > 0:
             texts = pl.read_parquet(features_dir / "items.parquet").sort("item_idx")["text"].fill_null("").to_list()
-        else:
-            text_features = torch.from_numpy(emb)
     return text_features, texts, text_dim
 
 
@@ -293,6 +295,7 @@ def run_stage(
     dm.setup()
     mcfg = model_config(cfg, dm.n_items, text_dim, inference="cloze" if objective == "cloze" else "causal")
     module = build_module(cfg, stage, objective, mcfg, text_features, texts, dm.item_counts)
+    rebuild = (cfg, stage, objective, mcfg, text_features, texts, dm.item_counts)
     if init_from is not None:
         loaded = load_model(init_from)
         missing, unexpected = module.model.load_state_dict(loaded.state_dict(), strict=False)
@@ -300,6 +303,8 @@ def run_stage(
             raise ValueError(f"pre-trained weights do not match the model: missing {missing}, unexpected {unexpected}")
         log.info("fine-tuning from the pre-trained weights in %s", init_from)
 
+    # What `refit: retrain` starts from (pre-trained or fresh weights), before any epoch ran.
+    start_state = copy.deepcopy(module.model.state_dict())
     ckpt_dir = out_dir / "checkpoints"
     run_id = fingerprint(stage_name, dataclasses.asdict(cfg), params.seed,
                          json.loads((features_dir / "stats.json").read_text()),
@@ -347,9 +352,16 @@ def run_stage(
     # model that never saw the validation targets.
     selected = copy.deepcopy(module.model).cpu()
 
-    final = selected
-    if stage_name == "finetune" and cfg.refit_epochs > 0:
-        final = _refit(module, features_dir, cfg, params)
+    final, refit_epochs = selected, 0
+    if stage_name == "finetune" and cfg.refit == "retrain":
+        pl_.seed_everything(params.seed, workers=True, verbose=False)
+        fresh = build_module(*rebuild)
+        fresh.model.load_state_dict(start_state)
+        refit_epochs = best_epoch
+        final = _refit(fresh, refit_epochs, features_dir, cfg)
+    elif stage_name == "finetune" and cfg.refit_epochs > 0:
+        refit_epochs = cfg.refit_epochs
+        final = _refit(module, refit_epochs, features_dir, cfg)
 
     model_dir = out_dir / "model"
     save_model(final, model_dir)
@@ -364,7 +376,7 @@ def run_stage(
         "stage": stage_name, "best_epoch": best_epoch, "best_val_ndcg10": best_score, "epochs_run": epochs_run,
         "train_seconds": train_seconds, "sequences_per_second": seqs_per_s, "resumed": resume is not None,
         "resumed_after_epoch": epoch_log.resumed_after if epoch_log.resumed_after is not None else epochs_run,
-        "refit_epochs": cfg.refit_epochs if stage_name == "finetune" else 0,
+        "refit": cfg.refit if refit_epochs else None, "refit_epochs": refit_epochs,
         "parameters": total, "trainable_parameters": trainable, "training_sequences": len(dm.train_sequences),
         **trainer_kwargs(cfg.trainer), "initialized_from": str(init_from) if init_from else None,
     }
@@ -401,15 +413,15 @@ def _resume_path(ckpt_dir: Path, run_id: str) -> Path | None:
     return None
 
 
-def _refit(module: SeqRecModule, features_dir: Path, cfg: BertRecConfig, params: Params) -> SeqRecModel:
-    """A few more epochs on training + validation sequences, from the selected weights."""
+def _refit(module: SeqRecModule, epochs: int, features_dir: Path, cfg: BertRecConfig) -> SeqRecModel:
+    """Train `module` `epochs` epochs on training + validation sequences."""
     dm = SequenceDataModule(features_dir, cfg.max_len, cfg.batch_size, "next", train_until="test", validate=False)
     trainer = pl_.Trainer(
-        max_epochs=cfg.refit_epochs, gradient_clip_val=cfg.grad_clip or None, logger=False,
+        max_epochs=epochs, gradient_clip_val=cfg.grad_clip or None, logger=False,
         enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
         **{**trainer_kwargs(cfg.trainer), "devices": 1, "num_nodes": 1, "strategy": "auto"},
     )
-    log.info("refit: %d epochs on training + validation sequences", cfg.refit_epochs)
+    log.info("refit (%s): %d epochs on training + validation sequences", cfg.refit, epochs)
     trainer.fit(module, datamodule=dm)
     return module.model.cpu()
 

@@ -263,15 +263,21 @@ def test_stages_can_be_skipped(prepared):
                  with_("bert.pretrain.enabled=false", "bert.finetune.enabled=false"))
 
 
-def test_validation_factors_come_from_the_model_selected_before_the_refit(prepared):
+@pytest.mark.parametrize("refit", ["continue", "retrain"])
+def test_validation_factors_come_from_the_model_selected_before_the_refit(prepared, refit):
     """The refit trains on validation targets: validation scores must not come from it."""
     art, params, _ = prepared
     from components.bert.model import SeqRecConfig, SeqRecModel
     from components.bert.train import user_vectors
     from components.config import apply_overrides, params_from_dict
 
-    p = params_from_dict(apply_overrides(params.to_dict(), ["bert.pretrain.enabled=false", "bert.refit_epochs=2"]))
-    finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    p = params_from_dict(apply_overrides(params.to_dict(), ["bert.pretrain.enabled=false", "bert.refit_epochs=2",
+                                                            f"bert.refit={refit}", "bert.finetune.max_epochs=3"]))
+    res = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    summary = json.loads((art / "bert" / "training.json").read_text())
+    # continue: the fixed extra epochs; retrain: as many epochs as selection chose.
+    assert summary["refit"] == refit
+    assert summary["refit_epochs"] == (2 if refit == "continue" else res.best_epoch)
     best = torch.load(art / "bert" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     model = SeqRecModel(SeqRecConfig.load(art / "bert" / "model" / "config.json"))
     model.load_state_dict({k[len("model."):]: v for k, v in best["state_dict"].items() if k.startswith("model.")})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from components.bert.data import ClozeCollate, NextItemCollate
-from components.bert.model import MASK, PAD, SeqRecConfig, SeqRecModel, left_pad, load_model, save_model
+from components.bert.model import MASK, PAD, SeqRecConfig, SeqRecModel, left_pad, load_model, save_model, whitening
 from components.bert.module import SeqRecModule
 
 
@@ -70,6 +70,44 @@ def test_item_representations_by_mode(mode):
     else:
         # A text-only representation exists for any text embedding (cold start).
         assert m.project_text(torch.randn(2, 8)).shape == (2, 16)
+
+
+def test_whitening_decorrelates_to_unit_variance():
+    # Anisotropic, correlated rows: a shared offset and one dominant direction, as sentence
+    # encoders produce.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 4, generator=g) @ torch.tensor(
+        [[3.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.4, 0.0], [0.0, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.3]]
+    ) + 7.0
+    mean, w = whitening(x)
+    z = (x - mean) @ w
+    assert torch.allclose(z.mean(0), torch.zeros(4), atol=1e-4)
+    # Decorrelated; unit variance up to the regularisation (eps is 0.05% of the mean variance).
+    assert torch.allclose(torch.cov(z.T), torch.eye(4), atol=2e-2)
+
+
+def test_whitening_keeps_null_directions_finite():
+    # Fewer items than dimensions: a singular covariance must not blow up.
+    x = torch.randn(3, 8)
+    mean, w = whitening(x)
+    z = (x - mean) @ w
+    assert torch.isfinite(w).all() and torch.isfinite(z).all()
+
+
+def test_whitened_text_projection_is_saved_with_the_weights(tmp_path):
+    m = model(text_whitening=True)
+    text = m.text_features
+    mean, w = whitening(text)
+    assert torch.allclose(m.project_text(text[:2]), m.text_projection((text[:2] - mean) @ w), atol=1e-5)
+    # Items and new texts go through the same transform.
+    id_part = m.id_embedding.weight[:2]
+    assert torch.allclose(m.item_representations(torch.tensor([0, 1])), m.project_text(text[:2]) + id_part, atol=1e-5)
+    save_model(m, tmp_path)
+    back = load_model(tmp_path)
+    probe = torch.randn(3, 8)
+    assert torch.allclose(back.project_text(probe), m.project_text(probe), atol=1e-6)
+    # A model without whitening has no such buffers: its checkpoints stay as they were.
+    assert "text_whitener" not in model().state_dict()
 
 
 def test_cloze_inference_reads_an_appended_mask():
