@@ -221,8 +221,11 @@ class CompressConfig:
     # within `int8_tolerance` (relative) of onnx_fp32, else onnx_fp32.
     select: Literal["auto", "onnx_fp32", "onnx_fp32_opt", "onnx_int8", "onnx_int8_static", "pruned_onnx_int8"]
     int8_tolerance: float
-    # The INT8 text encoder is bundled when its mean cosine to fp32 on the item texts reaches this.
+    # The INT8 text encoder is bundled when its mean cosine to fp32 on the item texts reaches
+    # text_min_cosine and the item vectors it yields (after the projection) reach
+    # text_item_min_cosine.
     text_min_cosine: float
+    text_item_min_cosine: float
     # Users of the validation split used to measure the variants (0 = all).
     eval_users: int
 
