@@ -97,6 +97,7 @@ class FeaturesConfig:
     split: Literal["leave_one_out", "temporal"]
     temporal_valid_fraction: float
     temporal_test_fraction: float
+    holdout: Literal["test", "inner"]
 
 
 @dataclass(frozen=True)

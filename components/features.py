@@ -126,6 +126,29 @@ def temporal_split(df: pl.DataFrame, valid_fraction: float, test_fraction: float
     return df.with_columns(split=split)
 
 
+def inner_holdout(df: pl.DataFrame) -> pl.DataFrame:
+    """The split one step further back, for choosing settings without the test split.
+
+    Test interactions are dropped, validation becomes the test, and the last training
+    interaction of each user with a validation item becomes the validation; a user with a single
+    training interaction keeps it for training (and has no validation). Expects a `split`
+    column and chronological order per user.
+    """
+    df = df.filter(pl.col("split") != "test")
+    is_train = pl.col("split") == "train"
+    n_train = is_train.sum().over("user_id")
+    last_train = is_train & (is_train.cast(pl.Int64).cum_sum().over("user_id") == n_train)
+    evaluated = (pl.col("split") == "valid").any().over("user_id")
+    split = (
+        pl.when(pl.col("split") == "valid")
+        .then(pl.lit("test"))
+        .when(last_train & evaluated & (n_train >= 2))
+        .then(pl.lit("valid"))
+        .otherwise(pl.col("split"))
+    )
+    return df.with_columns(split=split)
+
+
 def index_ids(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Contiguous integer ids in id order (numeric ids numerically); returns
     (df with *_idx columns, user map, item map)."""
@@ -239,6 +262,14 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig) -> Featur
     else:
         split_source = "temporal"
         df = temporal_split(df, cfg.temporal_valid_fraction, cfg.temporal_test_fraction)
+    if cfg.holdout == "inner":
+        if split_source == "temporal":
+            raise ValueError(
+                "features.holdout=inner needs a per-user split (leave_one_out or the source's); "
+                "with split=temporal, move temporal_valid_fraction / temporal_test_fraction instead"
+            )
+        df = inner_holdout(df)
+        log.info("inner holdout: validation items are the test, last training items the validation")
 
     df, user_map, item_map = index_ids(df)
     n_users, n_items = user_map.height, item_map.height
@@ -290,6 +321,7 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig) -> Featur
         "n_exact_duplicates_dropped": n_raw - n_dedup,
         "density": float(df.height) / (n_users * n_items),
         "split_source": split_source,
+        "holdout": cfg.holdout,
         "split_sizes": split_sizes,
         "n_eval_users": {
             "valid": int(np.unique(user_idx[split_codes == 1]).size),

@@ -14,6 +14,7 @@ from components.features import (
     build_features,
     drop_exact_duplicates,
     index_ids,
+    inner_holdout,
     k_core,
     leave_one_out,
     load_sequences,
@@ -69,6 +70,19 @@ def test_leave_one_out():
     assert out.filter(pl.col("user_id") == "u2")["split"].to_list() == ["train", "train"]
 
 
+def test_inner_holdout_moves_the_split_one_step_back():
+    df = leave_one_out(order_chronologically(frame([
+        ("u1", "a", 1), ("u1", "b", 2), ("u1", "c", 3), ("u1", "d", 4),
+        ("u2", "a", 1), ("u2", "b", 2), ("u2", "c", 3),  # one training item: nothing left to validate on
+        ("u3", "a", 1), ("u3", "b", 2),  # too short for leave-one-out: training only, untouched
+    ])))
+    out = inner_holdout(df)
+    by_user = {u: out.filter(pl.col("user_id") == u)["split"].to_list() for u in ("u1", "u2", "u3")}
+    assert by_user == {"u1": ["train", "valid", "test"], "u2": ["train", "test"], "u3": ["train", "train"]}
+    # The test interactions are gone: nothing the inner split scores can have seen them.
+    assert out.filter(pl.col("user_id") == "u1")["item_id"].to_list() == ["a", "b", "c"]
+
+
 def test_temporal_split_uses_one_global_cut():
     df = frame([(f"u{i % 3}", f"i{i}", i) for i in range(1, 11)])
     out = temporal_split(df, 0.2, 0.2)
@@ -91,6 +105,26 @@ def write_snapshot(folder: Path, inter: pl.DataFrame, items: pl.DataFrame) -> Pa
     inter.write_parquet(folder / "interactions.parquet")
     items.write_parquet(folder / "items.parquet")
     return folder
+
+
+def test_inner_holdout_in_features(tmp_path):
+    """The same snapshot with holdout=inner: the old validation targets are the new test targets,
+    predicted from the same histories."""
+    inter = frame([(f"u{u}", f"i{(u + t) % 7}", t) for u in range(5) for t in range(5)])
+    items = pl.DataFrame({"item_id": [f"i{i}" for i in range(7)], "text": [f"T{i}" for i in range(7)]})
+    data = write_snapshot(tmp_path / "data", inter, items)
+    no_core = ("features.min_user_interactions=0", "features.min_item_interactions=0")
+    build_features(data, tmp_path / "outer", tiny_params(*no_core).features)
+    build_features(data, tmp_path / "inner", tiny_params(*no_core, "features.holdout=inner").features)
+    outer, inner = load_sequences(tmp_path / "outer"), load_sequences(tmp_path / "inner")
+    assert outer.n_items == inner.n_items == 7  # every test item also occurs earlier: same indices
+    assert (outer.target_matrix("valid") != inner.target_matrix("test")).nnz == 0
+    assert (outer.history_matrix("valid") != inner.history_matrix("test")).nnz == 0
+    assert inner.target_matrix("valid").nnz == 5 and inner.history_matrix("valid").nnz == 5 * 2
+    assert json.loads((tmp_path / "inner" / "stats.json").read_text())["holdout"] == "inner"
+    temporal = tiny_params(*no_core, "features.holdout=inner", "features.split=temporal").features
+    with pytest.raises(ValueError, match="per-user split"):
+        build_features(data, tmp_path / "t", temporal)
 
 
 def test_build_features_outputs(tmp_path):
