@@ -295,7 +295,6 @@ def run_stage(
     dm.setup()
     mcfg = model_config(cfg, dm.n_items, text_dim, inference="cloze" if objective == "cloze" else "causal")
     module = build_module(cfg, stage, objective, mcfg, text_features, texts, dm.item_counts)
-    rebuild = (cfg, stage, objective, mcfg, text_features, texts, dm.item_counts)
     if init_from is not None:
         loaded = load_model(init_from)
         missing, unexpected = module.model.load_state_dict(loaded.state_dict(), strict=False)
@@ -303,8 +302,9 @@ def run_stage(
             raise ValueError(f"pre-trained weights do not match the model: missing {missing}, unexpected {unexpected}")
         log.info("fine-tuning from the pre-trained weights in %s", init_from)
 
+    retrain = stage_name == "finetune" and cfg.refit == "retrain"
     # What `refit: retrain` starts from (pre-trained or fresh weights), before any epoch ran.
-    start_state = copy.deepcopy(module.model.state_dict())
+    start_state = copy.deepcopy(module.model.state_dict()) if retrain else None
     ckpt_dir = out_dir / "checkpoints"
     run_id = fingerprint(stage_name, dataclasses.asdict(cfg), params.seed,
                          json.loads((features_dir / "stats.json").read_text()),
@@ -353,9 +353,9 @@ def run_stage(
     selected = copy.deepcopy(module.model).cpu()
 
     final, refit_epochs = selected, 0
-    if stage_name == "finetune" and cfg.refit == "retrain":
+    if retrain:
         pl_.seed_everything(params.seed, workers=True, verbose=False)
-        fresh = build_module(*rebuild)
+        fresh = build_module(cfg, stage, objective, mcfg, text_features, texts, dm.item_counts)
         fresh.model.load_state_dict(start_state)
         refit_epochs = best_epoch
         final = _refit(fresh, refit_epochs, features_dir, cfg)
