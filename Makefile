@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,dev
 
-.PHONY: install run repro serve mlflow mlflow-ui deploy test test-slow bench bench-real clean
+.PHONY: install run repro dvc-yaml serve mlflow mlflow-ui deploy test test-slow bench bench-real clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,19 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # The main job on the built-in dataset: the Prefect training flow (validate -> ... -> register),
-# ending with the metrics table and the registered model. `make repro` does the same with DVC.
+# ending with the metrics table and the registered model. `make repro` runs the same stages with
+# DVC (no registration). PRESET=presets/movielens-100k.yaml for a real dataset.
+PRESET ?=
 run: install
-	$(PY) -m flows.training
+	$(PY) -m flows.training $(if $(PRESET),--params-overrides $(PRESET))
 
 repro: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 	$(PY) -m components.evaluate --show
+
+# dvc.yaml is generated from components/pipeline.py (a test fails when they differ).
+dvc-yaml: install
+	$(PY) -m components.pipeline dvc
 
 # The service on the registry's champion (falls back to the last cached bundle); SERVE_ARGS to
 # override, e.g. make serve SERVE_ARGS="--bundle artifacts/bundle".
@@ -42,10 +48,11 @@ mlflow: install
 mlflow-ui: install
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
-# Work pool + deployment of prefect.yaml + a worker (needs a Prefect server: `prefect server start`).
+# Work pool + deployment of prefect.yaml + a worker (needs a Prefect server: `prefect server start`
+# and PREFECT_API_URL). Runs execute in this checkout.
 deploy: install
 	$(VENV)/bin/prefect work-pool create recforge-process --type process --overwrite
-	RECFORGE_HOME=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
+	$(VENV)/bin/prefect --no-prompt deploy --all
 	$(VENV)/bin/prefect deployment ls
 	$(VENV)/bin/prefect worker start --pool recforge-process
 
@@ -66,5 +73,7 @@ bench-real: install
 	$(PY) -m benchmarks.quality --dataset amazon-scientific --models popularity,mf,bert,bert-id-only,fused --out artifacts/bench/quality-amazon-scientific.json
 	$(PY) -m benchmarks.compression --dataset movielens-100k --out artifacts/bench/compression.json
 
+# Everything generated, but the tracked metrics (artifacts/metrics/).
 clean:
-	rm -rf artifacts .dvc/cache .dvc/tmp
+	find artifacts -mindepth 1 -maxdepth 1 ! -name metrics -exec rm -rf {} + 2>/dev/null || true
+	rm -rf .dvc/cache .dvc/tmp

@@ -35,3 +35,24 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
+
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+
+
+def datasets() -> list[str]:
+    """`synthetic` (params.yaml as it is) and one per preset file in presets/."""
+    return ["synthetic", *sorted(p.stem for p in PRESETS.glob("*.yaml"))]
+
+
+def dataset_params(params_path: Path, dataset: str, data_dir: Path | None = None, overrides: list[str] = (),
+                   override_files: list[Path] = ()):
+    """The settings of a benchmark on `dataset`: params.yaml, the dataset's preset, further
+    preset files, `data.path` when a folder is given, then the `--set` overrides."""
+    from components.config import load_params
+
+    if dataset not in datasets():
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(datasets())}")
+    preset = [PRESETS / f"{dataset}.yaml"] if dataset != "synthetic" else []
+    where = [f"data.path={data_dir}"] if data_dir else []
+    return load_params(params_path, [*where, *overrides], [*preset, *override_files])

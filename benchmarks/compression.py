@@ -2,8 +2,8 @@
 
     python -m benchmarks.compression --dataset movielens-100k --data-dir DIR --out compression.json
 
-Trains the default recommender on the dataset's preset (or reuses `--workdir` when it already
-holds a trained one), runs the real compress and export stages, then measures on the test split:
+Runs the pipeline up to export on the dataset's preset (`presets/<dataset>.yaml`; stages already
+up to date in `--workdir` are reused), then measures on the test split:
 
 - sequence model: PyTorch fp32 eager, ONNX fp32, ONNX fp32 optimised, ONNX INT8, pruned + ONNX
   INT8 (and the unstructured-sparse fp32 graph, to show that zeros do not speed up dense kernels):
@@ -27,10 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.common import machine, write_json
-from benchmarks.presets import PRESETS, overrides_for
+from benchmarks.common import dataset_params, datasets, machine, write_json
+from components import pipeline
 from components.cli import add_params_arguments, run_main
-from components.config import Params, load_params
+from components.config import Params
+from components.pipeline import Artifacts
 
 log = logging.getLogger("benchmarks.compression")
 
@@ -38,25 +39,9 @@ SEQ_VARIANTS = ("onnx_fp32", "onnx_fp32_opt", "onnx_int8", "pruned_onnx_int8", "
 TEXT_VARIANTS = ("onnx_fp32", "onnx_fp32_opt", "onnx_int8", "pruned_onnx_int8")
 
 
-def prepare(params: Params, work: Path) -> None:
-    """Validated data, features, MF and the BERT recommender in `work` (skipped when present)."""
-    from components.bert.text_embeddings import embed_item_texts
-    from components.bert.train import finetune, pretrain
-    from components.features import build_features
-    from components.train_mf import train_mf
-    from components.validate import ValidationFailed, report, validate
-
-    if (work / "bert" / "selected_model" / "config.json").exists() and (work / "mf" / "factors.npz").exists():
-        log.info("reusing the trained models in %s", work)
-        return
-    result = validate(params, work / "validation", work / "data")
-    if not result.success:
-        raise ValidationFailed(report(result))
-    build_features(work / "data", work / "features", params.features)
-    train_mf(work / "features", work / "mf", params.mf, params.seed)
-    embed_item_texts(work / "features", work / "text_embeddings", params.bert.text_encoder)
-    pretrain(work / "features", work / "text_embeddings", work / "bert" / "pretrain", params)
-    finetune(work / "features", work / "text_embeddings", work / "bert" / "pretrain", work / "bert", params)
+def prepare(params: Params, work: Path) -> dict[str, pipeline.Outcome]:
+    """The pipeline up to the bundle in `work` (what is up to date there is reused)."""
+    return pipeline.run(params, Artifacts(work), until=["export", "evaluate"])
 
 
 def timed(fn: Callable[[], Any], rounds: int) -> list[float]:
@@ -86,19 +71,17 @@ def run(params: Params, work: Path, rounds_b1: int, rounds_batch: int) -> dict[s
 
     from components.bert.model import left_pad, load_model
     from components.compress import (
-        compress, cosine, eval_users, onnx_topk, overlap, prune_bert_layers, quantize_int8, ranking_quality, size_mb,
+        cosine, eval_users, onnx_topk, overlap, prune_bert_layers, quantize_int8, ranking_quality, size_mb,
     )
-    from components.export import (
-        TextGraph, export_bundle, export_text_encoder, sequence_inputs, session, text_encoder_for, tokenize,
+    from components.onnx_graphs import (
+        TextGraph, export_text_encoder, sequence_inputs, session, text_encoder_for, tokenize,
     )
     from components.bert.text_embeddings import resolve_encoder_path
     from components.features import load_sequences
 
-    prepare(params, work)
-    start = time.perf_counter()
-    comp = compress(work / "features", work / "bert", work / "compress", params)
-    compress_seconds = time.perf_counter() - start
-    bundle = export_bundle(work / "features", work / "bert", work / "mf", work / "compress", work / "bundle", params)
+    outcomes = prepare(params, work)
+    compress_seconds = outcomes["compress"].seconds
+    bundle_manifest = json.loads((work / "bundle" / "bundle.json").read_text())
     seqs = load_sequences(work / "features")
     model = load_model(work / "bert" / "model")
     L = model.cfg.max_len
@@ -227,7 +210,7 @@ def run(params: Params, work: Path, rounds_b1: int, rounds_batch: int) -> dict[s
 
     cases = {"torch_fp32": eager, **{v: (lambda s=s: onnx_request(s)) for v, s in sessions.items()}}
     e2e = {v: {"p50_ms": r["p50"], "p99_ms": r["p99"]} for v, r in interleaved(cases, rounds_b1).items()}
-    chosen = bundle.manifest["sequence"]["variant"]
+    chosen = bundle_manifest["sequence"]["variant"]
     e2e["bundle"] = {**e2e[chosen], "variant": chosen}
 
     seq = sequence
@@ -274,14 +257,14 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_params_arguments(parser)
-    parser.add_argument("--dataset", default="movielens-100k", choices=list(PRESETS))
+    add_params_arguments(parser, artifacts=False)
+    parser.add_argument("--dataset", default="movielens-100k", choices=datasets())
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="default: artifacts/bench/compression/<dataset>")
     parser.add_argument("--rounds", type=int, default=300, help="batch-1 repetitions per variant")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    params = load_params(args.params, [*overrides_for(args.dataset, args.data_dir), *args.overrides])
+    params = dataset_params(args.params, args.dataset, args.data_dir, args.overrides, args.override_files)
     work = args.workdir or Path("artifacts/bench/compression") / args.dataset
     result = run(params, work, args.rounds, max(20, args.rounds // 10))
     result["dataset"] = args.dataset

@@ -21,6 +21,7 @@ from pathlib import Path
 from benchmarks.common import peak_rss_mb, write_json
 from components.cli import add_params_arguments, run_main
 from components.config import load_params
+from components.pipeline import Artifacts
 
 
 def synthetic_config(params, n_interactions: int):
@@ -50,40 +51,41 @@ def generate_snapshot(params_path: Path, overrides: list[str], n: int, data_dir:
     return seconds
 
 
-def child(params_path: Path, overrides: list[str], data_dir: Path, out_dir: Path) -> None:
-    """Runs in its own process: build features and report time and peak RSS as JSON."""
-    from components.features import build_features
+def child(params_path: Path, overrides: list[str], root: Path) -> None:
+    """Runs in its own process: the features stage on the snapshot under `root`, then time and
+    peak RSS as JSON."""
+    from components import pipeline
 
     params = load_params(params_path, overrides)
     start = time.perf_counter()
-    result = build_features(data_dir, out_dir, params.features)
+    result = pipeline.execute(pipeline.STAGE["features"], params, pipeline.Artifacts(root))
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "n_interactions": result.n_interactions}))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_params_arguments(parser)
+    add_params_arguments(parser, artifacts=False)
     parser.add_argument("--sizes", default="1000000,10000000")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/scaling"))
     parser.add_argument("--out", type=Path, required=False)
-    parser.add_argument("--child", nargs=2, type=Path, metavar=("DATA_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", type=Path, metavar="ROOT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.params, args.overrides, *args.child)
+        child(args.params, args.overrides, args.child)
         return 0
     if args.out is None:
         parser.error("--out is required")
 
     results: dict[str, dict[str, dict[str, float]]] = {"features": {}, "generation": {}}
     for n in [int(s) for s in args.sizes.split(",")]:
-        data_dir = args.workdir / str(n) / "data"
+        data_dir = Artifacts(args.workdir / str(n)).data
         gen_seconds = generate_snapshot(args.params, args.overrides, n, data_dir)
         results["generation"][str(n)] = {"seconds": gen_seconds}
         cmd = [sys.executable, "-m", "benchmarks.scaling", "--params", str(args.params)]
         for o in args.overrides:
             cmd += ["--set", o]
-        cmd += ["--child", str(data_dir), str(args.workdir / str(n) / "features")]
+        cmd += ["--child", str(args.workdir / str(n))]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)

@@ -37,32 +37,25 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import machine, write_json
-from benchmarks.presets import overrides_for
+from benchmarks.common import dataset_params, machine, write_json
 from components.cli import add_params_arguments, run_main
-from components.config import load_params
 from serving.retrieval import ANN_KINDS, RetrievalConfig
 
 log = logging.getLogger("benchmarks.serving")
 
 
 def ensure_bundle(params, work: Path) -> Path:
-    if (work / "bundle" / "bundle.json").exists():
-        return work / "bundle"
+    """The pipeline's bundle in `work` (built, or reused when up to date)."""
     from benchmarks.compression import prepare
-    from components.compress import compress
-    from components.export import export_bundle
 
     prepare(params, work)
-    compress(work / "features", work / "bert", work / "compress", params)
-    export_bundle(work / "features", work / "bert", work / "mf", work / "compress", work / "bundle", params)
     return work / "bundle"
 
 
 def synthetic_catalogue(base: Path, n_items: int, out: Path, seed: int = 0) -> Path:
     """`base` bundle with its catalogue grown to `n_items` (see the module docstring). The
     sequence graph is reused; `sequence.catalog_items` tells the service which items it covers."""
-    from components.export import write_bundle_manifest
+    from serving.bundle_format import write_manifest
 
     manifest = json.loads((base / "bundle.json").read_text())
     if (out / "bundle.json").exists():
@@ -96,7 +89,7 @@ def synthetic_catalogue(base: Path, n_items: int, out: Path, seed: int = 0) -> P
     manifest = {**manifest, "item_ids": manifest["item_ids"] + [f"syn-{j:07d}" for j in range(extra)],
                 "sequence": {**manifest["sequence"], "catalog_items": n0}, "mf": None,
                 "synthetic": {"base_items": n0, "seed": seed, "noise": "0.5 x per-dimension std"}}
-    write_bundle_manifest(out, {k: v for k, v in manifest.items() if k != "files"})
+    write_manifest(out, {k: v for k, v in manifest.items() if k != "files"})
     return out
 
 
@@ -251,7 +244,7 @@ SCENARIOS = ("movielens-100k", "synthetic-100k", "synthetic-1m")
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_params_arguments(parser)
+    add_params_arguments(parser, artifacts=False)
     parser.add_argument("--data-dir", type=Path, default=None, help="MovieLens-100K folder")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/compression/movielens-100k"))
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
@@ -269,7 +262,7 @@ def main() -> int:
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown scenarios {unknown}; choose among {SCENARIOS}")
-    params = load_params(args.params, [*overrides_for("movielens-100k", args.data_dir), *args.overrides])
+    params = dataset_params(args.params, "movielens-100k", args.data_dir, args.overrides, args.override_files)
     bundle = ensure_bundle(params, args.workdir)
 
     from components.features import load_sequences

@@ -38,9 +38,8 @@ from torch import nn
 
 from components import metrics
 from components.bert.model import SeqRecConfig, SeqRecModel, load_model, save_model, shrink_layer
-from components.config import Params
-from components.export import (
-    SEQUENCE_INPUTS,
+from components.config import BertRecConfig, CompressConfig, ExportConfig
+from components.onnx_graphs import (
     TextGraph,
     export_sequence,
     export_text_encoder,
@@ -54,6 +53,7 @@ from components.export import (
     tokenize,
 )
 from components.features import Sequences, load_sequences
+from serving.bundle_format import sequence_feeds
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,24 @@ class CompressResult:
     sequence_variant: str
     text_variant: str | None
     reason: str
-    report: dict[str, Any]
+    # Per sequence variant: validation NDCG@10, Recall@10, top-10 overlap with fp32, size, latency.
+    quality_valid: dict[str, dict[str, Any]]
+    text_reason: str | None
+
+    def metrics(self) -> dict[str, Any]:
+        chosen = self.quality_valid[self.sequence_variant]
+        return {"chosen": {k: chosen[k] for k in ("ndcg@10", "recall@10", "size_mb")} | {
+                    "latency_b1_p50_ms": chosen["latency_b1"]["p50_ms"]},
+                "variants": {v: {k: q[k] for k in ("ndcg@10", "size_mb")} for v, q in self.quality_valid.items()}}
+
+    def describe(self) -> str:
+        lines = [f"{name:18s} valid NDCG@10 {row['ndcg@10']:.4f}  Recall@10 {row['recall@10']:.4f}  "
+                 f"top-10 overlap {row['top10_overlap']:.3f}  {row['size_mb']:.2f} MB  p50 b1 "
+                 f"{row['latency_b1']['p50_ms']:.2f} ms" for name, row in self.quality_valid.items()]
+        lines.append(f"sequence model: {self.sequence_variant} ({self.reason})")
+        if self.text_variant:
+            lines.append(f"text encoder: {self.text_variant} ({self.text_reason})")
+        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,31 +155,32 @@ def prune_unstructured(model: SeqRecModel, amount: float) -> tuple[SeqRecModel, 
     return pruned, {"target": amount, "global_sparsity": zeros / max(total, 1), "per_matrix": per_matrix}
 
 
-def recover(model: SeqRecModel, features_dir: Path, params: Params, train_until: str) -> SeqRecModel:
+def recover(model: SeqRecModel, features_dir: Path, cfg: CompressConfig, bert: BertRecConfig, seed: int,
+            train_until: str) -> SeqRecModel:
     """A short next-item fine-tune of a pruned model (Lightning, the training module's loss)."""
-    epochs = params.compress.prune.recovery_epochs
+    epochs = cfg.prune.recovery_epochs
     if epochs <= 0:
         return model
     import pytorch_lightning as pl_
 
     from components.bert.data import SequenceDataModule
     from components.bert.module import SeqRecModule
-    from components.bert.train import trainer_kwargs
+    from components.bert.train import interactive, trainer_kwargs
 
-    cfg = params.bert
-    pl_.seed_everything(params.seed, workers=True, verbose=False)
-    dm = SequenceDataModule(features_dir, model.cfg.max_len, cfg.batch_size, "next", train_until=train_until, validate=False)
+    pl_.seed_everything(seed, workers=True, verbose=False)
+    dm = SequenceDataModule(features_dir, model.cfg.max_len, bert.batch_size, "next", train_until=train_until,
+                            validate=False)
     dm.setup()
     module = SeqRecModule(
-        dataclasses.asdict(model.cfg), objective="next", lr=params.compress.prune.recovery_lr,
-        weight_decay=cfg.weight_decay, warmup_fraction=cfg.warmup_fraction, loss=cfg.loss,
-        num_negatives=cfg.num_negatives, negative_sampling=cfg.negative_sampling, item_counts=dm.item_counts,
+        dataclasses.asdict(model.cfg), objective="next", lr=cfg.prune.recovery_lr,
+        weight_decay=bert.weight_decay, warmup_fraction=bert.warmup_fraction, loss=bert.loss,
+        num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, item_counts=dm.item_counts,
     )
     module.model.load_state_dict(model.state_dict())
     trainer = pl_.Trainer(
-        max_epochs=epochs, gradient_clip_val=cfg.grad_clip or None, logger=False, enable_checkpointing=False,
-        limit_val_batches=0, enable_model_summary=False,
-        **{**trainer_kwargs(cfg.trainer), "devices": 1, "num_nodes": 1, "strategy": "auto"},
+        max_epochs=epochs, gradient_clip_val=bert.grad_clip or None, logger=False, enable_checkpointing=False,
+        limit_val_batches=0, enable_model_summary=False, enable_progress_bar=interactive(),
+        **{**trainer_kwargs(bert.trainer), "devices": 1, "num_nodes": 1, "strategy": "auto"},
     )
     log.info("recovery fine-tune: %d epochs on the %s sequences", epochs, "training + validation" if train_until == "test" else "training")
     trainer.fit(module, datamodule=dm)
@@ -267,13 +285,9 @@ def onnx_topk(path: Path, seqs: Sequences, split: str, users: np.ndarray, max_le
     out = []
     for lo in range(0, users.size, batch_size):
         block = users[lo : lo + batch_size]
-        feeds = sequence_inputs([histories[u] for u in block], max_len)
         ex = exclude[block]
-        width = max(1, int(np.diff(ex.indptr).max(initial=0)))
-        feeds["exclude"] = np.full((block.size, width), -1, dtype=np.int64)
-        for r in range(block.size):
-            cols = ex.indices[ex.indptr[r] : ex.indptr[r + 1]]
-            feeds["exclude"][r, : cols.size] = cols
+        feeds = sequence_feeds([histories[u] for u in block], max_len,
+                               [ex.indices[ex.indptr[r] : ex.indptr[r + 1]] for r in range(block.size)])
         out.append(sess.run(["topk_items"], feeds)[0][:, :k])
     return np.concatenate(out) if out else np.zeros((0, k), np.int64)
 
@@ -312,10 +326,10 @@ def size_mb(path: Path) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def build_sequence_variants(model: SeqRecModel, out: Path, params: Params, features_dir: Path,
-                            train_until: str, calibration: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def build_sequence_variants(model: SeqRecModel, out: Path, c: CompressConfig, k: int, bert: BertRecConfig, seed: int,
+                            features_dir: Path, train_until: str,
+                            calibration: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Every sequence-model variant of `model` under `out`; returns what was done to build them."""
-    c, k = params.compress, params.export.k
     out.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {}
     export_sequence(model, out / "onnx_fp32.onnx", k)
@@ -324,7 +338,7 @@ def build_sequence_variants(model: SeqRecModel, out: Path, params: Params, featu
     if c.quantization.static:
         quantize_static_qdq(out / "onnx_fp32.onnx", out / "onnx_int8_static.onnx", calibration, c.quantization.per_channel)
     if c.prune.heads > 0 or c.prune.ffn > 0:
-        pruned = recover(prune_structured(model, c.prune.heads, c.prune.ffn), features_dir, params, train_until)
+        pruned = recover(prune_structured(model, c.prune.heads, c.prune.ffn), features_dir, c, bert, seed, train_until)
         save_model(pruned, out / "pruned_model")
         export_sequence(pruned, out / "pruned_onnx_fp32.onnx", k)
         quantize_int8(out / "pruned_onnx_fp32.onnx", out / "pruned_onnx_int8.onnx", c.quantization.per_channel,
@@ -355,8 +369,10 @@ def choose(select: str, quality: dict[str, dict[str, float]], tolerance: float) 
                          f"outside the {tolerance:.0%} tolerance, fp32 kept")
 
 
-def compress(features_dir: Path, bert_dir: Path, out_dir: Path, params: Params) -> CompressResult:
-    """Build, measure and choose; see the module docstring. Writes `report.json`."""
+def compress(features_dir: Path, bert_dir: Path, out_dir: Path, cfg: CompressConfig, export: ExportConfig,
+             bert: BertRecConfig, seed: int) -> CompressResult:
+    """Build, measure and choose; see the module docstring. Writes `report.json`. `export` holds
+    the parity gates and K; `bert` the training settings of the pruned model's recovery."""
     from components.bert.text_embeddings import resolve_encoder_path
 
     if out_dir.exists():
@@ -365,19 +381,19 @@ def compress(features_dir: Path, bert_dir: Path, out_dir: Path, params: Params) 
     seqs = load_sequences(features_dir)
     selected, deploy = load_model(bert_dir / "selected_model"), load_model(bert_dir / "model")
     max_len = deploy.cfg.max_len
-    ex = params.export
-    users = eval_users(seqs, "valid", params.compress.eval_users)
+    ex = export
+    users = eval_users(seqs, "valid", cfg.eval_users)
     valid_histories = seqs.histories("valid", max_len)
     calibration = [
         sequence_inputs([valid_histories[u] for u in block], max_len)
-        for block in np.array_split(users[: params.compress.quantization.calibration_users],
-                                    max(1, min(users.size, params.compress.quantization.calibration_users) // 32))
+        for block in np.array_split(users[: cfg.quantization.calibration_users],
+                                    max(1, min(users.size, cfg.quantization.calibration_users) // 32))
         if block.size
     ]
 
     # Measure on the selected model.
     measure_dir = out_dir / "measure"
-    build_info = build_sequence_variants(selected, measure_dir, params, features_dir, "valid", calibration)
+    build_info = build_sequence_variants(selected, measure_dir, cfg, ex.k, bert, seed, features_dir, "valid", calibration)
     parity = check_sequence_parity(selected, measure_dir / "onnx_fp32.onnx",
                                    [valid_histories[u] for u in users[: ex.parity_users]], ex.k)
     if parity["max_abs_diff"] > ex.max_abs_diff or parity["min_top10_identical"] < ex.min_top10_identical:
@@ -389,12 +405,12 @@ def compress(features_dir: Path, bert_dir: Path, out_dir: Path, params: Params) 
     probe = sequence_inputs([valid_histories[users[0]]] if users.size else [[0]], max_len)
     for v in quality:
         quality[v]["latency_b1"] = latency_ms(measure_dir / f"{v}.onnx", probe)
-    variant, reason = choose(params.compress.select, quality, params.compress.int8_tolerance)
+    variant, reason = choose(cfg.select, quality, cfg.int8_tolerance)
     log.info("sequence model: %s (%s)", variant, reason)
 
     # Build the deployable variants; the measured choice decides which one ships.
     deploy_dir = out_dir / "sequence"
-    build_sequence_variants(deploy, deploy_dir, params, features_dir, "test", calibration)
+    build_sequence_variants(deploy, deploy_dir, cfg, ex.k, bert, seed, features_dir, "test", calibration)
     deploy_parity = check_sequence_parity(deploy, deploy_dir / "onnx_fp32.onnx",
                                           [valid_histories[u] for u in users[: ex.parity_users]], ex.k, batch_sizes=(1, 64))
     shutil.rmtree(measure_dir)  # measured; the deployable twins are what is kept
@@ -402,8 +418,9 @@ def compress(features_dir: Path, bert_dir: Path, out_dir: Path, params: Params) 
     text_report, text_variant = None, None
     (out_dir / "text_encoder").mkdir()  # empty for an id-only model (no cold start from text)
     if "text" in deploy.cfg.mode:
-        text_report, text_variant = _text_variants(deploy, out_dir / "text_encoder", resolve_encoder_path(params.bert.text_encoder.path),
-                                                   features_dir, params)
+        text_report, text_variant = _text_variants(deploy, out_dir / "text_encoder",
+                                                   resolve_encoder_path(bert.text_encoder.path), features_dir, cfg,
+                                                   ex.max_abs_diff)
     report = {
         "sequence": {"variant": variant, "reason": reason, "quality_valid": quality, "build": build_info,
                      "parity": parity, "deploy_parity": {k: deploy_parity[k] for k in ("max_abs_diff", "min_top10_identical")},
@@ -411,11 +428,12 @@ def compress(features_dir: Path, bert_dir: Path, out_dir: Path, params: Params) 
         "text_encoder": text_report,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    return CompressResult(out_dir, variant, text_variant, reason, report)
+    return CompressResult(out_dir, variant, text_variant, reason, quality,
+                          text_report["reason"] if text_report else None)
 
 
 def _text_variants(model: SeqRecModel, out: Path, encoder_path: Path, features_dir: Path,
-                   params: Params) -> tuple[dict[str, Any], str]:
+                   c: CompressConfig, max_abs_diff: float) -> tuple[dict[str, Any], str]:
     import polars as pl
 
     encoder = text_encoder_for(model, encoder_path)
@@ -424,14 +442,14 @@ def _text_variants(model: SeqRecModel, out: Path, encoder_path: Path, features_d
     copy_tokenizer(encoder_path, out / "tokenizer")
     texts = pl.read_parquet(features_dir / "items.parquet").sort("item_idx")["text"].fill_null("").to_list()[:512]
     parity = check_text_parity(TextGraph(encoder, model).eval(), out / "onnx_fp32.onnx", out / "tokenizer", texts[:64], max_length)
-    if max(parity.values()) > params.export.max_abs_diff * 10:
+    if max(parity.values()) > max_abs_diff * 10:
         # Twelve fp32 layers accumulate more rounding than the two-layer recommender.
         raise RuntimeError(f"text encoder ONNX does not match PyTorch: {parity}")
     cfg = encoder.config
     fusions = optimize_transformer(out / "onnx_fp32.onnx", out / "onnx_fp32_opt.onnx", cfg.num_attention_heads, cfg.hidden_size)
     # The word-piece table is half of MiniLM's weights: quantizing its lookup (Gather) too is
     # what makes the INT8 encoder ~4x smaller, at cosine ~0.99.
-    quantize_int8(out / "onnx_fp32.onnx", out / "onnx_int8.onnx", params.compress.quantization.per_channel,
+    quantize_int8(out / "onnx_fp32.onnx", out / "onnx_int8.onnx", c.quantization.per_channel,
                   embedding_table=True)
     feeds = tokenize(out / "tokenizer", texts, max_length)
     ref = session(out / "onnx_fp32.onnx").run(None, feeds)
@@ -443,7 +461,7 @@ def _text_variants(model: SeqRecModel, out: Path, encoder_path: Path, features_d
                        "item_vector_cosine_to_fp32": float(cosine(got[1], ref[1]).mean())}
     # Serving ranks with the item vector: a projection trained on whitened text can amplify the
     # encoder's INT8 error in low-variance directions, so both outputs must keep the cosine.
-    int8, c = variants["onnx_int8"], params.compress
+    int8 = variants["onnx_int8"]
     good = (int8["cosine_to_fp32"] >= c.text_min_cosine
             and int8["item_vector_cosine_to_fp32"] >= c.text_item_min_cosine)
     chosen = "onnx_int8" if good else "onnx_fp32"
@@ -454,23 +472,7 @@ def _text_variants(model: SeqRecModel, out: Path, encoder_path: Path, features_d
             "texts": len(texts)}, chosen
 
 
-def main() -> int:
-    from components.cli import base_parser, params_from_args
-
-    args = base_parser("Prune, quantize and optimise the BERT recommender and its text encoder.").parse_args()
-    params = params_from_args(args)
-    art = args.artifacts
-    res = compress(art / "features", art / "bert", art / "compress", params)
-    for name, row in res.report["sequence"]["quality_valid"].items():
-        print(f"{name:18s} valid NDCG@10 {row['ndcg@10']:.4f}  Recall@10 {row['recall@10']:.4f}  "
-              f"top-10 overlap {row['top10_overlap']:.3f}  {row['size_mb']:.2f} MB  p50 b1 {row['latency_b1']['p50_ms']:.2f} ms")
-    print(f"sequence model: {res.sequence_variant} ({res.reason})")
-    if res.text_variant:
-        print(f"text encoder: {res.text_variant} ({res.report['text_encoder']['reason']})")
-    return 0
-
-
 if __name__ == "__main__":
-    from components.cli import run_main
+    from components.pipeline import main
 
-    run_main(main)
+    main("compress")

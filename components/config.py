@@ -25,6 +25,8 @@ DEFAULT_PARAMS = Path("params.yaml")
 class ParamsError(ValueError):
     """A settings file or override that does not match the schema; the message names the key."""
 
+    exit_code = 2  # a CLI prints the message and exits with this, no traceback
+
 
 # --------------------------------------------------------------------------------------------
 # Schema
@@ -242,14 +244,23 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class RegistryConfig:
-    # null: $MLFLOW_TRACKING_URI, else a local SQLite store (mlflow/mlflow.db).
-    tracking_uri: str | None
+class TrackingConfig:
+    # MLflow tracking server and model registry; null: $MLFLOW_TRACKING_URI, else a local
+    # SQLite store (mlflow/mlflow.db).
+    uri: str | None
     experiment: str
+    # The registered model every run's bundle becomes a version of.
     model_name: str
+
+
+@dataclass(frozen=True)
+class GateConfig:
     # The challenger must beat the champion's validation NDCG@10 and Recall@10 by this much
     # (relative; 0 = at least equal).
     min_relative_improvement: float
+    # Relative differences within this count as ties (two trainings of one model differ in
+    # the last digits).
+    tolerance: float
     # p50 latency of the bundled sequence model, batch 1, one thread.
     latency_budget_ms: float
 
@@ -266,11 +277,15 @@ class Params:
     fusion: FusionConfig
     compress: CompressConfig
     export: ExportConfig
-    registry: RegistryConfig
+    tracking: TrackingConfig
+    gate: GateConfig
 
-    def section(self, name: str) -> Any:
-        """One top-level section by name (used for cache keys and logging)."""
-        return getattr(self, name)
+    def get(self, dotted: str) -> Any:
+        """A setting or section by dotted key (`bert.text_encoder`)."""
+        value: Any = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -425,9 +440,34 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     return _build(Params, raw, "")
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
-    """Read a params file, apply `--set` overrides, and check everything against the schema."""
-    raw = apply_overrides(read_raw(path), overrides or [])
+def merge_file(raw: dict[str, Any], path: Path | str) -> dict[str, Any]:
+    """`raw` with the settings of a partial params file (a preset) laid over it; its keys must
+    exist in `raw`, so a typo fails naming the key and the file."""
+    patch = read_raw(path)
+    out = copy.deepcopy(raw)
+
+    def lay(node: dict[str, Any], over: dict[str, Any], prefix: str) -> None:
+        for key, value in over.items():
+            dotted = f"{prefix}{key}"
+            if key not in node:
+                raise ParamsError(f"{path}: unknown key {dotted}")
+            if isinstance(value, dict) and isinstance(node[key], dict):
+                lay(node[key], value, dotted + ".")
+            else:
+                node[key] = value
+
+    lay(out, patch, "")
+    return out
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None,
+                override_files: list[Path] | None = None) -> Params:
+    """Read a params file, lay the override files (presets) over it in order, then the `--set`
+    overrides, and check everything against the schema."""
+    raw = read_raw(path)
+    for file in override_files or []:
+        raw = merge_file(raw, file)
+    raw = apply_overrides(raw, overrides or [])
     try:
         return params_from_dict(raw)
     except ParamsError as exc:

@@ -43,6 +43,8 @@ UNISREC_EPOCH = 1_514_764_800  # 2018-01-01, the year of the Amazon 2018 crawl
 class DataSourceError(ValueError):
     """The configured source cannot be read (missing folder, file, or a checksum mismatch)."""
 
+    exit_code = 2  # a CLI prints the message and exits with this, no traceback
+
 
 @dataclass(frozen=True)
 class RawDataset:

@@ -1,11 +1,7 @@
 """Offline evaluation: full ranking over every item, for every model, on validation and test.
 
-Every model hands evaluation the same thing, a *factor model*: per split, item vectors and one
-user vector per user, with score = user . item. Matrix factorization is one directly; a sequence
-model's user vector is its encoder output for the user's history; popularity is a 1-d factor
-model; a score-level fusion is a concatenation of scaled factor models. A model may use
-different item vectors per split (MF refitted before test). The file format is `factors.npz`
-with arrays `items_valid`, `users_valid`, `items_test`, `users_test`.
+Every model hands evaluation the same thing, a factor model (`components/factors.py`): per
+split, item vectors and one user vector per user, with score = user . item.
 
 Protocol: for split S, the user's history is everything before S (train for validation, train +
 validation for test); history items are excluded from the ranking; the targets are the user's
@@ -16,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,37 +20,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from components.config import EvaluationConfig, FusionConfig
+from components.factors import EVAL_SPLITS, FILE_NAME, FactorModel
 from components.features import Sequences, load_sequences
 from components import metrics
 
 log = logging.getLogger(__name__)
 
-EVAL_SPLITS = ("valid", "test")
-
-
-@dataclass(frozen=True)
-class FactorModel:
-    """Per split: `items[split]` (n_items x d) and `users[split]` (n_users x d)."""
-
-    items: dict[str, np.ndarray]
-    users: dict[str, np.ndarray]
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {f"items_{s}": self.items[s] for s in EVAL_SPLITS}
-        arrays.update({f"users_{s}": self.users[s] for s in EVAL_SPLITS})
-        np.savez(path, **arrays)
-
-    @classmethod
-    def load(cls, path: Path) -> "FactorModel":
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: train the model first")
-        data = np.load(path)
-        return cls(
-            items={s: data[f"items_{s}"] for s in EVAL_SPLITS},
-            users={s: data[f"users_{s}"] for s in EVAL_SPLITS},
-        )
-
+HEADLINE = ("recall", "ndcg", "mrr", "coverage")
 
 @dataclass(frozen=True)
 class EvaluationResult:
@@ -64,6 +35,17 @@ class EvaluationResult:
     test: dict[str, dict[str, float]]
     valid: dict[str, dict[str, float]]
     plot_path: Path
+    ks: tuple[int, ...] = (10,)
+
+    def metrics(self) -> dict[str, dict[str, dict[str, float]]]:
+        """The headline metrics per split and model (the slices stay in `metrics.json`)."""
+        keys = [f"{m}@{k}" for k in self.ks for m in HEADLINE]
+        return {split: {model: {k: row[k] for k in keys if k in row} for model, row in rows.items()}
+                for split, rows in (("test", self.test), ("valid", self.valid))}
+
+    def describe(self) -> str:
+        return ("Test metrics (full ranking, history items excluded):\n" + format_table(self.test, list(self.ks))
+                + f"\n\nwritten: {self.metrics_path}, {self.valid_metrics_path}, {self.plot_path}")
 
 
 def popularity_model(train: sp.csr_matrix, n_users: int) -> FactorModel:
@@ -148,8 +130,10 @@ def evaluate(
     models: dict[str, FactorModel],
     out_dir: Path,
     cfg: EvaluationConfig,
+    curve_file: Path | None = None,
 ) -> EvaluationResult:
-    """Evaluate every model on validation and test; write metrics JSON, Recall@k CSV and plot."""
+    """Evaluate every model on validation and test; write metrics JSON, the Recall@k curve
+    (CSV, `curve_file`, default `out_dir/recall_at_k.csv`) and its plot."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seqs = load_sequences(features_dir)
     train = seqs.history_matrix("valid")
@@ -179,13 +163,15 @@ def evaluate(
     metrics_path.write_text(json.dumps(results["test"], indent=2))
     valid_path.write_text(json.dumps(results["valid"], indent=2))
     max_k = max(cfg.ks)
-    with (out_dir / "recall_at_k.csv").open("w") as f:
+    curve_file = curve_file or out_dir / "recall_at_k.csv"
+    curve_file.parent.mkdir(parents=True, exist_ok=True)
+    with curve_file.open("w") as f:
         f.write(",".join(["k", *curves]) + "\n")
         for k in range(1, max_k + 1):
             f.write(",".join([str(k), *(f"{curves[m][k - 1]:.6f}" for m in curves)]) + "\n")
     plot_path = out_dir / "recall_at_k.png"
     _plot(curves, plot_path)
-    return EvaluationResult(metrics_path, valid_path, results["test"], results["valid"], plot_path)
+    return EvaluationResult(metrics_path, valid_path, results["test"], results["valid"], plot_path, tuple(cfg.ks))
 
 
 def _plot(curves: dict[str, np.ndarray], path: Path) -> None:
@@ -210,7 +196,7 @@ def _plot(curves: dict[str, np.ndarray], path: Path) -> None:
 
 def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
     """Markdown table of the headline metrics, one row per model."""
-    cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "mrr", "coverage")]
+    cols = [f"{m}@{k}" for k in ks for m in HEADLINE]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, res in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{res.get(c, float('nan')):.4f}" for c in cols) + " |")
@@ -218,10 +204,11 @@ def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
 
 
 def load_models(
-    names: list[str], artifacts: Path, features_dir: Path, cfg: EvaluationConfig, fusion: FusionConfig,
-    out_dir: Path | None = None,
+    names: list[str], factor_files: dict[str, Path], features_dir: Path, cfg: EvaluationConfig,
+    fusion: FusionConfig, out_dir: Path | None = None,
 ) -> dict[str, FactorModel]:
-    """Build the factor models named in `evaluation.models` from their stages' outputs.
+    """Build the factor models named in `evaluation.models`: `popularity` from the training
+    counts, trained models from their `factor_files`.
 
     `fused` is the score-level fusion of `fusion.models`, its weight tuned on validation
     NDCG@K (first K of `evaluation.ks`); the weight and the validation curve go to
@@ -236,7 +223,10 @@ def load_models(
             if name == "popularity":
                 models[name] = popularity_model(seqs.history_matrix("valid"), seqs.n_users)
             else:
-                models[name] = FactorModel.load(artifacts / name / "factors.npz")
+                if name not in factor_files:
+                    raise ValueError(f"evaluation.models names {name!r}, which no stage trains "
+                                     f"(known: popularity, fused, {', '.join(factor_files)})")
+                models[name] = FactorModel.load(factor_files[name])
         return models[name]
 
     for name in names:
@@ -265,32 +255,16 @@ def load_models(
     return {name: models[name] for name in names}
 
 
-def main() -> int:
-    from components.cli import base_parser, params_from_args
-
-    parser = base_parser("Evaluate the trained models (full ranking) and write metrics.")
-    parser.add_argument("--show", action="store_true", help="only print the last metrics table")
-    args = parser.parse_args()
-    params = params_from_args(args)
-    if args.show:
-        path = args.artifacts / "eval" / "metrics.json"
-        if not path.exists():
-            print(f"error: {path} not found: run the pipeline first", file=sys.stderr)
-            return 1
-        print("Test metrics (full ranking, history items excluded):")
-        print(format_table(json.loads(path.read_text()), params.evaluation.ks))
-        return 0
-    features_dir = args.artifacts / "features"
-    models = load_models(params.evaluation.models, args.artifacts, features_dir, params.evaluation,
-                         params.fusion, args.artifacts / "eval")
-    result = evaluate(features_dir, models, args.artifacts / "eval", params.evaluation)
-    print("Test metrics (full ranking, history items excluded):")
-    print(format_table(result.test, params.evaluation.ks))
-    print(f"\nwritten: {result.metrics_path}, {result.valid_metrics_path}, {result.plot_path}")
-    return 0
+def evaluate_models(features_dir: Path, mf_dir: Path, bert_dir: Path, out_dir: Path, curve_file: Path,
+                    cfg: EvaluationConfig, fusion: FusionConfig) -> EvaluationResult:
+    """The evaluation stage: every model of `evaluation.models` (the fused one tuned on
+    validation), on validation and test."""
+    factor_files = {"mf": mf_dir / FILE_NAME, "bert": bert_dir / FILE_NAME}
+    models = load_models(cfg.models, factor_files, features_dir, cfg, fusion, out_dir)
+    return evaluate(features_dir, models, out_dir, cfg, curve_file)
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
+    from components.pipeline import main
 
-    run_main(main)
+    main("evaluate")

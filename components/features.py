@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from components import npz
 from components.config import FeaturesConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,13 @@ class FeaturesResult:
     n_interactions: int
     split_source: str
     seconds: float
+
+    def metrics(self) -> dict[str, int]:
+        return {"n_users": self.n_users, "n_items": self.n_items, "n_interactions": self.n_interactions}
+
+    def describe(self) -> str:
+        return (f"features: {self.n_users} users, {self.n_items} items, {self.n_interactions} "
+                f"interactions ({self.split_source} split) -> {self.out_dir}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +302,7 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig) -> Featur
     split_codes = df["split"].replace_strict(SPLIT_CODES, return_dtype=pl.Int8).to_numpy()
     counts = np.bincount(user_idx, minlength=n_users)
     indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    np.savez(
+    npz.save(
         out_dir / "sequences.npz",
         indptr=indptr,
         items=item_idx.astype(np.int32),
@@ -309,7 +317,7 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig) -> Featur
         shape=(n_users, n_items),
     )
     train_matrix.sum_duplicates()
-    sp.save_npz(out_dir / "train_matrix.npz", train_matrix)
+    npz.save_sparse(out_dir / "train_matrix.npz", train_matrix)
 
     lengths = counts
     split_sizes = {name: int((split_codes == code).sum()) for name, code in SPLIT_CODES.items()}
@@ -344,20 +352,7 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig) -> Featur
     return FeaturesResult(out_dir, n_users, n_items, int(df.height), split_source, seconds)
 
 
-def main() -> int:
-    from components.cli import base_parser, params_from_args
-
-    args = base_parser("Build features from the validated snapshot.").parse_args()
-    params = params_from_args(args)
-    result = build_features(args.artifacts / "data", args.artifacts / "features", params.features)
-    print(
-        f"features: {result.n_users} users, {result.n_items} items, {result.n_interactions} "
-        f"interactions ({result.split_source} split) -> {result.out_dir}"
-    )
-    return 0
-
-
 if __name__ == "__main__":
-    from components.cli import run_main
+    from components.pipeline import main
 
-    run_main(main)
+    main("features")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from components.evaluate import EVAL_SPLITS, FactorModel
+from components.factors import EVAL_SPLITS, FactorModel
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from components.config import MFConfig
-from components.evaluate import FactorModel
+from components.factors import FILE_NAME, FactorModel
 from components.features import SPLIT_CODES, Sequences, load_sequences
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class MFResult:
     n_users: int
     n_items: int
     train_seconds: float
+
+    def describe(self) -> str:
+        return f"mf: {self.n_users} users x {self.n_items} items in {self.train_seconds:.1f} s -> {self.factors_path}"
 
 
 def fit_als(train: sp.csr_matrix, cfg: MFConfig, seed: int, show_progress: bool = True):
@@ -102,14 +106,14 @@ def train_mf(features_dir: Path, out_dir: Path, cfg: MFConfig, seed: int) -> MFR
     for split in ("valid", "test"):
         # Fit on everything before `split`; fold users in from the same history.
         history = confidence_matrix(seqs, split, cfg)
-        model = fit_als(history, cfg, seed)
+        model = fit_als(history, cfg, seed, show_progress=sys.stderr.isatty())
         users[split] = fold_in(model, history)
         items[split] = np.asarray(model.item_factors, dtype=np.float32)
     train_seconds = time.perf_counter() - start
 
     # The two fits have different factor spaces, so each split keeps its own item table.
     factors = FactorModel(items=items, users=users)
-    factors_path = out_dir / "factors.npz"
+    factors_path = out_dir / FILE_NAME
     factors.save(factors_path)
 
     user_ids = pl.read_parquet(features_dir / "user_map.parquet").sort("user_idx")["user_id"].to_list()
@@ -138,17 +142,7 @@ def train_mf(features_dir: Path, out_dir: Path, cfg: MFConfig, seed: int) -> MFR
     return MFResult(factors_path, seqs.n_users, seqs.n_items, train_seconds)
 
 
-def main() -> int:
-    from components.cli import base_parser, params_from_args
-
-    args = base_parser("Train the ALS matrix-factorization baseline.").parse_args()
-    params = params_from_args(args)
-    result = train_mf(args.artifacts / "features", args.artifacts / "mf", params.mf, params.seed)
-    print(f"mf: {result.n_users} users x {result.n_items} items in {result.train_seconds:.1f} s -> {result.factors_path}")
-    return 0
-
-
 if __name__ == "__main__":
-    from components.cli import run_main
+    from components.pipeline import main
 
-    run_main(main)
+    main("train_mf")

@@ -26,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from components.config import Params, ValidationConfig
+from components.config import DataConfig, ValidationConfig
 from components.datasets import SPLITS, DataSourceError, RawDataset, load_dataset, normalize
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ NUMBER_TYPES = INT_TYPES + ["float64", "float32", "Float64Dtype"]
 
 
 class ValidationFailed(RuntimeError):
-    """Raised by `require_valid` so that orchestrators stop before training."""
+    """Raised by the pipeline's validation stage so that nothing downstream runs."""
+
+    exit_code = 1  # what a CLI exits with (after printing the report, no traceback)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,13 @@ class ValidationResult:
     @property
     def failed_checks(self) -> list[str]:
         return [f.check for f in self.failures]
+
+    def metrics(self) -> dict[str, int]:
+        return {"n_interactions": self.n_interactions, "n_items": self.n_items, "n_checks": self.n_checks,
+                "failed_checks": len(self.failures)}
+
+    def describe(self) -> str:
+        return report(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +238,9 @@ def _run_suites(
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    # GE sets this module's logger to INFO when imported (a line per temporary docs folder).
+    logging.getLogger(ProgressBarsConfig.__module__).setLevel(logging.WARNING)
+
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     # An ephemeral context comes with a default docs site in a fresh temporary folder that
@@ -353,7 +365,8 @@ def fingerprint_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def validate(params: Params, out_dir: Path, data_dir: Path, now: int | None = None) -> ValidationResult:
+def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path, data_dir: Path,
+             now: int | None = None) -> ValidationResult:
     """Load the configured source, validate it, and write the snapshot only if it passes.
 
     `out_dir` receives `summary.json` and `data_docs/`; `data_dir` receives the canonical
@@ -366,9 +379,9 @@ def validate(params: Params, out_dir: Path, data_dir: Path, now: int | None = No
     if data_dir.exists():
         shutil.rmtree(data_dir)
 
-    raw = load_dataset(params.data, params.seed)
+    raw = load_dataset(source, seed)
     log.info("loaded %s: %d interactions, %d items", raw.description, raw.interactions.height, raw.items.height)
-    results, docs_index = _run_suites(raw, params.validation, out_dir / "data_docs", now)
+    results, docs_index = _run_suites(raw, cfg, out_dir / "data_docs", now)
 
     failures = []
     for r in results:
@@ -377,7 +390,7 @@ def validate(params: Params, out_dir: Path, data_dir: Path, now: int | None = No
         examples = r["examples"]
         if r["expectation"] == "expect_column_values_to_be_in_type_list" and not examples:
             frame = raw.interactions if r["suite"] == "interactions" else raw.items
-            examples = _type_examples(frame, r["kwargs"].get("column", ""), params.validation.sample_size)
+            examples = _type_examples(frame, r["kwargs"].get("column", ""), cfg.sample_size)
         failures.append(
             CheckFailure(
                 check=r["check"],
@@ -449,22 +462,17 @@ def report(result: ValidationResult) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    from components.cli import base_parser, params_from_args
-
-    parser = base_parser("Validate the configured dataset with Great Expectations.")
-    args = parser.parse_args()
-    params = params_from_args(args)
-    try:
-        result = validate(params, args.artifacts / "validation", args.artifacts / "data")
-    except DataSourceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report(result), file=sys.stdout if result.success else sys.stderr)
-    return 0 if result.success else 1
+def validated_snapshot(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path,
+                       data_dir: Path) -> ValidationResult:
+    """The pipeline's gate: validate, and stop the pipeline (`ValidationFailed`, naming every
+    failed check) unless every check passed."""
+    result = validate(source, cfg, seed, out_dir, data_dir)
+    if not result.success:
+        raise ValidationFailed(report(result))
+    return result
 
 
 if __name__ == "__main__":
-    from components.cli import run_main
+    from components.pipeline import main
 
-    run_main(main)
+    main("validate")

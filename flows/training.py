@@ -1,167 +1,181 @@
-"""The `training` Prefect flow: validate -> features -> MF -> item text embeddings -> pre-train
--> fine-tune -> compress -> export -> evaluate -> register.
+"""The `training` Prefect flow: the pipeline of `components/pipeline.py`, then MLflow tracking,
+registration and the promotion gate.
 
-Each task wraps one component and holds no logic; tasks pass the artifacts folder (paths), never
-DataFrames. A task's cache key is the hash of its input files plus its params sections, so an
-unchanged step is skipped (its outputs must still be on disk); `force=True` reruns everything.
-The BERT stages run as their own processes (Lightning's DDP launcher re-executes the command
-line). Flow parameters are params.yaml overrides in `--set` syntax.
+One task per stage, submitted together: each waits only for the stages that write its inputs, so
+MF runs while the text embeddings and the BERT stages do. A stage runs in the flow's process
+(its log lines go to its task's log) unless the declaration gives it its own process (the
+Lightning stages), whose output is streamed to the task log line by line as it is printed. A
+stage whose inputs, settings and code are unchanged since it last ran in this artifacts folder
+is skipped (`force=True` reruns everything). Settings are read once: `params.yaml`, the preset
+files, then the `--set` overrides.
 
     python -m flows.training --set bert.finetune.max_epochs=5
+    python -m flows.training --params-overrides presets/movielens-100k.yaml
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
+import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from components.config import load_params
+from components import pipeline
+from components.cli import quiet_libraries
+from components.config import DEFAULT_PARAMS, Params, load_params
+from components.pipeline import Artifacts
 
-
-def _params(params_file: str, overrides: list[str]):
-    return load_params(Path(params_file), overrides)
-
-
-def _hash_paths(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for root in paths:
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root] if root.exists() else []
-        for f in files:
-            digest.update(str(f.relative_to(root.parent)).encode())
-            digest.update(hashlib.sha256(f.read_bytes()).digest())
-    return digest.hexdigest()
+REPO = pipeline.REPO
 
 
-def _cache_key(inputs: list[str], sections: list[str]) -> Callable[[TaskRunContext, dict], str]:
-    """Key = hash(input files, the components' code, params sections). (The flow refreshes
-    the cache of a step whose outputs are gone, or of every step under `force`.)"""
+class _InRunOnly(logging.Filter):
+    """Records emitted inside a flow or task run (outside one, Prefect's API handler has no
+    run to attach them to)."""
 
-    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        art = Path(parameters["artifacts"])
-        params = _params(parameters["params_file"], parameters["overrides"]).to_dict()
-        chosen = {s: params[s] for s in sections}
-        # The code counts too (sources only: bytecode caches come and go).
-        source = sorted((Path(__file__).resolve().parents[1] / "components").rglob("*.py"))
-        return hashlib.sha256(json.dumps([
-            context.task.name, _hash_paths([art / i for i in inputs]), _hash_paths(source), chosen,
-        ], sort_keys=True, default=str).encode()).hexdigest()
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefect.context import FlowRunContext, TaskRunContext
 
-    return key
+        return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
-def _component(module: str, artifacts: str, params_file: str, overrides: list[str], *extra: str) -> str:
-    """`python -m components.<module>` as its own process; its output is the task's log."""
-    cmd = [sys.executable, "-m", f"components.{module}", *extra, "--params", params_file, "--artifacts", artifacts]
-    for o in overrides:
-        cmd += ["--set", o]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    print(proc.stdout[-4000:])
-    if proc.returncode != 0:
-        raise RuntimeError(f"components.{module} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc.stdout
+def _forward_component_logs() -> None:
+    """The components' own log lines (stages running in this process) go to the log of the task
+    that emits them, in the Prefect UI, as they are written."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("components")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        handler = APILogHandler()
+        handler.addFilter(_InRunOnly())
+        logger.addHandler(handler)
 
 
-STAGES: dict[str, dict[str, Any]] = {
-    # name: component module, input paths, params sections, outputs (relative to artifacts/)
-    "validate": {"module": "validate", "inputs": [], "sections": ["seed", "data", "validation"], "outputs": ["data"]},
-    "features": {"module": "features", "inputs": ["data"], "sections": ["features"], "outputs": ["features"]},
-    "train_mf": {"module": "train_mf", "inputs": ["features"], "sections": ["seed", "mf"], "outputs": ["mf/factors.npz"]},
-    "item_text_embeddings": {"module": "bert.text_embeddings", "inputs": ["features/items.parquet"],
-                             "sections": ["bert"], "outputs": ["text_embeddings/embeddings.npy"]},
-    "pretrain_bert": {"module": "bert.pretrain", "inputs": ["features", "text_embeddings"], "sections": ["seed", "bert"],
-                      "outputs": ["bert/pretrain/model"]},
-    "finetune_bert": {"module": "bert.finetune", "inputs": ["features", "text_embeddings", "bert/pretrain/model"],
-                      "sections": ["seed", "bert", "evaluation"], "outputs": ["bert/model", "bert/selected_model"]},
-    "compress": {"module": "compress", "inputs": ["features", "bert/model", "bert/selected_model"],
-                 "sections": ["seed", "bert", "compress", "export"], "outputs": ["compress/report.json"]},
-    "export": {"module": "export", "inputs": ["features", "bert/model", "mf/factors.npz", "compress"],
-               "sections": ["export"], "outputs": ["bundle/bundle.json"]},
-    "evaluate": {"module": "evaluate", "inputs": ["features", "mf/factors.npz", "bert/factors.npz"],
-                 "sections": ["evaluation", "fusion"], "outputs": ["eval/metrics.json"]},
-}
+@task(cache_policy=NO_CACHE)
+def run_stage(name: str, params: Params, artifacts: str, force: bool) -> pipeline.Outcome:
+    """One stage of the declaration; skipped when up to date."""
+    return pipeline.run_stage(pipeline.STAGE[name], params, Artifacts(artifacts), force, emit=get_run_logger().info)
 
 
-def _make_task(name: str, spec: dict[str, Any]):
-    def run(artifacts: str, params_file: str, overrides: list[str]) -> str:
-        return _component(spec["module"], artifacts, params_file, overrides)
-
-    run.__name__ = name
-    # Validation re-reads the source every time: the data may have changed under the same path.
-    key = None if name == "validate" else _cache_key(spec["inputs"], spec["sections"])
-    return task(run, name=name, retries=1 if name in ("validate", "item_text_embeddings") else 0,
-                retry_delay_seconds=2, cache_key_fn=key, persist_result=True)
-
-
-TASKS = {name: _make_task(name, spec) for name, spec in STAGES.items()}
-
-
-@task(name="register", retries=2, retry_delay_seconds=5)
-def register(artifacts: str, params_file: str, overrides: list[str], run_name: str | None) -> dict[str, Any]:
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register(results: dict[str, Any], params: Params, artifacts: str, run_name: str | None,
+             tags: dict[str, str]) -> dict[str, Any]:
     """Log to MLflow, register the bundle, apply the gate (I/O against the tracking server)."""
-    from components.register import log_training_run, register_bundle
+    from flows.promotion import register_bundle
+    from flows.tracking import log_training_run
 
-    params = _params(params_file, overrides)
-    run_id = log_training_run(Path(artifacts), params, run_name, tags={"orchestrator": "prefect"})
-    res = register_bundle(Path(artifacts), params, run_id)
+    art = Artifacts(artifacts)
+    run_id = log_training_run(results, art, params, run_name, tags={"orchestrator": "prefect", **tags})
+    res = register_bundle(results, art, params, run_id)
     return {"run_id": run_id, "version": res.version, "promoted": res.promoted, "reason": res.reason,
-            "model_uri": res.model_uri, "champion_version": res.champion_version}
+            "model_uri": res.model_uri, "champion_version": res.champion_version, "new_version": res.new_version}
 
 
-@flow(name="training", log_prints=True)
+@task(cache_policy=NO_CACHE)
+def record_in_dvc(artifacts: str) -> str:
+    """A run of the workspace's own settings into its `artifacts/` leaves what `dvc repro` would:
+    `dvc.lock` and the DVC cache updated, so `dvc status` stays clean and `dvc checkout` can
+    bring these outputs back."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"dvc commit failed (the run itself succeeded): {proc.stderr.strip()[-500:]}"
+    return "recorded in dvc.lock (dvc commit)"
+
+
+def _in_dvc_workspace(artifacts: str, params_file: str, overrides: list[str], params_overrides: list[str]) -> bool:
+    return (not overrides and not params_overrides and Path(params_file).resolve() == (REPO / DEFAULT_PARAMS)
+            and Path(artifacts).resolve() == (REPO / pipeline.DVC_ROOT).resolve()
+            and (REPO / "dvc.yaml").exists() and (REPO / ".dvc").is_dir())
+
+
+def _flow_run_tags() -> tuple[str | None, dict[str, str]]:
+    """The Prefect flow run's name and a link to it, for the MLflow run."""
+    from prefect.runtime import flow_run
+
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    url = flow_run.ui_url
+    if url:
+        tags["prefect.flow_run_url"] = str(url)
+    return flow_run.name, tags
+
+
+@flow(name="training", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def training(overrides: list[str] | None = None, params_file: str = "params.yaml", artifacts: str = "artifacts",
-             force: bool = False, run_name: str | None = None) -> dict[str, Any]:
-    overrides = list(overrides or [])
-    _params(params_file, overrides)  # a bad setting fails here, before any work
-    cached = {}
-    for name, t in TASKS.items():
-        missing = not all((Path(artifacts) / o).exists() for o in STAGES[name]["outputs"])
-        if force or missing:  # run, and store the result under the step's key
-            t = t.with_options(refresh_cache=True)
-        state = t(artifacts, params_file, overrides, return_state=True)
-        cached[name] = state.name == "Cached"
-        state.result()  # raises when the step failed: nothing downstream runs
-    result = register(artifacts, params_file, overrides, run_name)
-    metrics = json.loads((Path(artifacts) / "eval" / "metrics.json").read_text())
-    create_markdown_artifact(key="training-summary", markdown=summary_markdown(metrics, result, cached),
+             force: bool = False, run_name: str | None = None,
+             params_overrides: list[str] | None = None) -> dict[str, Any]:
+    overrides, params_overrides = list(overrides or []), list(params_overrides or [])
+    logger = get_run_logger()
+    params = load_params(params_file, overrides, [Path(f) for f in params_overrides])  # fails here, before any work
+    quiet_libraries()
+    _forward_component_logs()
+
+    futures: dict[str, Any] = {}
+    for stage in pipeline.STAGES:
+        futures[stage.name] = run_stage.with_options(
+            name=stage.name, retries=stage.retries, retry_delay_seconds=2,
+        ).submit(stage.name, params, artifacts, force, wait_for=[futures[u.name] for u in pipeline.upstream(stage)])
+    # In declaration order: the first failed stage raises, and nothing that needs it has run.
+    outcomes: dict[str, pipeline.Outcome] = {name: f.result() for name, f in futures.items()}
+    results = {name: o.result for name, o in outcomes.items()}
+    skipped = {name: o.skipped for name, o in outcomes.items()}
+
+    flow_run_name, tags = _flow_run_tags()
+    result = register(results, params, artifacts, run_name or flow_run_name, tags)
+    if _in_dvc_workspace(artifacts, params_file, overrides, params_overrides):
+        logger.info(record_in_dvc(artifacts))
+    summary = summary_markdown(results["evaluate"].test, result, skipped)
+    create_markdown_artifact(key="training-summary", markdown=summary,
                              description="Metrics and the promotion gate's decision")
-    print(summary_markdown(metrics, result, cached))
-    return {**result, "cached": cached}
+    logger.info("gate: %s", result["reason"])
+    return {**result, "cached": skipped}
 
 
-def summary_markdown(metrics: dict[str, dict[str, float]], result: dict[str, Any], cached: dict[str, bool]) -> str:
+def summary_markdown(metrics: dict[str, dict[str, float]], result: dict[str, Any], skipped: dict[str, bool]) -> str:
     lines = ["# RecForge training run", "", "| model | NDCG@10 | Recall@10 | MRR@10 | coverage@10 |", "|---|---|---|---|---|"]
     for model, row in metrics.items():
         lines.append(f"| {model} | {row['ndcg@10']:.4f} | {row['recall@10']:.4f} | {row['mrr@10']:.4f} | {row['coverage@10']:.4f} |")
-    lines += ["", f"Registered **{result['model_uri']}** (MLflow run `{result['run_id']}`).", "",
+    registered = "Registered" if result.get("new_version", True) else "Unchanged"
+    lines += ["", f"{registered} **{result['model_uri']}** (MLflow run `{result['run_id']}`).", "",
               f"Gate: {result['reason']}", "", f"Champion: version {result['champion_version']}", "",
-              "Skipped (cache hit): " + (", ".join(n for n, c in cached.items() if c) or "none")]
+              "Skipped (up to date): " + (", ".join(n for n, c in skipped.items() if c) or "none")]
     return "\n".join(lines)
 
 
 def main() -> int:
     import argparse
 
+    from components.cli import add_params_arguments, run_main
+
+    # Prefect's temporary server (no PREFECT_API_URL) runs on SQLite; its telemetry heartbeat
+    # then logs "database is locked" tracebacks that say nothing about the run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = argparse.ArgumentParser(description="Run the training flow once.")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--artifacts", default="artifacts")
-    parser.add_argument("--force", action="store_true", help="rerun every step, cached or not")
-    args = parser.parse_args()
-    result = training(args.overrides, args.params, args.artifacts, args.force)
-    metrics = json.loads((Path(args.artifacts) / "eval" / "metrics.json").read_text())
-    print("\n" + summary_markdown(metrics, result, result["cached"]))
-    print(f"\nregistered model: {result['model_uri']} ({'promoted to champion' if result['promoted'] else 'not promoted'})")
+    add_params_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="rerun every stage, up to date or not")
+
+    def run() -> int:
+        args = parser.parse_args()
+        # Bad settings: a one-line error here rather than a failed flow run's traceback.
+        load_params(args.params, args.overrides, args.override_files)
+        result = training(args.overrides, str(args.params), str(args.artifacts), args.force,
+                          params_overrides=[str(f) for f in args.override_files])
+        metrics = pipeline.load_result("evaluate", Artifacts(args.artifacts)).test
+        print("\n" + summary_markdown(metrics, result, result["cached"]))
+        verdict = "promoted to champion" if result["promoted"] else "not promoted"
+        print(f"\nregistered model: {result['model_uri']} ({verdict})")
+        return 0
+
+    run_main(run)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

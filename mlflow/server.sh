@@ -2,7 +2,7 @@
 # The MLflow tracking server: SQLite backend store and a local artifact root, bound to loopback.
 #   bash mlflow/server.sh            # http://127.0.0.1:5000
 #   MLFLOW_PORT=5001 bash mlflow/server.sh
-# Point the pipeline at it with MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (or registry.tracking_uri).
+# Point the pipeline at it with MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (or tracking.uri in params.yaml).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 exec "${PYTHON:-python}" -m mlflow server \

@@ -1,11 +1,10 @@
-"""A verified, loaded ONNX bundle (see components/export.py for what it holds).
+"""A verified, loaded ONNX bundle (its contract: `serving/bundle_format.py`).
 
 No PyTorch here: onnxruntime, numpy and the `tokenizers` library only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,42 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from serving.bundle_format import BundleError, sequence_feeds, verify
 from serving.retrieval import RetrievalConfig, Retriever
 
 
 # Histories share an ONNX call when the longest is at most 1.25x the shortest + 8 items.
 LENGTH_SLACK = 1.25
 LENGTH_PAD = 8
-
-
-class BundleError(RuntimeError):
-    """A bundle that is incomplete, corrupt or inconsistent; it is refused."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify(bundle_dir: Path) -> dict[str, Any]:
-    """The manifest, after checking every listed file's sha256 (and that none is missing)."""
-    manifest_path = bundle_dir / "bundle.json"
-    if not manifest_path.exists():
-        raise BundleError(f"{bundle_dir}: no bundle.json")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path}: not JSON ({exc})") from None
-    for rel, expected in manifest.get("files", {}).items():
-        path = bundle_dir / rel
-        if not path.exists():
-            raise BundleError(f"{bundle_dir}: {rel} is missing")
-        if sha256_file(path) != expected:
-            raise BundleError(f"{bundle_dir}: {rel} does not match its sha256 in bundle.json")
-    return manifest
 
 
 def _session(path: Path, threads: int):
@@ -185,23 +155,11 @@ class Bundle:
     def _graph(self, histories: list[list[int]], excludes: list[list[int]] | None):
         """One ONNX call: (users, top-K, scores); with `excludes` None, only the user vectors
         are wanted (the graph's own top-K then excludes nothing and is not returned)."""
-        n = len(histories)
         length = max(1, min(self.max_len, max((len(h) for h in histories), default=1)))
-        items = np.zeros((n, length), dtype=np.int64)
-        mask = np.zeros((n, length), dtype=np.int64)
-        for r, h in enumerate(histories):
-            h = h[-length:]
-            if h:
-                items[r, length - len(h):] = h
-                mask[r, length - len(h):] = 1
+        feeds = sequence_feeds(histories, length, excludes)
         if excludes is None:
-            return self.sequence.run(["user_vectors"], {"items": items, "mask": mask,
-                                                        "exclude": np.full((n, 1), -1, dtype=np.int64)})
-        width = max(1, max((len(e) for e in excludes), default=1))
-        exclude = np.full((n, width), -1, dtype=np.int64)
-        for r, e in enumerate(excludes):
-            exclude[r, : len(e)] = e
-        return self.sequence.run(None, {"items": items, "mask": mask, "exclude": exclude})
+            return self.sequence.run(["user_vectors"], feeds)
+        return self.sequence.run(None, feeds)
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         if self.text_encoder is None:

@@ -31,8 +31,11 @@ def make_tiny_bert(folder: Path) -> Path:
     words = sorted({w for vocab in THEMES.values() for w in vocab} | set(ADJECTIVES) | set(THEMES))
     extra = ["part", "of", "the", "with", "collection", "category", ",", ".", ":"] + [str(i) for i in range(100)]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words) | set(extra))
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    # transformers 5 takes the vocabulary itself (a `vocab_file` argument is silently ignored,
+    # which left a tokenizer that read every word as [UNK] and every text as the same vector).
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    assert "[UNK]" not in tokenizer.tokenize(" ".join(words[:20])), "the tiny vocabulary must cover the synthetic texts"
+    tokenizer.save_pretrained(folder)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=32, max_position_embeddings=64,

@@ -33,6 +33,13 @@ class TextEmbeddingsResult:
     cached: int
     seconds: float
 
+    def metrics(self) -> dict[str, float]:
+        return {"n_items": self.n_items, "dim": self.dim}
+
+    def describe(self) -> str:
+        return (f"text embeddings: {self.n_items} items x {self.dim} ({self.computed} computed, {self.cached} cached) "
+                f"in {self.seconds:.1f} s -> {self.path}")
+
 
 def resolve_encoder_path(path: str | None) -> Path:
     """The configured encoder folder, or the bundled all-MiniLM-L6-v2."""
@@ -91,7 +98,10 @@ def mean_pool(hidden, attention_mask):
 
 
 def encode_texts(texts: list[str], path: Path, max_length: int, batch_size: int, progress: bool = True) -> np.ndarray:
-    """Mean-pooled last-layer embeddings of `texts` (float32, one row per text)."""
+    """Mean-pooled last-layer embeddings of `texts` (float32, one row per text). Progress: a bar
+    on a terminal, a log line every tenth of the way otherwise (a task log, CI)."""
+    import sys
+
     import torch
     from tqdm import tqdm
     from transformers import AutoModel, AutoTokenizer
@@ -102,7 +112,12 @@ def encode_texts(texts: list[str], path: Path, max_length: int, batch_size: int,
     # Longest texts first keeps padding (wasted compute) low inside each batch.
     order = np.argsort([-len(t) for t in texts], kind="stable")
     with torch.inference_mode():
-        for lo in tqdm(range(0, len(texts), batch_size), desc="embedding item texts", disable=not progress, unit="batch"):
+        starts = range(0, len(texts), batch_size)
+        bar = progress and sys.stderr.isatty()
+        every = max(1, len(starts) // 10)
+        for step, lo in enumerate(tqdm(starts, desc="embedding item texts", disable=not bar, unit="batch")):
+            if progress and not bar and step and step % every == 0:
+                log.info("embedding item texts: %d of %d", lo, len(texts))
             batch = [texts[i] for i in order[lo : lo + batch_size]]
             tokens = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             hidden = model(**tokens).last_hidden_state
@@ -145,18 +160,7 @@ def embed_item_texts(features_dir: Path, out_dir: Path, cfg: TextEncoderConfig) 
                                 len(hashes) - len(missing), seconds)
 
 
-def main() -> int:
-    from components.cli import base_parser, params_from_args
-
-    args = base_parser("Embed item texts with the pretrained text encoder (cached).").parse_args()
-    params = params_from_args(args)
-    res = embed_item_texts(args.artifacts / "features", args.artifacts / "text_embeddings", params.bert.text_encoder)
-    print(f"text embeddings: {res.n_items} items x {res.dim} ({res.computed} computed, {res.cached} cached) "
-          f"in {res.seconds:.1f} s -> {res.path}")
-    return 0
-
-
 if __name__ == "__main__":
-    from components.cli import run_main
+    from components.pipeline import main
 
-    run_main(main)
+    main("item_text_embeddings")

@@ -4,9 +4,12 @@ Both run PyTorch Lightning with strategy, devices, nodes and precision from para
 gloo on CPU and NCCL on GPU; `precision: auto` is bf16-mixed on a GPU that supports it and fp32
 otherwise), AdamW with warm-up and linear decay, gradient clipping and a fixed seed. Each epoch
 ends with full-ranking validation NDCG@10, which drives early stopping and best-checkpoint
-selection. `last.ckpt` is written every epoch: a run killed mid-training and started again with
-the same settings and data resumes from it (a fingerprint of both guards against resuming a
-different run).
+selection. `last.ckpt` is written every epoch into the stage's checkpoint folder, beside a resume
+marker holding the stage's run key (the pipeline's hash of its inputs, settings and code): a run
+killed mid-training and started again with the same key resumes from it; a different key, or a
+marker missing because the run completed, starts from scratch. The per-epoch log travels inside
+the checkpoints, so a resumed run rewrites it whole even when the file was deleted in between (DVC
+removes a stage's outputs before running it).
 
 Fine-tuning starts from the pre-trained weights when the pretrain stage ran. The model selected
 on validation is then refitted on training + validation sequences (everything before the test
@@ -17,9 +20,9 @@ model from the refitted one.
 
 Outputs (finetune, under `artifacts/bert/`): `model/` (config.json + model.safetensors, the
 deployable network), `selected_model/` (the model selected on validation, before the refit),
-`checkpoints/` (best.ckpt, last.ckpt), `item_embeddings.npy`,
-`factors.npz` (for evaluation), `metrics.csv` (per epoch, both stages), `learning_curve.png`,
-`training.json`.
+`item_embeddings.npy`, `factors.npz` (for evaluation), `learning_curve.png` (both stages),
+`training.json`; the per-epoch log goes to the file the pipeline names (`metrics/`), the
+checkpoints (best.ckpt, last.ckpt) to the stage's checkpoint folder.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +47,8 @@ import torch
 from components.bert.data import SequenceDataModule
 from components.bert.model import SeqRecConfig, SeqRecModel, left_pad, load_model, save_model
 from components.bert.module import SeqRecModule, count_parameters
-from components.config import BertRecConfig, Params, StageConfig, TrainerConfig
-from components.evaluate import FactorModel
+from components.config import BertRecConfig, StageConfig, TrainerConfig
+from components.factors import FILE_NAME, FactorModel
 from components.features import load_sequences
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,19 @@ class StageResult:
     resumed: bool
     skipped: bool = False
 
+    def metrics(self) -> dict[str, float | int | None]:
+        return {"best_epoch": self.best_epoch, "best_val_ndcg10": self.best_val_ndcg10, "epochs_run": self.epochs_run,
+                "train_seconds": self.train_seconds, "sequences_per_second": self.sequences_per_second}
+
+    def describe(self) -> str:
+        if self.skipped:
+            used = " (the pre-trained model is the recommender)" if self.model_dir else ""
+            return f"{self.stage}: skipped (bert.{self.stage}.enabled is false){used}"
+        best = f"{self.best_val_ndcg10:.4f}" if self.best_val_ndcg10 is not None else "n/a"
+        return (f"{self.stage}: best validation NDCG@10 {best} at epoch {self.best_epoch} "
+                f"({self.epochs_run} epochs, {self.train_seconds:.0f} s, {self.sequences_per_second:.0f} sequences/s)"
+                f"{', resumed' if self.resumed else ''} -> {self.model_dir}")
+
 
 # --------------------------------------------------------------------------------------------
 # Lightning wiring
@@ -76,6 +93,12 @@ def resolve_precision(precision: str) -> str:
         return "bf16-mixed"
     # bf16 autocast on CPUs without AMX is several times slower than fp32.
     return "32-true"
+
+
+def interactive() -> bool:
+    """A progress bar only on a terminal: in a log (the flow's task log, CI) its carriage
+    returns are noise, and the per-epoch lines say the same."""
+    return sys.stdout.isatty()
 
 
 def trainer_kwargs(cfg: TrainerConfig) -> dict:
@@ -92,43 +115,37 @@ def trainer_kwargs(cfg: TrainerConfig) -> dict:
 
 
 class EpochLog(pl_.Callback):
-    """One CSV row per epoch (loss, validation metrics, lr, time, throughput), rank 0 only."""
+    """One CSV row per epoch (loss, validation metrics, lr, time, throughput) and one log line,
+    rank 0 only. The rows are saved in every checkpoint (`state_dict`), so a resumed run
+    rewrites the whole log from the checkpoint it resumes: epochs the checkpoint does not hold
+    (trained again) and a row torn by a kill go, and a deleted file comes back."""
 
     FIELDS = ["stage", "epoch", "train_loss", "val_ndcg10", "val_recall10", "lr", "epoch_seconds", "sequences_per_second"]
 
-    def __init__(self, path: Path, stage: str, n_sequences: int, append: bool):
+    def __init__(self, path: Path, stage: str, n_sequences: int):
         self.path, self.stage, self.n_sequences = path, stage, n_sequences
+        self.rows: list[list] = []
         self._start = 0.0
         # Epochs already done when this process started training (read off the restored
         # checkpoint); None until the first epoch starts.
         self.resumed_after: int | None = None
-        if not append or not path.exists():
-            with path.open("w", newline="") as f:
-                csv.writer(f).writerow(self.FIELDS)
+        write_epoch_log(path, [])
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = [list(r) for r in state.get("rows", [])]
 
     def on_train_epoch_start(self, trainer, module) -> None:
         if self.resumed_after is None:
             self.resumed_after = trainer.current_epoch
+            self.rows = [r for r in self.rows if int(r[1]) <= trainer.current_epoch]
             if trainer.is_global_zero:
-                self._drop_rows_after(trainer.current_epoch)
+                write_epoch_log(self.path, self.rows)
         self._start = time.perf_counter()
 
-    def _drop_rows_after(self, epochs_done: int) -> None:
-        """A killed run can have logged an epoch that its checkpoint does not hold (rows are
-        written before the checkpoint callbacks run): that epoch is trained again, so its old row
-        goes and the log stays one row per epoch of the trajectory that continues. A row cut
-        short by the kill goes too."""
-        with self.path.open(newline="") as f:
-            rows = list(csv.reader(f))
-        whole = [r for r in rows[1:] if len(r) == len(self.FIELDS) and r[1].isdigit()]
-        kept = [self.FIELDS] + [r for r in whole if int(r[1]) <= epochs_done]
-        if len(kept) != len(rows):
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerows(kept)
-
     def on_train_epoch_end(self, trainer, module) -> None:
-        if not trainer.is_global_zero:
-            return
         seconds = time.perf_counter() - self._start
         m = trainer.callback_metrics
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
@@ -139,8 +156,20 @@ class EpochLog(pl_.Callback):
             # Throughput of the whole epoch, validation included.
             self.n_sequences / seconds if seconds > 0 else float("nan"),
         ]
+        # Every rank keeps the rows (each saves its callback state); rank 0 writes and logs.
+        self.rows.append(row)
+        if not trainer.is_global_zero:
+            return
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow(row)
+        log.info("%s epoch %d/%d: loss %.4f, validation NDCG@10 %.4f, Recall@10 %.4f, %.1f s (%.0f sequences/s)",
+                 self.stage, row[1], trainer.max_epochs, row[2], row[3], row[4], seconds, row[7])
+
+
+def write_epoch_log(path: Path, rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([EpochLog.FIELDS, *rows])
 
 
 class ReplicaCheck(pl_.Callback):
@@ -192,10 +221,6 @@ def model_config(cfg: BertRecConfig, n_items: int, text_dim: int, inference: str
         text_finetune_layers=cfg.text_encoder.finetune_layers if tower else 0,
         text_max_length=cfg.text_encoder.max_length,
     )
-
-
-def fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def build_module(
@@ -274,24 +299,25 @@ def _load_inputs(features_dir: Path, text_dir: Path, cfg: BertRecConfig):
 
 
 def run_stage(
-    stage_name: str, features_dir: Path, text_dir: Path, out_dir: Path, params: Params,
-    init_from: Path | None = None, earlier_curve: Path | None = None,
+    stage_name: str, features_dir: Path, text_dir: Path, out_dir: Path, checkpoint_dir: Path, epochs_file: Path,
+    cfg: BertRecConfig, seed: int, eval_batch_size: int, init_from: Path | None = None,
+    earlier_curve: Path | None = None, run_key: str | None = None,
 ) -> StageResult:
-    """Train one stage (`pretrain` or `finetune`) into `out_dir`; see the module docstring."""
-    cfg = params.bert
+    """Train one stage (`pretrain` or `finetune`) into `out_dir`; see the module docstring.
+    Without a `run_key` the stage never resumes."""
     stage = cfg.pretrain if stage_name == "pretrain" else cfg.finetune
     objective = "cloze" if stage_name == "pretrain" else "next"
     out_dir.mkdir(parents=True, exist_ok=True)
     if not stage.enabled:
-        _write_skipped(stage_name, out_dir)
+        _write_skipped(stage_name, out_dir, epochs_file)
         return StageResult(stage_name, out_dir, None, None, None, 0, 0.0, 0.0, False, skipped=True)
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
 
-    pl_.seed_everything(params.seed, workers=True, verbose=False)
+    pl_.seed_everything(seed, workers=True, verbose=False)
     text_features, texts, text_dim = _load_inputs(features_dir, text_dir, cfg)
     dm = SequenceDataModule(features_dir, cfg.max_len, cfg.batch_size, objective, cfg.mask_prob,
-                            eval_batch_size=params.evaluation.batch_size)
+                            eval_batch_size=eval_batch_size)
     dm.setup()
     mcfg = model_config(cfg, dm.n_items, text_dim, inference="cloze" if objective == "cloze" else "causal")
     module = build_module(cfg, stage, objective, mcfg, text_features, texts, dm.item_counts)
@@ -305,25 +331,26 @@ def run_stage(
     retrain = stage_name == "finetune" and cfg.refit == "retrain"
     # What `refit: retrain` starts from (pre-trained or fresh weights), before any epoch ran.
     start_state = copy.deepcopy(module.model.state_dict()) if retrain else None
-    ckpt_dir = out_dir / "checkpoints"
-    run_id = fingerprint(stage_name, dataclasses.asdict(cfg), params.seed,
-                         json.loads((features_dir / "stats.json").read_text()),
-                         str(init_from) if init_from else None)
-    resume = _resume_path(ckpt_dir, run_id)
+    resume = resume_point(checkpoint_dir, run_key)
     total, trainable = count_parameters(module)
     log.info("%s: %d parameters (%d trainable), %d training sequences, %s",
-             stage_name, total, trainable, len(dm.train_sequences), "resuming" if resume else "from scratch")
+             stage_name, total, trainable, len(dm.train_sequences),
+             f"resuming from {resume}" if resume else "from scratch")
 
+    # Saved at the end of each training epoch (validation has run by then), after the epoch's
+    # log row: the checkpoint and the log it carries describe the same epochs.
     checkpoint = pl_.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor="val_ndcg10", mode="max", save_top_k=1,
+        dirpath=checkpoint_dir, filename="best", monitor="val_ndcg10", mode="max", save_top_k=1,
+        save_on_train_epoch_end=True,
     )
     # Not `save_last=True`: Lightning refreshes that only when the best checkpoint changes, so a
     # run killed after a few epochs without improvement would lose all of them. An unmonitored
     # top-1 checkpoint is rewritten every epoch.
     latest = pl_.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+        dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+        save_on_train_epoch_end=True,
     )
-    epoch_log = EpochLog(out_dir / "metrics.csv", stage_name, len(dm.train_sequences), append=resume is not None)
+    epoch_log = EpochLog(epochs_file, stage_name, len(dm.train_sequences))
     callbacks = [
         checkpoint, latest,
         pl_.callbacks.EarlyStopping(monitor="val_ndcg10", mode="max", patience=stage.patience),
@@ -334,7 +361,7 @@ def run_stage(
     trainer = pl_.Trainer(
         max_epochs=stage.max_epochs, gradient_clip_val=cfg.grad_clip or None, callbacks=callbacks,
         logger=False, default_root_dir=str(out_dir), num_sanity_val_steps=0,
-        enable_model_summary=False, **trainer_kwargs(cfg.trainer),
+        enable_model_summary=False, enable_progress_bar=interactive(), **trainer_kwargs(cfg.trainer),
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
@@ -354,7 +381,7 @@ def run_stage(
 
     final, refit_epochs = selected, 0
     if retrain:
-        pl_.seed_everything(params.seed, workers=True, verbose=False)
+        pl_.seed_everything(seed, workers=True, verbose=False)
         fresh = build_module(cfg, stage, objective, mcfg, text_features, texts, dm.item_counts)
         fresh.model.load_state_dict(start_state)
         refit_epochs = best_epoch
@@ -370,7 +397,7 @@ def run_stage(
         # compression measures its variants on this one.
         save_model(selected, out_dir / "selected_model")
         _write_factors(selected, final, features_dir, out_dir)
-    curves = ([earlier_curve] if earlier_curve else []) + [out_dir / "metrics.csv"]
+    curves = ([earlier_curve] if earlier_curve else []) + [epochs_file]
     plot_learning_curve(curves, out_dir / "learning_curve.png")
     summary = {
         "stage": stage_name, "best_epoch": best_epoch, "best_val_ndcg10": best_score, "epochs_run": epochs_run,
@@ -381,11 +408,38 @@ def run_stage(
         **trainer_kwargs(cfg.trainer), "initialized_from": str(init_from) if init_from else None,
     }
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    # Done: the checkpoints stay for inspection, but nothing may resume from them.
+    (checkpoint_dir / RESUME_MARKER).unlink(missing_ok=True)
     return StageResult(stage_name, out_dir, model_dir, best_epoch, best_score, epochs_run, train_seconds, seqs_per_s,
                        resume is not None)
 
 
-def _write_skipped(stage_name: str, out_dir: Path) -> None:
+RESUME_MARKER = "resume.json"
+
+
+def resume_point(checkpoint_dir: Path, run_key: str | None) -> Path | None:
+    """`last.ckpt` when an unfinished run with this exact key left it; otherwise the folder is
+    emptied and, with a key, marked for this run (so a kill can resume it)."""
+    marker = checkpoint_dir / RESUME_MARKER
+    last = checkpoint_dir / "last.ckpt"
+    if run_key is not None and marker.exists() and last.exists():
+        try:
+            recorded = json.loads(marker.read_text()).get("run_key")
+        except json.JSONDecodeError:  # torn by a kill while being written
+            recorded = None
+        if recorded == run_key:
+            return last
+        log.info("checkpoints in %s belong to another run (inputs, settings or code changed): starting over",
+                 checkpoint_dir)
+    if checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True)
+    if run_key is not None:
+        marker.write_text(json.dumps({"run_key": run_key}))
+    return None
+
+
+def _write_skipped(stage_name: str, out_dir: Path, epochs_file: Path) -> None:
     """A skipped stage still leaves its declared outputs (DVC), empty and marked as skipped;
     a stale model from an earlier run must not look like this run's."""
     model_dir = out_dir / "model"
@@ -394,23 +448,7 @@ def _write_skipped(stage_name: str, out_dir: Path) -> None:
     model_dir.mkdir(parents=True)
     (model_dir / "SKIPPED").write_text(f"bert.{stage_name}.enabled is false\n")
     (out_dir / "training.json").write_text(json.dumps({"stage": stage_name, "skipped": True}, indent=2))
-    with (out_dir / "metrics.csv").open("w", newline="") as f:
-        csv.writer(f).writerow(EpochLog.FIELDS)
-    (out_dir / "checkpoints").mkdir(exist_ok=True)
-    (out_dir / "checkpoint_run.json").write_text(json.dumps({"run_id": None}))
-
-
-def _resume_path(ckpt_dir: Path, run_id: str) -> Path | None:
-    """`last.ckpt` when it belongs to this exact run; otherwise stale checkpoints are removed."""
-    marker = ckpt_dir.with_name("checkpoint_run.json")
-    last = ckpt_dir / "last.ckpt"
-    if marker.exists() and json.loads(marker.read_text()).get("run_id") == run_id and last.exists():
-        return last
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"run_id": run_id}))
-    return None
+    write_epoch_log(epochs_file, [])
 
 
 def _refit(module: SeqRecModule, epochs: int, features_dir: Path, cfg: BertRecConfig) -> SeqRecModel:
@@ -419,6 +457,7 @@ def _refit(module: SeqRecModule, epochs: int, features_dir: Path, cfg: BertRecCo
     trainer = pl_.Trainer(
         max_epochs=epochs, gradient_clip_val=cfg.grad_clip or None, logger=False,
         enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
+        enable_progress_bar=interactive(),
         **{**trainer_kwargs(cfg.trainer), "devices": 1, "num_nodes": 1, "strategy": "auto"},
     )
     log.info("refit (%s): %d epochs on training + validation sequences", cfg.refit, epochs)
@@ -433,63 +472,45 @@ def _write_factors(selected: SeqRecModel, final: SeqRecModel, features_dir: Path
         with torch.no_grad():
             items[split] = model.eval().output_items(model.item_representations()).float().numpy()
         users[split] = user_vectors(model, seqs.histories(split, model.cfg.max_len))
-    FactorModel(items=items, users=users).save(out_dir / "factors.npz")
+    FactorModel(items=items, users=users).save(out_dir / FILE_NAME)
     np.save(out_dir / "item_embeddings.npy", items["test"])
 
 
-def _use_pretrained(pretrain_dir: Path, features_dir: Path, out_dir: Path) -> StageResult:
+def _use_pretrained(pretrain_dir: Path, pretrain_curve: Path, features_dir: Path, out_dir: Path,
+                    epochs_file: Path) -> StageResult:
     """Fine-tuning skipped: the cloze model is the recommender (user vector read at a MASK)."""
     model = load_model(pretrain_dir / "model")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(model, out_dir / "model")
     save_model(model, out_dir / "selected_model")
     _write_factors(model, model, features_dir, out_dir)
-    with (out_dir / "metrics.csv").open("w", newline="") as f:
-        csv.writer(f).writerow(EpochLog.FIELDS)
-    plot_learning_curve([pretrain_dir / "metrics.csv"], out_dir / "learning_curve.png")
+    write_epoch_log(epochs_file, [])
+    plot_learning_curve([pretrain_curve], out_dir / "learning_curve.png")
     (out_dir / "training.json").write_text(json.dumps({"stage": "finetune", "skipped": True,
                                                         "model": "pre-trained (cloze)"}, indent=2))
-    (out_dir / "checkpoints").mkdir(exist_ok=True)
-    (out_dir / "checkpoint_run.json").write_text(json.dumps({"run_id": None}))
     return StageResult("finetune", out_dir, out_dir / "model", None, None, 0, 0.0, 0.0, False, skipped=True)
 
 
-def pretrain(features_dir: Path, text_dir: Path, out_dir: Path, params: Params) -> StageResult:
-    return run_stage("pretrain", features_dir, text_dir, out_dir, params)
+def pretrain(features_dir: Path, text_dir: Path, out_dir: Path, checkpoint_dir: Path, epochs_file: Path,
+             cfg: BertRecConfig, seed: int, eval_batch_size: int, run_key: str | None = None) -> StageResult:
+    """Cloze pre-training (masked items, bidirectional attention)."""
+    return run_stage("pretrain", features_dir, text_dir, out_dir, checkpoint_dir, epochs_file, cfg, seed,
+                     eval_batch_size, run_key=run_key)
 
 
-def finetune(features_dir: Path, text_dir: Path, pretrain_dir: Path, out_dir: Path, params: Params) -> StageResult:
+def finetune(features_dir: Path, text_dir: Path, pretrain_dir: Path, pretrain_curve: Path, out_dir: Path,
+             checkpoint_dir: Path, epochs_file: Path, cfg: BertRecConfig, seed: int, eval_batch_size: int,
+             run_key: str | None = None) -> StageResult:
     """Next-item fine-tuning, from the pre-trained weights when that stage ran."""
-    pretrained = params.bert.pretrain.enabled and (pretrain_dir / "model" / "config.json").exists()
-    if params.bert.pretrain.enabled and not pretrained:
+    pretrained = cfg.pretrain.enabled and (pretrain_dir / "model" / "config.json").exists()
+    if cfg.pretrain.enabled and not pretrained:
         raise FileNotFoundError(f"{pretrain_dir}/model not found: run the pretrain stage first (or disable it)")
-    if not params.bert.finetune.enabled:
+    if not cfg.finetune.enabled:
         if not pretrained:
             raise ValueError("bert.pretrain and bert.finetune are both disabled: enable at least one")
-        return _use_pretrained(pretrain_dir, features_dir, out_dir)
+        return _use_pretrained(pretrain_dir, pretrain_curve, features_dir, out_dir, epochs_file)
     return run_stage(
-        "finetune", features_dir, text_dir, out_dir, params,
+        "finetune", features_dir, text_dir, out_dir, checkpoint_dir, epochs_file, cfg, seed, eval_batch_size,
         init_from=pretrain_dir / "model" if pretrained else None,
-        earlier_curve=pretrain_dir / "metrics.csv" if pretrained else None,
+        earlier_curve=pretrain_curve if pretrained else None, run_key=run_key,
     )
-
-
-def main(stage: str) -> int:
-    from components.cli import base_parser, params_from_args
-
-    args = base_parser(f"{stage} the BERT sequence recommender.").parse_args()
-    params = params_from_args(args)
-    art = args.artifacts
-    if stage == "pretrain":
-        res = pretrain(art / "features", art / "text_embeddings", art / "bert" / "pretrain", params)
-    else:
-        res = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", params)
-    if res.skipped:
-        used = " (the pre-trained model is the recommender)" if res.model_dir else ""
-        print(f"{stage}: skipped (bert.{stage}.enabled is false){used}")
-    elif res.model_dir is not None:
-        print(f"{stage}: best validation NDCG@10 {res.best_val_ndcg10:.4f} at epoch {res.best_epoch} "
-              f"({res.epochs_run} epochs, {res.train_seconds:.0f} s, {res.sequences_per_second:.0f} sequences/s) "
-              f"-> {res.model_dir}")
-    return 0
-

@@ -16,12 +16,12 @@ import polars as pl
 import pytest
 import torch
 
-from components.bert.text_embeddings import embed_item_texts
-from components.bert.train import finetune, pretrain
+from components import pipeline
 from components.config import Params
-from components.evaluate import FactorModel, evaluate_split
+from components.evaluate import evaluate_split
+from components.factors import FactorModel
 from components.features import build_features, id_sort_key, load_sequences
-from components.validate import validate
+from components.pipeline import Artifacts
 from tests.bert_helpers import TINY_BERT_OVERRIDES, make_tiny_bert
 from tests.conftest import REPO, TINY, tiny_params
 
@@ -44,10 +44,21 @@ def prepared(tmp_path, tiny_bert) -> tuple[Path, Params, list[str]]:
     overrides = bert_overrides(tiny_bert, tmp_path / "cache")
     params = tiny_params(*overrides)
     art = tmp_path / "artifacts"
-    assert validate(params, art / "validation", art / "data").success
-    build_features(art / "data", art / "features", params.features)
-    embed_item_texts(art / "features", art / "text_embeddings", params.bert.text_encoder)
+    pipeline.run(params, Artifacts(art), until="item_text_embeddings")
     return art, params, overrides
+
+
+def stage(name: str, params: Params, art: Path):
+    """One stage, in this process, with its declared inputs and outputs."""
+    return pipeline.call(pipeline.STAGE[name], params, Artifacts(art))
+
+
+def pretrain(params: Params, art: Path):
+    return stage("pretrain_bert", params, art)
+
+
+def finetune(params: Params, art: Path):
+    return stage("finetune_bert", params, art)
 
 
 def cli(stage: str, art: Path, overrides: list[str]) -> list[str]:
@@ -59,7 +70,7 @@ def cli(stage: str, art: Path, overrides: list[str]) -> list[str]:
 
 def test_text_embeddings_are_cached(prepared):
     art, params, _ = prepared
-    again = embed_item_texts(art / "features", art / "text_embeddings", params.bert.text_encoder)
+    again = stage("item_text_embeddings", params, art)
     assert again.computed == 0 and again.cached == again.n_items
     emb = np.load(art / "text_embeddings" / "embeddings.npy")
     assert emb.shape == (again.n_items, 16) and np.isfinite(emb).all()
@@ -67,19 +78,22 @@ def test_text_embeddings_are_cached(prepared):
 
 def test_pretrain_then_finetune_outputs(prepared):
     art, params, _ = prepared
-    pre = pretrain(art / "features", art / "text_embeddings", art / "bert" / "pretrain", params)
+    pre = pretrain(params, art)
     assert pre.model_dir and (pre.model_dir / "config.json").exists()
-    fine = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", params)
+    fine = finetune(params, art)
     out = art / "bert"
-    for name in ("model/config.json", "model/model.safetensors", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
-                 "item_embeddings.npy", "factors.npz", "metrics.csv", "learning_curve.png", "training.json"):
+    for name in ("model/config.json", "model/model.safetensors", "item_embeddings.npy", "factors.npz",
+                 "learning_curve.png", "training.json"):
         assert (out / name).exists(), name
+    for name in ("best.ckpt", "last.ckpt"):
+        assert (art / "checkpoints" / "finetune_bert" / name).exists(), name
+    epochs_log = art / "metrics" / "finetune_bert_epochs.csv"
     cfg = json.loads((out / "model" / "config.json").read_text())
     assert cfg["inference"] == "causal" and cfg["mode"] == "text+id"
     training = json.loads((out / "training.json").read_text())
     assert training["initialized_from"].endswith("pretrain/model")
     assert training["precision"] == "32-true"  # CPU default
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    rows = list(csv.DictReader(epochs_log.open()))
     assert [int(r["epoch"]) for r in rows] == list(range(1, fine.epochs_run + 1))
     assert all(0.0 <= float(r["val_ndcg10"]) <= 1.0 for r in rows)
     factors = FactorModel.load(out / "factors.npz")
@@ -97,7 +111,7 @@ def test_bert_learns_the_sequential_signal(prepared):
     p = params_from_dict(apply_overrides(params.to_dict(), [
         "bert.pretrain.enabled=false", "bert.finetune.max_epochs=20", "bert.finetune.lr=0.005", "bert.hidden_size=32",
     ]))
-    finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    finetune(p, art)
     seqs = load_sequences(art / "features")
     counts = np.diff(seqs.history_matrix("valid").indptr)
     no_head = np.zeros(seqs.n_items, bool)
@@ -121,17 +135,13 @@ def test_two_process_ddp_keeps_replicas_identical(prepared):
     assert json.loads((art / "bert" / "training.json").read_text())["strategy"] == "ddp"
 
 
-def test_killed_run_resumes_from_last_checkpoint(prepared):
-    art, _, overrides = prepared
-    run = [*overrides, "bert.pretrain.enabled=false", "bert.finetune.max_epochs=30", "bert.finetune.patience=100",
-           "bert.refit_epochs=0"]
-    proc = subprocess.Popen(cli("finetune", art, run), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = art / "bert" / "metrics.csv"
+def kill_after_epochs(cmd: list[str], log: Path, epochs: int) -> None:
+    """Start a training CLI and SIGKILL it once `epochs` epochs have been logged."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:
-        # Kill it once at least three epochs have been logged.
         while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            if log.exists() and len(log.read_text().splitlines()) >= epochs + 1:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "training finished before it could be interrupted"
@@ -140,12 +150,22 @@ def test_killed_run_resumes_from_last_checkpoint(prepared):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_killed_run_resumes_from_last_checkpoint(prepared):
+    art, _, overrides = prepared
+    run = [*overrides, "bert.pretrain.enabled=false", "bert.finetune.max_epochs=30", "bert.finetune.patience=100",
+           "bert.refit_epochs=0"]
+    metrics = art / "metrics" / "finetune_bert_epochs.csv"
+    kill_after_epochs(cli("finetune", art, run), metrics, 3)
     done_before = len(metrics.read_text().splitlines()) - 1
-    last = torch.load(art / "bert" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(art / "checkpoints" / "finetune_bert" / "last.ckpt", map_location="cpu", weights_only=False)
     checkpointed = last["epoch"] + 1
     # Every finished epoch is checkpointed, not only improving ones; the kill can land between
     # an epoch's log row and its checkpoint, so at most one logged epoch is lost.
     assert done_before >= 3 and checkpointed >= done_before - 1
+    # DVC removes a stage's outputs before running it: the log comes back from the checkpoint.
+    metrics.unlink()
 
     again = subprocess.run(cli("finetune", art, run), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -157,6 +177,31 @@ def test_killed_run_resumes_from_last_checkpoint(prepared):
     epochs = [int(r["epoch"]) for r in csv.DictReader(metrics.open())]
     assert epochs == list(range(1, 31))
 
+    # A finished run is never resumed: the same command trains again from the first epoch.
+    third = subprocess.run(cli("finetune", art, run), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    training = json.loads((art / "bert" / "training.json").read_text())
+    assert training["resumed"] is False and training["epochs_run"] == 30
+    assert [int(r["epoch"]) for r in csv.DictReader(metrics.open())] == list(range(1, 31))
+
+
+def test_a_killed_run_is_not_resumed_with_other_settings(prepared):
+    """The resume marker holds the stage's key (inputs, settings, code): a change in any of them
+    starts over instead of continuing someone else's weights."""
+    art, _, overrides = prepared
+    run = [*overrides, "bert.pretrain.enabled=false", "bert.finetune.max_epochs=30", "bert.finetune.patience=100",
+           "bert.refit_epochs=0"]
+    metrics = art / "metrics" / "finetune_bert_epochs.csv"
+    kill_after_epochs(cli("finetune", art, run), metrics, 3)
+    assert (art / "checkpoints" / "finetune_bert" / "last.ckpt").exists()
+    changed = [*run[:-1], "bert.refit_epochs=0", "bert.dropout=0.3", "bert.finetune.max_epochs=4"]
+    proc = subprocess.run(cli("finetune", art, changed), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "belong to another run" in proc.stderr
+    training = json.loads((art / "bert" / "training.json").read_text())
+    assert training["resumed"] is False and training["epochs_run"] == 4
+    assert [int(r["epoch"]) for r in csv.DictReader(metrics.open())] == [1, 2, 3, 4]
+
 
 def test_last_checkpoint_follows_every_epoch_not_only_improving_ones(prepared):
     art, _, overrides = prepared
@@ -165,7 +210,7 @@ def test_last_checkpoint_follows_every_epoch_not_only_improving_ones(prepared):
               "bert.finetune.patience=100", "bert.refit_epochs=0"]
     proc = subprocess.run(cli("finetune", art, frozen), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpts = art / "bert" / "checkpoints"
+    ckpts = art / "checkpoints" / "finetune_bert"
     assert torch.load(ckpts / "best.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
     assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2
     assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
@@ -182,7 +227,7 @@ def test_text_tower_fine_tunes_a_tiny_bert_end_to_end(prepared):
     from transformers import AutoModel
 
     before = AutoModel.from_pretrained(p.bert.text_encoder.path).state_dict()
-    finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    finetune(p, art)
     from components.bert.model import load_model
 
     tuned = load_model(art / "bert" / "model")
@@ -201,7 +246,7 @@ def test_cold_items_are_recommended_through_their_text(tmp_path, tiny_bert):
                          "bert.mode=text", "bert.pretrain.enabled=false", "bert.finetune.max_epochs=15",
                          "bert.finetune.lr=0.005", "bert.refit_epochs=0", "bert.max_len=8")
     art = tmp_path / "artifacts"
-    assert validate(params, art / "validation", art / "data").success
+    pipeline.run(params, Artifacts(art), until="validate")
     inter = pl.read_parquet(art / "data" / "interactions.parquet")
     # Hold out 10% of the items: they keep only their occurrences as some user's last item.
     items = sorted(inter["item_id"].unique().to_list())
@@ -215,8 +260,8 @@ def test_cold_items_are_recommended_through_their_text(tmp_path, tiny_bert):
     inter = inter.filter(~pl.col("item_id").is_in(list(held)) | pl.col("last")).drop("last")
     inter.write_parquet(art / "data" / "interactions.parquet")
     build_features(art / "data", art / "features", params.features)
-    embed_item_texts(art / "features", art / "text_embeddings", params.bert.text_encoder)
-    finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", params)
+    stage("item_text_embeddings", params, art)
+    finetune(params, art)
 
     seqs = load_sequences(art / "features")
     item_ids = pl.read_parquet(art / "features" / "items.parquet")["item_id"].to_list()
@@ -244,23 +289,22 @@ def test_stages_can_be_skipped(prepared):
 
     # Pre-training skipped: outputs exist (for DVC) and say so; fine-tuning starts from scratch.
     p = with_("bert.pretrain.enabled=false", "bert.finetune.max_epochs=1", "bert.refit_epochs=0")
-    assert pretrain(art / "features", art / "text_embeddings", art / "bert" / "pretrain", p).skipped
-    assert (art / "bert" / "pretrain" / "model" / "SKIPPED").exists()
-    res = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    assert pretrain(p, art).skipped
+    assert (art / "pretrain" / "model" / "SKIPPED").exists()
+    res = finetune(p, art)
     assert json.loads((art / "bert" / "training.json").read_text())["initialized_from"] is None
     assert not res.skipped
 
     # Fine-tuning skipped: the cloze model is the recommender.
     p = with_("bert.pretrain.max_epochs=1", "bert.finetune.enabled=false")
-    pretrain(art / "features", art / "text_embeddings", art / "bert" / "pretrain", p)
-    res = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    pretrain(p, art)
+    res = finetune(p, art)
     assert res.skipped and res.model_dir is not None
     assert json.loads((art / "bert" / "model" / "config.json").read_text())["inference"] == "cloze"
     assert (art / "bert" / "factors.npz").exists()
 
     with pytest.raises(ValueError, match="both disabled"):
-        finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert",
-                 with_("bert.pretrain.enabled=false", "bert.finetune.enabled=false"))
+        finetune(with_("bert.pretrain.enabled=false", "bert.finetune.enabled=false"), art)
 
 
 @pytest.mark.parametrize("refit", ["continue", "retrain"])
@@ -273,12 +317,12 @@ def test_validation_factors_come_from_the_model_selected_before_the_refit(prepar
 
     p = params_from_dict(apply_overrides(params.to_dict(), ["bert.pretrain.enabled=false", "bert.refit_epochs=2",
                                                             f"bert.refit={refit}", "bert.finetune.max_epochs=3"]))
-    res = finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", p)
+    res = finetune(p, art)
     summary = json.loads((art / "bert" / "training.json").read_text())
     # continue: the fixed extra epochs; retrain: as many epochs as selection chose.
     assert summary["refit"] == refit
     assert summary["refit_epochs"] == (2 if refit == "continue" else res.best_epoch)
-    best = torch.load(art / "bert" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(art / "checkpoints" / "finetune_bert" / "best.ckpt", map_location="cpu", weights_only=False)
     model = SeqRecModel(SeqRecConfig.load(art / "bert" / "model" / "config.json"))
     model.load_state_dict({k[len("model."):]: v for k, v in best["state_dict"].items() if k.startswith("model.")})
     seqs = load_sequences(art / "features")

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.presets import overrides_for
-from components.config import load_params
+from benchmarks.common import dataset_params
 from components.features import build_features
 from components.validate import validate
 from tests.conftest import REPO
@@ -18,8 +17,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_movielens_sizes_with_filtering_off(movielens_dir, tmp_path):
-    params = load_params(REPO / "params.yaml", overrides_for("movielens-100k", movielens_dir))
-    assert validate(params, tmp_path / "v", tmp_path / "data").success
+    params = dataset_params(REPO / "params.yaml", "movielens-100k", movielens_dir)
+    assert validate(params.data, params.validation, params.seed, tmp_path / "v", tmp_path / "data").success
     res = build_features(tmp_path / "data", tmp_path / "f", params.features)
     assert (res.n_users, res.n_items, res.n_interactions) == (943, 1682, 100_000)
     stats = json.loads((tmp_path / "f" / "stats.json").read_text())
@@ -27,8 +26,8 @@ def test_movielens_sizes_with_filtering_off(movielens_dir, tmp_path):
 
 
 def test_amazon_keeps_published_split(amazon_dir, tmp_path):
-    params = load_params(REPO / "params.yaml", overrides_for("amazon-scientific", amazon_dir))
-    assert validate(params, tmp_path / "v", tmp_path / "data").success
+    params = dataset_params(REPO / "params.yaml", "amazon-scientific", amazon_dir)
+    assert validate(params.data, params.validation, params.seed, tmp_path / "v", tmp_path / "data").success
     res = build_features(tmp_path / "data", tmp_path / "f", params.features)
     assert (res.n_users, res.n_items, res.n_interactions) == (8442, 4385, 59_427)
     assert res.split_source == "source"
@@ -43,8 +42,8 @@ def test_corrupted_movielens_copy_fails_validation(movielens_dir, tmp_path):
     lines[1] = "2\t50\t4\t-881250949"  # negative timestamp
     lines += lines[100:2100]  # 2,000 duplicated rows (2% > the 1% allowed)
     (copy / "u.data").write_text("\n".join(lines) + "\n")
-    params = load_params(REPO / "params.yaml", overrides_for("movielens-100k", copy))
-    result = validate(params, tmp_path / "v", tmp_path / "data")
+    params = dataset_params(REPO / "params.yaml", "movielens-100k", copy)
+    result = validate(params.data, params.validation, params.seed, tmp_path / "v", tmp_path / "data")
     assert not result.success
     assert {"item_id_known", "timestamp_not_too_old", "duplicate_rows"} <= set(result.failed_checks)
     unknown = next(f for f in result.failures if f.check == "item_id_known")

@@ -25,14 +25,8 @@ TOKEN = "test-admin-token"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    """A real bundle from the tiny pipeline (components called directly)."""
-    from components.bert.text_embeddings import embed_item_texts
-    from components.bert.train import finetune, pretrain
-    from components.compress import compress
-    from components.export import export_bundle
-    from components.features import build_features
-    from components.train_mf import train_mf
-    from components.validate import validate
+    """A real bundle from the tiny pipeline (run in this process, up to export)."""
+    from components import pipeline
 
     tmp = tmp_path_factory.mktemp("serving")
     encoder = make_tiny_bert(tmp / "tiny-bert")
@@ -41,14 +35,7 @@ def bundle(tmp_path_factory) -> Path:
                          "bert.finetune.max_epochs=10", "bert.finetune.lr=0.005", "compress.prune.heads=0",
                          "compress.prune.ffn=0", "compress.prune.unstructured=0")
     art = tmp / "artifacts"
-    assert validate(params, art / "validation", art / "data").success
-    build_features(art / "data", art / "features", params.features)
-    train_mf(art / "features", art / "mf", params.mf, params.seed)
-    embed_item_texts(art / "features", art / "text_embeddings", params.bert.text_encoder)
-    pretrain(art / "features", art / "text_embeddings", art / "bert" / "pretrain", params)
-    finetune(art / "features", art / "text_embeddings", art / "bert" / "pretrain", art / "bert", params)
-    compress(art / "features", art / "bert", art / "compress", params)
-    export_bundle(art / "features", art / "bert", art / "mf", art / "compress", art / "bundle", params)
+    pipeline.run(params, pipeline.Artifacts(art), until=["export", "evaluate"])
     return art / "bundle"
 
 
@@ -103,7 +90,7 @@ def server(bundle, tmp_path):
 
 
 def test_service_imports_nothing_from_training():
-    code = ("import sys, serving.app, serving.bundle, serving.registry, serving.store; "
+    code = ("import sys, serving.app, serving.bundle, serving.champion, serving.store, serving.http, serving.service; "
             "bad = [m for m in ('torch', 'pytorch_lightning', 'lightning', 'prefect', 'transformers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -226,14 +213,19 @@ def test_reload_under_load_and_a_corrupt_bundle_is_refused(bundle, tmp_path):
 def test_champion_from_the_registry_hot_swap_and_registry_down(bundle, tmp_path):
     """Serve models:/<name>@champion from a real MLflow server, follow a new champion, and start
     from the cached bundle when the registry is gone."""
-    from components.register import log_training_run, register_bundle
+    from components import pipeline
+    from flows.promotion import register_bundle
+    from flows.tracking import log_training_run
     from tests.mlflow_server import mlflow_server
 
-    art = bundle.parent
+    # A second run's bundle (another K: other bytes) to follow as the next champion.
+    art = pipeline.Artifacts(tmp_path / "artifacts")
+    shutil.copytree(bundle.parent, art.root)
+    first_results = {s.name: pipeline.load_result(s, art) for s in pipeline.STAGES}
     cache = tmp_path / "bundles"
     with mlflow_server(tmp_path / "mlflow") as uri:
-        params = tiny_params(f"registry.tracking_uri={uri}", "registry.model_name=served", "registry.latency_budget_ms=1000")
-        first = register_bundle(art, params, log_training_run(art, params))
+        params = tiny_params(f"tracking.uri={uri}", "tracking.model_name=served", "gate.latency_budget_ms=1000")
+        first = register_bundle(first_results, art, params, log_training_run(first_results, art, params))
         assert first.promoted, first.reason
 
         port = free_port()
@@ -252,7 +244,9 @@ def test_champion_from_the_registry_hot_swap_and_registry_down(bundle, tmp_path)
                 except OSError:
                     time.sleep(0.3)
             assert body["model_version"] == "1"
-            second = register_bundle(art, params, log_training_run(art, params))
+            results = {**first_results, "export": pipeline.call(pipeline.STAGE["export"],
+                                                                tiny_params("export.k=50"), art)}
+            second = register_bundle(results, art, params, log_training_run(results, art, params))
             assert second.promoted and second.champion_version == 2
             deadline = time.time() + 60
             while s.call("GET", "/ready")[1]["model_version"] != "2" and time.time() < deadline:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.presets import overrides_for
+from benchmarks.common import dataset_params
 from benchmarks.quality import run_dataset
-from components.config import load_params
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -18,7 +17,7 @@ REFERENCE_MF_NDCG = {"movielens-100k": 0.048, "amazon-scientific": 0.085}
 @pytest.mark.parametrize("dataset,fixture", [("movielens-100k", "movielens_dir"), ("amazon-scientific", "amazon_dir")])
 def test_mf_matches_reference_and_beats_popularity(dataset, fixture, request, tmp_path):
     data_dir = request.getfixturevalue(fixture)
-    params = load_params(REPO / "params.yaml", overrides_for(dataset, data_dir))
+    params = dataset_params(REPO / "params.yaml", dataset, data_dir)
     rows = run_dataset(dataset, ["popularity", "mf"], params, tmp_path)
     assert rows["mf"]["ndcg@10"] >= REFERENCE_MF_NDCG[dataset]
     assert rows["mf"]["ndcg@10"] >= 2 * rows["popularity"]["ndcg@10"]

@@ -202,18 +202,27 @@ def test_padding_length_does_not_change_the_user_vector():
 
 
 def test_epoch_log_keeps_only_checkpointed_epochs_on_resume(tmp_path):
+    """The log travels in the checkpoint: a resumed run rewrites the file from it, so rows the
+    checkpoint does not hold, a row torn by the kill, and a file deleted in between (DVC removes
+    a stage's outputs before running it) all come out right."""
     import csv
+    from types import SimpleNamespace
 
     from components.bert.train import EpochLog
 
     path = tmp_path / "metrics.csv"
-    log = EpochLog(path, "finetune", 10, append=False)
+    log = EpochLog(path, "finetune", 10)
+    log.rows = [["finetune", epoch, 1.0, 0.1, 0.2, 1e-3, 2.0, 5.0] for epoch in range(1, 6)]
+    state = log.state_dict()  # what a checkpoint stores
     with path.open("a", newline="") as f:
-        for epoch in range(1, 6):
-            csv.writer(f).writerow(["finetune", epoch, 1.0, 0.1, 0.2, 1e-3, 2.0, 5.0])
         f.write("finetune,6,0.9")  # cut short by the kill
-    # Resumed from a checkpoint holding 3 epochs: rows 4-5 and the torn row go.
-    EpochLog(path, "finetune", 10, append=True)._drop_rows_after(3)
-    rows = list(csv.DictReader(path.open()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert log.FIELDS == list(rows[0])
+    for damage in ("torn", "deleted"):
+        if damage == "deleted":
+            path.unlink()
+        resumed = EpochLog(path, "finetune", 10)
+        resumed.load_state_dict(state)
+        # Resumed from a checkpoint holding 3 epochs: rows 4-5 and the torn row go.
+        resumed.on_train_epoch_start(SimpleNamespace(current_epoch=3, is_global_zero=True), None)
+        rows = list(csv.DictReader(path.open()))
+        assert [int(r["epoch"]) for r in rows] == [1, 2, 3], damage
+        assert log.FIELDS == list(rows[0])

@@ -8,7 +8,7 @@ import torch
 
 from components.bert.model import SeqRecConfig, SeqRecModel, left_pad, load_model, save_model
 from components.compress import choose, overlap, prune_structured, prune_unstructured, quantize_int8
-from components.export import (
+from components.onnx_graphs import (
     check_sequence_parity,
     export_mf,
     export_sequence,
@@ -121,7 +121,7 @@ def test_onnx_matches_pytorch_at_several_shapes(exported):
 def test_onnx_excludes_items_and_returns_k(exported):
     m, path = exported
     hs = histories(16, 1)
-    feeds = sequence_inputs(hs, m.cfg.max_len, exclude_width=12)
+    feeds = sequence_inputs(hs, m.cfg.max_len, exclude_last=12)
     users, top, scores = session(path).run(None, feeds)
     assert top.shape == (16, 15) and users.shape == (16, 16)
     for row, h in enumerate(hs):
@@ -186,7 +186,7 @@ def test_parity_accepts_reordered_ties_but_not_different_items(tmp_path):
 
 
 def test_top10_agreement_worked_example():
-    from components.export import top10_agreement
+    from components.onnx_graphs import top10_agreement
 
     users = np.array([[1.0, 0.0]], dtype=np.float32)
     items = np.array([[3, 0], [2, 0], [2, 5], [1, 0]], dtype=np.float32)  # scores 3, 2, 2, 1

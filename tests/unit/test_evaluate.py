@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from components.evaluate import FactorModel, evaluate, format_table, per_user_ndcg, popularity_model, rank
+from components.evaluate import evaluate, format_table, per_user_ndcg, popularity_model, rank
+from components.factors import FactorModel
 from tests.unit.test_features import write_snapshot
 from components.features import build_features
 from tests.conftest import tiny_params

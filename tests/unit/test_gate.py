@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from components.config import RegistryConfig
-from components.register import gate
+from components.config import GateConfig
+from flows.promotion import gate
 
-CFG = RegistryConfig(tracking_uri=None, experiment="x", model_name="m", min_relative_improvement=0.0, latency_budget_ms=10.0)
+CFG = GateConfig(min_relative_improvement=0.0, tolerance=0.0, latency_budget_ms=10.0)
 POP = {"ndcg@10": 0.02, "recall@10": 0.05}
 
 
@@ -20,7 +20,7 @@ def test_challenger_against_champion_on_both_metrics():
     assert gate({"ndcg@10": 0.10, "recall@10": 0.20}, champ, POP, True, 1.0, CFG).promote  # equal passes at 0
     d = gate({"ndcg@10": 0.12, "recall@10": 0.19}, champ, POP, True, 1.0, CFG)
     assert not d.promote and d.checks == {"data_validation": True, "latency": True, "ndcg@10": True, "recall@10": False}
-    strict = RegistryConfig(**{**CFG.__dict__, "min_relative_improvement": 0.05})
+    strict = GateConfig(**{**CFG.__dict__, "min_relative_improvement": 0.05})
     assert not gate({"ndcg@10": 0.104, "recall@10": 0.25}, champ, POP, True, 1.0, strict).promote
     assert gate({"ndcg@10": 0.106, "recall@10": 0.211}, champ, POP, True, 1.0, strict).promote
 
@@ -31,3 +31,18 @@ def test_failed_validation_or_slow_bundle_blocks_promotion():
     assert not d.promote and "data validation FAILED" in d.reason
     d = gate(good, None, POP, True, 12.5, CFG)
     assert not d.promote and "12.50 ms > budget 10 ms" in d.reason
+
+
+def test_differences_within_the_tolerance_are_ties_and_the_message_shows_them():
+    """0.507193 vs 0.507202 used to read "0.5072 < champion 0.5072": two trainings of one model
+    differ in the last digits; the tolerance counts that as a tie, and the message says so."""
+    champ = {"ndcg@10": 0.507202, "recall@10": 0.61}
+    tolerant = GateConfig(min_relative_improvement=0.0, tolerance=0.001, latency_budget_ms=10.0)
+    d = gate({"ndcg@10": 0.507193, "recall@10": 0.61}, champ, POP, True, 1.0, tolerant)
+    assert d.promote, d.reason
+    assert "0.507193 >= champion 0.507202" in d.reason and "tolerance" in d.reason
+    # Without the tolerance the same numbers fail, with digits enough to see why.
+    d = gate({"ndcg@10": 0.507193, "recall@10": 0.61}, champ, POP, True, 1.0, CFG)
+    assert not d.promote and "0.507193 < champion 0.507202" in d.reason
+    # A real drop is not a tie.
+    assert not gate({"ndcg@10": 0.50, "recall@10": 0.61}, champ, POP, True, 1.0, tolerant).promote

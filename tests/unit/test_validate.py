@@ -36,7 +36,7 @@ def run(folder: Path, tmp_path: Path, *overrides: str):
         "data.files.columns.weight=rating",
         *overrides,
     )
-    return validate(params, tmp_path / "validation", tmp_path / "data", now=NOW)
+    return validate(params.data, params.validation, params.seed, tmp_path / "validation", tmp_path / "data", now=NOW)
 
 
 def rewrite(folder: Path, name: str, fn) -> None:

@@ -8,12 +8,12 @@ import logging
 import shutil
 from pathlib import Path
 
-from serving.bundle import BundleError, verify
+from serving.bundle_format import BundleError, verify
 
 log = logging.getLogger(__name__)
 
 
-def champion_version(tracking_uri: str, model_name: str) -> tuple[str, str]:
+def current(tracking_uri: str, model_name: str) -> tuple[str, str]:
     """(version, bundle artifact URI) of `models:/<name>@champion`."""
     import os
 

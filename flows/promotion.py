@@ -1,0 +1,219 @@
+"""The model registry's side of a run: register the bundle, the promotion gate, rollback.
+
+- `register_bundle`: logs `sequence.onnx` as an MLflow ONNX model (with its signature and an
+  input example) and the whole bundle as run artifacts (`bundle/`, what the service downloads),
+  registers a new version of `tracking.model_name` with the alias `challenger`, then runs the
+  gate. A bundle identical to an existing version's (same sha256: a fully cached run) registers
+  nothing new.
+- `gate` (like TFX's blessing): data validation passed, the bundle's latency within budget, and
+  validation NDCG@10 and Recall@10 at least `gate.min_relative_improvement` above the
+  champion's, relative differences within `gate.tolerance` counting as ties; with no champion
+  yet, NDCG@10 above popularity's. A pass moves `champion`; the decision and its numbers go to
+  the version's tags and description either way.
+- `python -m flows.promotion rollback --to-version N` moves `champion` back;
+  `python -m flows.promotion register` logs and registers the last pipeline run in `artifacts/`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.config import GateConfig, Params
+from components.pipeline import Artifacts
+from flows.tracking import client
+from serving.bundle_format import MANIFEST
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    checks: dict[str, bool]
+
+
+def gate(
+    challenger: dict[str, float], champion: dict[str, float] | None, popularity: dict[str, float],
+    validation_passed: bool, latency_ms: float, cfg: GateConfig,
+) -> GateDecision:
+    """Metrics are validation `ndcg@10` and `recall@10`."""
+    checks: dict[str, bool] = {"data_validation": validation_passed, "latency": latency_ms <= cfg.latency_budget_ms}
+    reasons = [
+        "data validation passed" if validation_passed else "data validation FAILED",
+        f"p50 latency {latency_ms:.2f} ms {'<=' if checks['latency'] else '>'} budget {cfg.latency_budget_ms:g} ms",
+    ]
+    if champion is None:
+        checks["beats_popularity"] = challenger["ndcg@10"] > popularity["ndcg@10"]
+        reasons.append(f"no champion yet: NDCG@10 {challenger['ndcg@10']:.6f} "
+                       f"{'>' if checks['beats_popularity'] else '<='} popularity {popularity['ndcg@10']:.6f}")
+    else:
+        factor = 1 + cfg.min_relative_improvement
+        for key in ("ndcg@10", "recall@10"):
+            required = champion[key] * factor
+            change = (challenger[key] - required) / required if required > 0 else 0.0
+            ok = challenger[key] >= required or -change <= cfg.tolerance
+            checks[key] = ok
+            note = f" x {factor:g}" if cfg.min_relative_improvement else ""
+            if ok and challenger[key] < required:
+                note += f" (within the {cfg.tolerance:.2%} tolerance: {change:+.3%})"
+            reasons.append(f"{key} {challenger[key]:.6f} {'>=' if ok else '<'} champion {champion[key]:.6f}{note}")
+    promote = all(checks.values())
+    return GateDecision(promote, ("PROMOTED: " if promote else "NOT PROMOTED: ") + "; ".join(reasons), checks)
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    version: int
+    promoted: bool
+    reason: str
+    model_uri: str
+    champion_version: int | None
+    new_version: bool = True
+
+
+def _version_metrics(version) -> dict[str, float] | None:
+    tags = version.tags
+    if "valid_ndcg_at_10" not in tags:
+        return None
+    return {"ndcg@10": float(tags["valid_ndcg_at_10"]), "recall@10": float(tags["valid_recall_at_10"])}
+
+
+def current_champion(params: Params):
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(params.tracking)
+    try:
+        return mlflow_client.get_model_version_by_alias(params.tracking.model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _sequence_signature(onnx_path, k_example: int = 3):
+    """The sequence graph's signature and a small input example, from one real call."""
+    import numpy as np
+    import onnxruntime as ort
+    from mlflow.models import infer_signature
+
+    from serving.bundle_format import sequence_feeds
+
+    example = sequence_feeds([[0, 1, 2], [1]], k_example, [[2], []])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, example)))
+    return infer_signature({k: np.asarray(v) for k, v in example.items()}, outputs), example
+
+
+def _same_bundle(params: Params, sha: str):
+    """An existing version registered from a byte-identical bundle, if any."""
+    mlflow_client = client(params.tracking)
+    name = params.tracking.model_name
+    for version in mlflow_client.search_model_versions(f"name='{name}'"):
+        if version.tags.get("bundle_sha256") == sha:
+            return version
+    return None
+
+
+def register_bundle(results: dict[str, Any], art: Artifacts, params: Params, run_id: str) -> RegisterResult:
+    """Register the bundle of the run's export stage under `run_id`, then apply the gate."""
+    import mlflow
+    import onnx
+
+    mlflow_client = client(params.tracking)
+    name = params.tracking.model_name
+    bundle = results["export"]
+    champion = current_champion(params)
+
+    same = _same_bundle(params, bundle.bundle_sha256)
+    if same is not None:
+        reason = (f"UNCHANGED: the bundle (sha256 {bundle.bundle_sha256[:12]}) is identical to version "
+                  f"{same.version}; no new version registered")
+        mlflow_client.set_tag(run_id, "registered_version", str(same.version))
+        return RegisterResult(int(same.version), False, reason, f"models:/{name}/{same.version}",
+                              int(champion.version) if champion is not None else None, new_version=False)
+
+    compress = results["compress"]
+    quality = compress.quality_valid[compress.sequence_variant]
+    challenger = {"ndcg@10": quality["ndcg@10"], "recall@10": quality["recall@10"]}
+    latency = quality["latency_b1"]["p50_ms"]
+    popularity = results["evaluate"].valid.get("popularity", {"ndcg@10": 0.0})
+    validation = results["validate"]
+
+    sequence_file = art.bundle / json.loads((art.bundle / MANIFEST).read_text())["sequence"]["file"]
+    signature, example = _sequence_signature(sequence_file)
+    with mlflow.start_run(run_id=run_id):
+        # The bundle is served on CPU (`serving/`); MLflow's default asks for CUDA first.
+        info = mlflow.onnx.log_model(onnx.load(str(sequence_file)), name="sequence", signature=signature,
+                                     input_example=example, save_as_external_data=False,
+                                     onnx_execution_providers=["CPUExecutionProvider"])
+        mlflow.log_artifacts(str(art.bundle), "bundle")  # the side files the service needs
+    version = mlflow.register_model(info.model_uri, name, tags={"run_id": run_id, "bundle_sha256": bundle.bundle_sha256})
+    number = int(version.version)
+    mlflow_client.set_registered_model_alias(name, CHALLENGER, number)
+
+    champion_metrics = _version_metrics(champion) if champion is not None else None
+    decision = gate(challenger, champion_metrics, popularity, validation.success, latency, params.gate)
+    for key, value in {
+        "valid_ndcg_at_10": challenger["ndcg@10"], "valid_recall_at_10": challenger["recall@10"],
+        "latency_p50_ms_b1": latency, "variant": compress.sequence_variant, "bundle_artifact": f"runs:/{run_id}/bundle",
+        "gate": "passed" if decision.promote else "failed", "gate_reason": decision.reason,
+        "compared_to": f"version {champion.version}" if champion is not None else "popularity",
+        "dataset_fingerprint": validation.fingerprint or "unknown",
+    }.items():
+        mlflow_client.set_model_version_tag(name, str(number), key, str(value))
+    mlflow_client.update_model_version(name, str(number), description=decision.reason)
+    mlflow_client.set_tag(run_id, "registered_version", str(number))
+    if decision.promote:
+        mlflow_client.set_registered_model_alias(name, CHAMPION, number)
+    champ = current_champion(params)
+    return RegisterResult(number, decision.promote, decision.reason, f"models:/{name}/{number}",
+                          int(champ.version) if champ is not None else None)
+
+
+def rollback(params: Params, to_version: int) -> str:
+    mlflow_client = client(params.tracking)
+    name = params.tracking.model_name
+    mlflow_client.get_model_version(name, str(to_version))  # fails clearly when it does not exist
+    previous = current_champion(params)
+    mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
+    note = f"champion rolled back to version {to_version}" + (f" (was {previous.version})" if previous else "")
+    mlflow_client.set_model_version_tag(name, str(to_version), "rollback", note)
+    return note
+
+
+def main() -> int:
+    import argparse
+
+    from components import pipeline
+    from components.cli import add_params_arguments, params_from_args
+    from flows.tracking import log_training_run
+
+    parser = argparse.ArgumentParser(description="Log and register the last pipeline run, or roll the champion back.")
+    add_params_arguments(parser, artifacts=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    reg = sub.add_parser("register", help="log the pipeline run in --artifacts, register its bundle, apply the gate")
+    reg.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    reg.add_argument("--run-name", default=None)
+    back = sub.add_parser("rollback", help="move the champion alias to an earlier version")
+    back.add_argument("--to-version", type=int, required=True)
+    args = parser.parse_args()
+    params = params_from_args(args)
+    if args.command == "rollback":
+        print(rollback(params, args.to_version))
+        return 0
+    art = Artifacts(args.artifacts)
+    results = {s.name: pipeline.load_result(s, art) for s in pipeline.STAGES}
+    run_id = log_training_run(results, art, params, args.run_name)
+    res = register_bundle(results, art, params, run_id)
+    print(f"registered {res.model_uri} (run {run_id}); {res.reason}")
+    print(f"champion: version {res.champion_version}")
+    return 0
+
+
+if __name__ == "__main__":
+    from components.cli import run_main
+
+    run_main(main)

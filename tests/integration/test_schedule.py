@@ -1,0 +1,92 @@
+"""The nightly schedule as users get it: `prefect deploy` of prefect.yaml against a real Prefect
+server, a process worker, and a flow run that the server's scheduler created (nobody triggered
+it). It caught SQLAlchemy 2.1 breaking Prefect 3.8.8's scheduler, which made every scheduled
+run silently never exist."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.bert_helpers import make_tiny_bert
+from tests.conftest import REPO, TINY
+from tests.prefect_server import prefect_server, stop
+
+pytestmark = pytest.mark.integration
+
+
+def prefect(env: dict[str, str], *args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+def deployment_runs(api: str, name: str):
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    os.environ.pop("PREFECT_API_URL", None)
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
+
+
+def test_the_nightly_deployment_runs_on_its_schedule(tmp_path):
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployment = next(d for d in spec["deployments"] if d["name"] == "nightly-retrain")
+    assert deployment["schedules"][0]["cron"] == "0 2 * * *"
+    # The same deployment every minute, on tiny settings, writing under tmp_path.
+    encoder = make_tiny_bert(tmp_path / "tiny-bert")
+    deployment["schedules"] = [{"cron": "* * * * *", "timezone": "UTC"}]
+    deployment["parameters"] = {
+        **deployment["parameters"],
+        "artifacts": str(tmp_path / "artifacts"),
+        "overrides": [*TINY, f"bert.text_encoder.path={encoder}", "bert.text_encoder.max_length=24",
+                      f"bert.text_encoder.cache_dir={tmp_path / 'cache'}",
+                      f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "gate.latency_budget_ms=1000"],
+    }
+    prefect_file = tmp_path / "prefect.yaml"
+    prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    with prefect_server(tmp_path / "prefect", scheduler_loop_seconds=5) as (api, env):
+        env.pop("RECFORGE_HOME", None)
+        prefect(env, "work-pool", "create", "recforge-process", "--type", "process")
+
+        # RECFORGE_HOME naming something that is not a checkout: refused at deploy time, with a
+        # message, instead of a deployment whose every run crashes.
+        refused = prefect({**env, "RECFORGE_HOME": str(tmp_path)}, "--no-prompt", "deploy", "--all",
+                          "--prefect-file", str(prefect_file), check=False)
+        assert refused.returncode != 0
+        assert "is not a RecForge checkout" in refused.stdout + refused.stderr
+
+        # Deployed from the checkout, RECFORGE_HOME unset: runs execute in this checkout.
+        prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
+        log = (tmp_path / "worker.log").open("w")
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "recforge-process"],
+                                  cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 420
+            done = None
+            while time.time() < deadline and done is None:
+                runs = deployment_runs(api, "nightly-retrain")
+                bad = [r for r in runs if r.state and r.state.type.value in ("FAILED", "CRASHED")]
+                assert not bad, f"{bad[0].state}\n{(tmp_path / 'worker.log').read_text()[-4000:]}"
+                done = next((r for r in runs if r.state and r.state.is_completed()), None)
+                time.sleep(3)
+        finally:
+            stop(worker)
+            log.close()
+        server_log = (tmp_path / "prefect" / "server.log").read_text()
+    assert done is not None, f"no scheduled run completed:\n{server_log[-3000:]}\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
+    assert done.auto_scheduled, "the run must come from the schedule, not from a trigger"
+    assert "Can't evaluate bulk DML" not in server_log
+    assert (tmp_path / "artifacts" / "bundle" / "bundle.json").exists()
