@@ -109,7 +109,6 @@ def run(params: Params, work: Path, rounds_b1: int, rounds_batch: int) -> dict[s
     for v, path in paths.items():
         top = onnx_topk(path, seqs, "test", users, L)
         sequence[v] = {**ranking_quality(top, seqs, "test", users), "top10_overlap": overlap(top, t_top)}
-    from safetensors.torch import save_file  # size of the PyTorch weights, as saved
 
     sequence["torch_fp32"]["size_mb"] = size_mb(work / "bert" / "model" / "model.safetensors")
     for v, path in paths.items():

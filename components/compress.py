@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from components import metrics
-from components.bert.model import SeqRecConfig, SeqRecModel, load_model, save_model, shrink_layer
+from components.bert.model import SeqRecModel, load_model, save_model, shrink_layer
 from components.config import BertRecConfig, CompressConfig, ExportConfig
 from components.onnx_graphs import (
     TextGraph,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
@@ -39,6 +40,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 import typing
 from collections import deque
@@ -260,8 +262,19 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+# CPython 3.11's parser is not safe to call from several threads at once (it fails with
+# "AST constructor recursion depth mismatch"); the flow computes keys in its task threads.
+_PARSE_LOCK = threading.Lock()
+
+
 def _imported_modules(path: Path, module: str) -> set[str]:
     """Project modules `path` imports, at module level or inside functions (both run)."""
+    with _PARSE_LOCK:
+        return set(_imports_of(path, module, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=None)
+def _imports_of(path: Path, module: str, mtime_ns: int) -> frozenset[str]:
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -282,7 +295,7 @@ def _imported_modules(path: Path, module: str) -> set[str]:
                 name = name.rpartition(".")[0]
             if name and name.split(".")[0] in PROJECT_PACKAGES:
                 found.add(name)
-    return found
+    return frozenset(found)
 
 
 def code_files(stage: Stage) -> list[str]:

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 import polars as pl
 
 from components.config import DataConfig, ValidationConfig
-from components.datasets import SPLITS, DataSourceError, RawDataset, load_dataset, normalize
+from components.datasets import SPLITS, RawDataset, load_dataset, normalize
 
 log = logging.getLogger(__name__)
 

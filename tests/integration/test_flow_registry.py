@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -159,43 +158,3 @@ def check_live_logs_and_overlap(flow_run_id) -> None:
     bert_start = min(runs[n].start_time for n in ("item_text_embeddings", "pretrain_bert", "finetune_bert"))
     bert_end = max(runs[n].end_time for n in ("item_text_embeddings", "pretrain_bert", "finetune_bert"))
     assert mf.start_time < bert_end and bert_start < mf.end_time, "MF and the BERT branch did not overlap"
-
-
-def test_prefect_yaml_deployment_runs_through_a_worker(services, tmp_path):
-    """`prefect deploy` of prefect.yaml against the real server, its cron, a run triggered through
-    the API and executed by a process worker."""
-    import os
-
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL
-
-    uri, _ = services
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "RECFORGE_HOME": str(REPO)}
-
-    def prefect(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        return proc
-
-    prefect("work-pool", "create", "recforge-process", "--type", "process", "--overwrite")
-    prefect("--no-prompt", "deploy", "--all")
-    listed = prefect("deployment", "ls").stdout
-    assert "nightly-retrain" in listed
-    inspect = prefect("deployment", "inspect", "training/nightly-retrain").stdout
-    assert "0 2 * * *" in inspect
-
-    encoder = make_tiny_bert(tmp_path / "tiny-bert")
-    overrides = [*TINY, f"bert.text_encoder.path={encoder}", "bert.text_encoder.max_length=24",
-                 f"bert.text_encoder.cache_dir={tmp_path / 'cache'}", f"tracking.uri={uri}",
-                 "tracking.model_name=deployed-model", "gate.latency_budget_ms=1000"]
-    run = run_deployment("training/nightly-retrain", timeout=0,
-                         parameters={"overrides": overrides, "artifacts": str(tmp_path / "artifacts")})
-    worker = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "recforge-process", "--run-once"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        state = client.read_flow_run(run.id).state
-    assert state.is_completed(), f"{state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
-    assert (tmp_path / "artifacts" / "bundle" / "bundle.json").exists()

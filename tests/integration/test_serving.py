@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.bert_helpers import make_tiny_bert
-from tests.conftest import REPO, TINY, tiny_params
+from tests.conftest import REPO, tiny_params
 from tests.mlflow_server import free_port
 
 pytestmark = pytest.mark.integration
