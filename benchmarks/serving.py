@@ -119,7 +119,7 @@ def start_server(bundle: Path, port: int, db: Path, threads: int, max_wait_ms: f
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.app", "--bundle", str(bundle), "--port", str(port), "--db", str(db),
          "--threads", str(threads), "--max-wait-ms", str(max_wait_ms), "--cache-dir", str(db.parent / "bundles"),
-         "--cache-size", "0", *extra],  # every request computed: no cached answers in the figures
+         "--cache-mb", "0", *extra],  # every request computed: no cached answers in the figures
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
     )
     deadline = time.time() + 900  # a 1M catalogue is hashed, loaded and indexed first

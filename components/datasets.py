@@ -11,6 +11,7 @@ instead of a loader crashing on it. `normalize` casts after validation has passe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -52,6 +53,19 @@ class RawDataset:
     items: pl.DataFrame
     source: str
     description: str
+
+
+def source_identity(cfg: DataConfig, seed: int) -> dict:
+    """The settings that decide what a source yields (a snapshot records them; the stages after
+    validation refuse a snapshot of another source)."""
+    if cfg.source == "synthetic":
+        return {"source": cfg.source, "seed": seed, "synthetic": dataclasses.asdict(cfg.synthetic)}
+    identity = {"source": cfg.source, "path": cfg.path}
+    if cfg.source == "unisrec":
+        identity["unisrec_name"] = cfg.unisrec_name
+    if cfg.source == "files":
+        identity["files"] = dataclasses.asdict(cfg.files)
+    return identity
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> RawDataset:
@@ -249,12 +263,19 @@ def load_unisrec(path: Path, name: str | None) -> RawDataset:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_table(file: Path, encoding: str) -> pl.DataFrame:
+def _read_table(file: Path, encoding: str, id_columns: tuple[str, ...]) -> pl.DataFrame:
+    """A CSV/TSV/Parquet table as read; `id_columns` as strings exactly as written (no type
+    inference: "007" and "7" stay two ids, "0001" stays "0001")."""
     if not file.exists():
         raise DataSourceError(f"file not found: {file}")
+    if not file.is_file():
+        raise DataSourceError(f"{file} is a {'folder' if file.is_dir() else 'special file'}, not a data file: "
+                              f"point data.files at a CSV, TSV or Parquet file")
     suffix = file.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        return pl.read_parquet(file)
+        # Parquet keeps its types: integer ids become their decimal text.
+        df = pl.read_parquet(file)
+        return _ids_as_strings(df, tuple(c for c in id_columns if c in df.columns))
     if suffix not in (".csv", ".tsv", ".txt"):
         raise DataSourceError(f"{file}: unsupported format (use .csv, .tsv or .parquet)")
     separator = "\t" if suffix == ".tsv" else ","
@@ -264,7 +285,10 @@ def _read_table(file: Path, encoding: str) -> pl.DataFrame:
     # Undecodable bytes become U+FFFD so that validation can point at the rows that hold them.
     text = raw.decode(encoding, errors="replace")
     try:
-        return pl.read_csv(io.StringIO(text), separator=separator, infer_schema_length=10_000)
+        header = pl.read_csv(io.StringIO(text), separator=separator, n_rows=0).columns
+        as_text = {c: pl.Utf8 for c in id_columns if c in header}
+        return pl.read_csv(io.StringIO(text), separator=separator, infer_schema_length=10_000,
+                           schema_overrides=as_text)
     except pl.exceptions.NoDataError:
         return pl.DataFrame()
     except pl.exceptions.ComputeError as exc:
@@ -273,8 +297,8 @@ def _read_table(file: Path, encoding: str) -> pl.DataFrame:
 
 def load_files(path: Path, cfg: DataConfig) -> RawDataset:
     fc = cfg.files
-    inter = _read_table(path / fc.interactions, fc.encoding)
-    items = _read_table(path / fc.items, fc.encoding)
+    inter = _read_table(path / fc.interactions, fc.encoding, (fc.columns.user_id, fc.columns.item_id))
+    items = _read_table(path / fc.items, fc.encoding, (fc.item_id_column,))
 
     mapping = {
         "user_id": fc.columns.user_id,

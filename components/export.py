@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from components.config import ExportConfig
+from components.config import ExportConfig, ValidationConfig
 from serving.bundle_format import (
     MF_INPUTS,
     MF_OUTPUTS,
@@ -25,7 +25,7 @@ from serving.bundle_format import (
     SEQUENCE_OUTPUTS,
     TEXT_INPUTS,
     TEXT_OUTPUTS,
-    manifest_sha256,
+    bundle_sha256,
     title,
     write_manifest,
 )
@@ -64,8 +64,9 @@ def package_versions() -> dict[str, str]:
 
 
 def export_bundle(features_dir: Path, bert_dir: Path, mf_dir: Path, compress_dir: Path, out_dir: Path,
-                  cfg: ExportConfig) -> BundleResult:
-    """Assemble the serving bundle from the compression stage's chosen variants and MF."""
+                  cfg: ExportConfig, rules: ValidationConfig) -> BundleResult:
+    """Assemble the serving bundle from the compression stage's chosen variants and MF. `rules`:
+    what validation accepts of an interaction, which the service applies to live events."""
     import polars as pl
     import scipy.sparse as sp
     import torch
@@ -125,11 +126,13 @@ def export_bundle(features_dir: Path, bert_dir: Path, mf_dir: Path, compress_dir
         "item_vectors": "item_vectors.npy",
         "items": "items.json",
         "validation": report["sequence"]["quality_valid"][seq_variant],
+        "data_rules": {"min_timestamp": rules.min_timestamp, "max_future_seconds": rules.max_future_seconds,
+                       "weight_min": rules.weight_min, "weight_max": rules.weight_max},
         "package_versions": package_versions(),
     })
     parity = {"sequence": report["sequence"]["deploy_parity"], "mf": mf_parity}
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file()) / 1e6
-    return BundleResult(manifest_sha256(out_dir), seq_variant, text["variant"] if text else None,
+    return BundleResult(bundle_sha256(out_dir), seq_variant, text["variant"] if text else None,
                         len(manifest["item_ids"]), len(manifest["files"]), size, parity)
 
 

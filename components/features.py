@@ -26,7 +26,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from components import npz
-from components.config import FeaturesConfig
+from components.config import DataConfig, FeaturesConfig
 
 log = logging.getLogger(__name__)
 
@@ -238,13 +238,36 @@ def load_sequences(features_dir: Path) -> Sequences:
 # --------------------------------------------------------------------------------------------
 
 
-def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig) -> FeaturesResult:
-    """Turn the validated snapshot in `data_dir` into model-ready features in `out_dir`."""
+class SnapshotMismatch(ValueError):
+    """The validated snapshot comes from another source than the settings name."""
+
+    exit_code = 2
+
+
+def check_snapshot(data_dir: Path, source: DataConfig, seed: int) -> None:
+    """Refuse a snapshot validated from other source settings than `source` (naming both)."""
+    from components.datasets import source_identity
+
+    recorded = json.loads((data_dir / "dataset.json").read_text()).get("settings")
+    wanted = source_identity(source, seed)
+    if recorded != wanted:
+        keys = sorted(k for k in set(wanted) | set(recorded or {}) if (recorded or {}).get(k) != wanted.get(k))
+        detail = "; ".join(f"{k}: snapshot {(recorded or {}).get(k)!r}, settings {wanted.get(k)!r}" for k in keys)
+        raise SnapshotMismatch(f"{data_dir} was validated from another source ({detail}): run validation first")
+
+
+
+def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig, source: DataConfig | None = None,
+                   seed: int | None = None) -> FeaturesResult:
+    """Turn the validated snapshot in `data_dir` into model-ready features in `out_dir`. With
+    `source` (and its `seed`), the snapshot must have been validated from those settings."""
     start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
     inter_path = data_dir / "interactions.parquet"
     if not inter_path.exists():
         raise FileNotFoundError(f"{inter_path} not found: run validation first (it writes the snapshot)")
+    if source is not None:
+        check_snapshot(data_dir, source, seed if seed is not None else 0)
+    out_dir.mkdir(parents=True, exist_ok=True)
     df = pl.read_parquet(inter_path)
     items = pl.read_parquet(data_dir / "items.parquet")
     n_raw = df.height

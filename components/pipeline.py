@@ -155,7 +155,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "features", "components.features:build_features",
-        params={"cfg": "features"},
+        # `data`, `seed`: the snapshot must come from the source the settings name.
+        params={"cfg": "features", "source": "data", "seed": "seed"},
         inputs={"data_dir": "data"}, outputs={"out_dir": "features"},
     ),
     Stage(
@@ -195,7 +196,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "export", "components.export:export_bundle",
-        params={"cfg": "export"},
+        # `validation`: the bundle carries what training accepts of an event (the service checks).
+        params={"cfg": "export", "rules": "validation"},
         inputs={"features_dir": "features", "bert_dir": "bert", "mf_dir": "mf", "compress_dir": "compress"},
         outputs={"out_dir": "bundle"},
     ),
@@ -473,12 +475,41 @@ def call(stage: Stage, params: Params, art: Artifacts, run_key: str | None = Non
     return fn(**kwargs)
 
 
+def downstream(stage: Stage) -> list[Stage]:
+    """Every stage that depends on `stage`, directly or not, in declaration order."""
+    found: set[str] = {stage.name}
+    for s in STAGES:
+        if any(u.name in found for u in upstream(s)):
+            found.add(s.name)
+    return [s for s in STAGES if s.name in found - {stage.name}]
+
+
+def _invalidate_downstream(stage: Stage, art: Artifacts) -> None:
+    """After a stage failed in a way that voids its old outputs (a failed validation removes the
+    snapshot): no later stage counts as up to date, and what was built straight from those
+    outputs goes. Models and bundles further on stay (the service may be serving one)."""
+    import shutil
+
+    for later in downstream(stage):
+        _stamp_path(later, art).unlink(missing_ok=True)
+        if stage in upstream(later):
+            for name in later.outputs.values():
+                path = art.path(name)
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                log.info("removed %s: it was built from what %s no longer vouches for", path, stage.name)
+
+
 def execute(stage: Stage, params: Params, art: Artifacts) -> Any:
     """Run the stage here, then record its key, outputs, result and metrics (rank 0)."""
     key = stage_key(stage, params, art)
     _stamp_path(stage, art).unlink(missing_ok=True)  # a failed run leaves no valid stamp
     start = time.perf_counter()
-    result = call(stage, params, art, run_key=key.value)
+    try:
+        result = call(stage, params, art, run_key=key.value)
+    except Exception as exc:
+        if getattr(exc, "stales_downstream", False) and _is_rank_zero():
+            _invalidate_downstream(stage, art)
+        raise
     if _is_rank_zero():
         _record(stage, art, key, result, time.perf_counter() - start)
     return result

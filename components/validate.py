@@ -26,10 +26,11 @@ from typing import Any
 import polars as pl
 
 from components.config import DataConfig, ValidationConfig
-from components.datasets import SPLITS, RawDataset, load_dataset, normalize
+from components.datasets import SPLITS, RawDataset, load_dataset, normalize, source_identity
 
 log = logging.getLogger(__name__)
 
+UNDECODABLE = "'{}' decodes in the configured encoding (no U+FFFD replacement characters)"
 # Names GE resolves to numpy dtypes or pandas extension dtypes (nullable integers).
 INT_TYPES = ["int64", "int32", "Int64Dtype", "Int32Dtype"]
 NUMBER_TYPES = INT_TYPES + ["float64", "float32", "Float64Dtype"]
@@ -39,6 +40,8 @@ class ValidationFailed(RuntimeError):
     """Raised by the pipeline's validation stage so that nothing downstream runs."""
 
     exit_code = 1  # what a CLI exits with (after printing the report, no traceback)
+    # What was built from the previous snapshot must not pass for current (components/pipeline.py).
+    stales_downstream = True
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,9 @@ def _interaction_expectations(
     for col in ("user_id", "item_id", "timestamp", "weight"):
         if col in present:
             add(f"{col}_not_null", f"'{col}' has no nulls", E.ExpectColumnValuesToNotBeNull(column=col))
+    for col in ("user_id", "item_id"):
+        if col in present:
+            add(f"{col}_decodable", UNDECODABLE.format(col), E.ExpectColumnValuesToNotMatchRegex(column=col, regex="\ufffd"))
     if "user_id" in present:
         add(
             "min_users",
@@ -194,6 +200,8 @@ def _item_expectations(columns: list[str]) -> list[Any]:
     if "item_id" in columns:
         add("item_id_not_null", "item ids have no nulls", E.ExpectColumnValuesToNotBeNull(column="item_id"))
         add("item_id_unique", "item ids are unique", E.ExpectColumnValuesToBeUnique(column="item_id"))
+        add("items_item_id_decodable", UNDECODABLE.format("item_id"),
+            E.ExpectColumnValuesToNotMatchRegex(column="item_id", regex="\ufffd"))
     if "text" in columns:
         add("text_not_null", "every item has text", E.ExpectColumnValuesToNotBeNull(column="text"))
         add(
@@ -413,7 +421,8 @@ def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path
         (data_dir / "dataset.json").write_text(
             json.dumps(
                 {"source": raw.source, "description": raw.description, "fingerprint": fingerprint,
-                 "n_interactions": inter.height, "n_items": items.height},
+                 "n_interactions": inter.height, "n_items": items.height,
+                 "settings": source_identity(source, seed)},
                 indent=2,
             )
         )

@@ -43,7 +43,9 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, str, in
                    help="extra wait for a fuller batch (0: batch only what is already queued)")
     p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime threads per call")
     p.add_argument("--batch-workers", type=int, default=d.batch_workers, help="ONNX calls in flight at once (about the cores)")
-    p.add_argument("--cache-size", type=int, default=d.cache_size, help="cached responses (0 = no cache)")
+    p.add_argument("--cache-mb", type=float, default=d.cache_mb, help="memory for cached answers, MB (0 = no cache)")
+    p.add_argument("--catalog-poll-seconds", type=float, default=d.catalog_poll_seconds,
+                   help="how often items added by other processes on --db are picked up (0 = never)")
     p.add_argument("--exact-max-items", type=int, default=r.exact_max_items,
                    help="exact top-k up to this catalogue size, FAISS beyond")
     p.add_argument("--ann", choices=ANN_KINDS, default=r.ann, help="FAISS index beyond --exact-max-items")
@@ -56,7 +58,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, str, in
     settings = Settings(bundle=a.bundle, model_name=a.model_name, tracking_uri=a.tracking_uri, cache_dir=a.cache_dir,
                         db=a.db, admin_token=os.environ.get("RECFORGE_ADMIN_TOKEN"), poll_seconds=a.poll_seconds,
                         max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, batch_workers=max(1, a.batch_workers),
-                        threads=a.threads, cache_size=a.cache_size, index_cache_dir=a.cache_dir.parent / "ann",
+                        threads=a.threads, cache_mb=a.cache_mb, catalog_poll_seconds=a.catalog_poll_seconds,
+                        index_cache_dir=a.cache_dir.parent / "ann",
                         retrieval=RetrievalConfig(exact_max_items=a.exact_max_items, ann=a.ann, nprobe=a.nprobe,
                                                   ef_search=a.ef_search, int8=a.int8_table, threads=a.threads))
     return settings, a.host, a.port

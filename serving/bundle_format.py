@@ -83,33 +83,72 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+CHECKSUM = "manifest_sha256"
+# Manifest entries that name a file of the bundle: each must be listed (and so hashed).
+FILE_FIELDS = (("sequence", "file"), ("text_encoder", "file"), ("text_encoder", "tokenizer"), ("mf", "file"),
+               ("mf", "users"), ("item_vectors",), ("items",))
+
+
+def _checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest itself (canonical JSON, without this field)."""
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Add the sha256 of every file in the bundle and write `bundle.json`."""
+    """Add the sha256 of every file in the bundle and of the manifest itself; write `bundle.json`."""
     files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {k: v for k, v in manifest.items() if k not in ("files", CHECKSUM)}
     manifest = {**manifest, "format": FORMAT,
                 "files": {str(p.relative_to(bundle)): sha256_file(p) for p in files}}
+    manifest[CHECKSUM] = _checksum(manifest)
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
-def manifest_sha256(bundle: Path) -> str:
-    """One hash for the whole bundle: the manifest lists every other file's sha256."""
+def bundle_sha256(bundle: Path) -> str:
+    """One hash for the whole bundle: the manifest lists every other file's sha256. The registry
+    records it with each version, and the service checks a download against it."""
     return sha256_file(bundle / MANIFEST)
 
 
-def verify(bundle: Path) -> dict[str, Any]:
-    """The manifest, after checking every listed file's sha256 (and that none is missing)."""
+def _inside(bundle: Path, rel: str) -> Path:
+    path = (bundle / rel).resolve()
+    if not isinstance(rel, str) or Path(rel).is_absolute() or not path.is_relative_to(bundle.resolve()):
+        raise BundleError(f"{bundle}: {rel!r} points outside the bundle")
+    return path
+
+
+def verify(bundle: Path, expected_sha256: str | None = None) -> dict[str, Any]:
+    """The manifest, once everything it says holds: its own checksum (an edited manifest is
+    refused), the sha256 of `bundle.json` itself when the registry recorded one, every listed
+    file present inside the bundle with its sha256, every file the manifest uses listed."""
     manifest_path = bundle / MANIFEST
-    if not manifest_path.exists():
+    if not manifest_path.is_file():
         raise BundleError(f"{bundle}: no {MANIFEST}")
+    if expected_sha256 is not None and sha256_file(manifest_path) != expected_sha256:
+        raise BundleError(f"{bundle}: {MANIFEST} is not the one registered (sha256 differs from the registry's)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not JSON ({exc})") from None
-    for rel, expected in manifest.get("files", {}).items():
-        path = bundle / rel
-        if not path.exists():
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path}: not a manifest")
+    if manifest.get(CHECKSUM) != _checksum(manifest):
+        raise BundleError(f"{manifest_path}: edited after export (its {CHECKSUM} does not match its content)")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{manifest_path}: no file list")
+    for rel, expected in files.items():
+        path = _inside(bundle, rel)
+        if not path.is_file():
             raise BundleError(f"{bundle}: {rel} is missing")
         if sha256_file(path) != expected:
             raise BundleError(f"{bundle}: {rel} does not match its sha256 in {MANIFEST}")
+    for field in FILE_FIELDS:
+        value: Any = manifest
+        for part in field:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and value not in files:
+            raise BundleError(f"{manifest_path}: {'.'.join(field)} names {value!r}, which is not a listed file")
     return manifest

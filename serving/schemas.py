@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 MAX_K = 1000
 MAX_HISTORY = 1000
@@ -21,8 +22,25 @@ def _encodable(text: str) -> str:
     return text
 
 
-ID = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_encodable)]
-Text = Annotated[str, AfterValidator(_encodable)]
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+
+
+def _trainable(text: str) -> str:
+    # What training validation refuses in item text or ids: control characters (NUL...) and
+    # the replacement character of undecodable bytes.
+    if _CONTROL.search(text):
+        raise ValueError("holds control characters or undecodable bytes (U+FFFD)")
+    return text
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("is blank")
+    return text
+
+
+ID = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_encodable), AfterValidator(_trainable)]
+Text = Annotated[str, AfterValidator(_encodable), AfterValidator(_trainable), AfterValidator(_not_blank)]
 
 
 class RecommendRequest(BaseModel):
@@ -34,11 +52,14 @@ class RecommendRequest(BaseModel):
 
 
 class Event(BaseModel):
+    """Strict types: `true` is not a timestamp, "5" is not a weight (training validation would
+    refuse the exported events). Ranges come from the model's training data (`/events` checks)."""
+
     model_config = ConfigDict(extra="forbid")
     user_id: ID
     item_id: ID
-    timestamp: int | None = Field(default=None, ge=0, le=4_102_444_800, description="unix seconds; default now")
-    weight: float | None = Field(default=None, ge=-1e6, le=1e6)
+    timestamp: StrictInt | None = Field(default=None, ge=0, le=4_102_444_800, description="unix seconds; default now")
+    weight: StrictFloat | StrictInt | None = Field(default=None, ge=-1e6, le=1e6, allow_inf_nan=False)
 
 
 class NewItem(BaseModel):

@@ -5,24 +5,27 @@ explanations. No HTTP here (`serving/http.py`), no PyTorch anywhere in `serving/
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import HTTPException
 
 from serving import champion
 from serving.batching import Batcher
 from serving.bundle import Bundle, BundleError
-from serving.bundle_format import title
+from serving.bundle_format import CHECKSUM, title
 from serving.cache import ResponseCache
 from serving.retrieval import RetrievalConfig, exact_topk
 from serving.schemas import MAX_HISTORY, NewItem, RecommendRequest
-from serving.store import EventStore
+from serving.store import DataRules, EventStore, StoreBusy
 
 log = logging.getLogger("serving")
 
@@ -41,7 +44,10 @@ class Settings:
     max_batch: int = 64
     max_wait_ms: float = 0.0
     batch_workers: int = 2
-    cache_size: int = 10_000
+    # Memory for cached answers (MB; 0 = no cache).
+    cache_mb: float = 64.0
+    # How often items added through any process sharing the store are picked up (0 = never).
+    catalog_poll_seconds: float = 1.0
     threads: int = 1
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     index_cache_dir: Path = Path("artifacts/serving/ann")
@@ -49,11 +55,13 @@ class Settings:
 
 @dataclass
 class Catalog:
-    """Items added through /items: recommendable at once, scored from their text."""
+    """Items added through /items (by any process sharing the store): recommendable at once,
+    scored from their text."""
 
     ids: list[str] = field(default_factory=list)
     titles: list[str] = field(default_factory=list)
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.float32))
+    index: dict[str, int] = field(default_factory=dict)
 
 
 class Service:
@@ -62,7 +70,12 @@ class Service:
         self.bundle: Bundle | None = None
         self.catalog = Catalog()
         self.store = EventStore(settings.db)
-        self.cache = ResponseCache(settings.cache_size)
+        self.cache = ResponseCache(int(settings.cache_mb * 1e6))
+        self.rules = DataRules()
+        # Event writes wait on SQLite's lock: one thread of their own, never the event loop.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-writer")
+        self._items_version: tuple[int, int] | None = None
+        self._embedded: dict[tuple[str, str, str], np.ndarray] = {}
         self.user_versions: dict[str, int] = {}
         self.catalog_version = 0
         self.lock = threading.Lock()
@@ -78,6 +91,9 @@ class Service:
         self.batch_size = Histogram("recforge_batch_size", "requests per ONNX call", registry=self.metrics,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self.batcher = Batcher(settings.max_batch, settings.max_wait_ms, settings.batch_workers, self.batch_size.observe)
+        Gauge("recforge_cache_bytes", "memory held by cached answers", registry=self.metrics).set_function(
+            lambda: self.cache.bytes)
+        Gauge("recforge_cache_entries", "cached answers", registry=self.metrics).set_function(lambda: len(self.cache))
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -93,7 +109,11 @@ class Service:
         try:
             self.refresh()
         except Exception as exc:  # registry down, or a bad champion: the last good bundle serves
-            cached = champion.last_good(s.cache_dir)
+            try:
+                cached = champion.last_good(s.cache_dir)
+            except BundleError as bad:
+                raise RuntimeError(f"no model: the registry failed ({exc}), and the cached bundle is unusable "
+                                   f"({bad})") from exc
             if cached is None:
                 raise RuntimeError(f"no model: the registry failed ({exc}) and no cached bundle exists") from exc
             log.warning("registry unavailable (%s): serving the cached bundle version %s", exc, cached[0])
@@ -103,35 +123,42 @@ class Service:
         """Load the registry's champion if it changed; True when swapped. A bad bundle raises
         and the current one keeps serving."""
         s = self.settings
-        version, artifact = champion.current(s.tracking_uri, s.model_name)
-        if self.bundle is not None and self.bundle.version == version:
+        current = champion.current(s.tracking_uri, s.model_name)
+        if self.bundle is not None and self.bundle.version == current.version:
             return False
-        try:
-            path = champion.fetch(s.tracking_uri, s.model_name, s.cache_dir, version, artifact)
-            bundle = self._load(path, version)
-        except Exception as exc:
-            self.swaps.labels("refused").inc()
-            self.last_error = f"version {version} refused: {exc}"
-            raise
-        champion.remember(s.cache_dir, version, path)
+        bundle, path = self._refusing(f"version {current.version}", lambda: self._fetch_and_load(current))
+        champion.remember(s.cache_dir, current, path)
         self._install(bundle)
         return True
 
+    def _fetch_and_load(self, current: champion.Champion) -> tuple[Bundle, Path]:
+        path = champion.fetch(self.settings.tracking_uri, self.settings.cache_dir, current)
+        return self._load(path, current.version), path
+
     def reload_local(self) -> None:
-        self._install(self._load(self.settings.bundle, "local"))
+        self._install(self._refusing("the local bundle", lambda: self._load(self.settings.bundle, "local")))
+
+    def _refusing(self, what: str, load):
+        """`load()`, with a refusal counted and kept for /ready (the current model serves on)."""
+        try:
+            return load()
+        except Exception as exc:
+            self.swaps.labels("refused").inc()
+            self.last_error = f"{what} refused: {exc}"
+            raise
 
     def _install(self, bundle: Bundle) -> None:
-        catalog = Catalog(vectors=np.zeros((0, bundle.item_vectors.shape[1]), np.float32))
-        added = [(i, t) for i, t in self.store.items() if i not in bundle.index]
-        if added and bundle.text_encoder is not None:
-            catalog.ids = [i for i, _ in added]
-            catalog.titles = [title(t) for _, t in added]
-            catalog.vectors = bundle.embed_text([t for _, t in added])
+        catalog, version = self._catalog_from_store(bundle)
+        rules = DataRules(**bundle.manifest.get("data_rules", {}))
         with self.lock:
             old = self.bundle
-            self.bundle, self.catalog = bundle, catalog
+            self.bundle, self.catalog, self.rules, self._items_version = bundle, catalog, rules, version
             self.cache.clear()
             self.catalog_version += 1
+        try:  # what the event export checks against
+            self.store.set_rules(rules)
+        except StoreBusy as exc:
+            log.warning("the data rules were not recorded in the store: %s", exc)
         self.model_version.set(float(bundle.version) if bundle.version.isdigit() else 0)
         if old is not None:
             self.swaps.labels("swapped").inc()
@@ -142,26 +169,75 @@ class Service:
         gc.freeze()
         log.info("serving bundle %s (%d items, %d added)", bundle.version, len(bundle.item_ids), len(catalog.ids))
 
+    def _catalog_from_store(self, bundle: Bundle) -> tuple[Catalog, tuple[int, int]]:
+        """The added items as the store holds them now, each text embedded once."""
+        version = self.store.items_version()
+        added = [(i, t) for i, t in self.store.items() if i not in bundle.index]
+        catalog = Catalog(vectors=np.zeros((0, bundle.item_vectors.shape[1]), np.float32))
+        if not added or bundle.text_encoder is None:
+            return catalog, version
+        # Vectors depend on the model's text encoder: keyed by the bundle (its manifest checksum
+        # covers every file), so a vector is never reused across models.
+        model = bundle.manifest.get(CHECKSUM)
+        keys = [(model, i, t) for i, t in added]
+        known = self._embedded  # a sync and a swap may both be here: each works on its own copy
+        vectors = {k: known[k] for k in keys if k in known}
+        new = [k for k in keys if k not in vectors]
+        if new:
+            vectors.update(zip(new, bundle.embed_text([t for _, _, t in new])))
+        self._embedded = {**{k: v for k, v in known.items() if k[0] == model}, **vectors}
+        catalog.ids = [i for i, _ in added]
+        catalog.titles = [title(t) for _, t in added]
+        catalog.vectors = np.stack([vectors[k] for k in keys])
+        catalog.index = {i: j for j, i in enumerate(catalog.ids)}
+        return catalog, version
+
+    def sync_catalog(self) -> bool:
+        """Pick up items added or replaced through any process sharing the store; True when the
+        catalogue changed. Cheap when nothing did (one query)."""
+        with self.lock:
+            bundle = self.bundle
+        if bundle is None or self.store.items_version() == self._items_version:
+            return False
+        catalog, version = self._catalog_from_store(bundle)
+        with self.lock:
+            if self.bundle is not bundle:  # swapped meanwhile: the swap built its own
+                return False
+            self.catalog, self._items_version = catalog, version
+            self.catalog_version += 1
+            self.cache.clear()
+        return True
+
+    async def add_event(self, user_id: str, item_id: str, timestamp: int, weight: float | None) -> None:
+        """Append an event off the event loop; `StoreBusy` when the store stays locked."""
+        await asyncio.get_running_loop().run_in_executor(self.writer, self.store.add, user_id, item_id, timestamp,
+                                                         weight)
+        self.user_versions[user_id] = self.user_versions.get(user_id, 0) + 1
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+        self.store.close()
+
     # ---- recommendation --------------------------------------------------------------------
 
-    async def recommend(self, req: RecommendRequest) -> dict[str, Any]:
+    async def recommend(self, req: RecommendRequest) -> bytes:
+        """The answer as JSON bytes (what the cache holds and the response sends)."""
         with self.lock:
             bundle, catalog, catalog_version = self.bundle, self.catalog, self.catalog_version
         if bundle is None:
             raise HTTPException(503, "no model loaded yet")
         stored = self.store.history(req.user_id, MAX_HISTORY) if req.user_id else []
         raw = (stored + list(req.history or []))[-MAX_HISTORY:]
-        key = (req.user_id, tuple(raw), req.k, req.exclude_seen, self.user_versions.get(req.user_id or "", 0),
-               catalog_version, bundle.version)
+        key = ResponseCache.key(req.user_id, raw, req.k, req.exclude_seen, self.user_versions.get(req.user_id or "", 0),
+                                catalog_version, bundle.version)
         hit = self.cache.get(key)
         if hit is not None:
-            return {**hit, "cached": True}
+            return hit[:-1] + b',"cached":true}'
 
         # Items past the graph's catalogue (embedded from text) are excluded when seen but cannot
         # be encoded as history.
         known = [bundle.index[i] for i in raw if bundle.index.get(i, bundle.graph_items) < bundle.graph_items]
-        added_ids = set(catalog.ids)
-        added = {i for i in raw if i in added_ids}
+        added = {i for i in raw if i in catalog.index}
         ignored = sorted({i for i in raw if i not in bundle.index and i not in added})
         seen = set(raw) if req.exclude_seen else set()
         if not known:
@@ -172,10 +248,10 @@ class Service:
             user, top, scores = await self.batcher.submit(bundle, history, exclude, req.k)
             result = self._rank(bundle, catalog, user, top, scores, history, req.k, seen)
         result.update({"model_version": bundle.version, "history_used": len(known),
-                       "ignored_items": ignored, "cached": False,
-                       "user_known": bool(stored)})
-        self.cache.put(key, result)
-        return result
+                       "ignored_items": ignored, "user_known": bool(stored)})
+        body = orjson.dumps(result)
+        self.cache.put(key, body)
+        return body[:-1] + b',"cached":false}'
 
     def _rank(self, bundle: Bundle, catalog: Catalog, user, top, scores, history, k, seen) -> dict[str, Any]:
         # Only the first k can be returned (the graph's top-K is sorted): no Python loop over K.
@@ -224,8 +300,8 @@ class Service:
             raise HTTPException(503, "no model loaded yet")
         if item_id in bundle.index:
             vec = bundle.unit_vectors[bundle.index[item_id]]
-        elif item_id in catalog.ids:
-            v = catalog.vectors[catalog.ids.index(item_id)]
+        elif item_id in catalog.index:
+            v = catalog.vectors[catalog.index[item_id]]
             vec = v / (np.linalg.norm(v) + 1e-12)
         else:
             raise HTTPException(404, f"unknown item {item_id!r}")
@@ -236,31 +312,16 @@ class Service:
             {"item_id": bundle.item_ids[i], "title": bundle.titles[i], "similarity": sim} for i, sim in pairs]}
 
     def add_item(self, item: NewItem) -> dict[str, Any]:
+        """Embed a new item's text and record it in the store: recommendable at once here, and
+        within `catalog_poll_seconds` in every process sharing the store."""
         with self.lock:
             bundle = self.bundle
         if bundle is None:
             raise HTTPException(503, "no model loaded yet")
         if item.item_id in bundle.index:
             raise HTTPException(409, f"item {item.item_id!r} is already in the model's catalogue")
-        try:
-            vec = bundle.embed_text([item.text])[0]
-        except BundleError as exc:
-            raise HTTPException(422, str(exc)) from None
+        if bundle.text_encoder is None:
+            raise HTTPException(422, "this bundle has no text encoder (an id-only model): items cannot be added from text")
         self.store.add_item(item.item_id, item.text if not item.title else f"{item.title}. {item.text}")
-        with self.lock:
-            cat = self.catalog
-            ids, titles = list(cat.ids), list(cat.titles)
-            vectors = cat.vectors
-            if item.item_id in ids:
-                j = ids.index(item.item_id)
-                vectors = vectors.copy()
-                vectors[j] = vec
-                titles[j] = item.title or title(item.text)
-            else:
-                ids.append(item.item_id)
-                titles.append(item.title or title(item.text))
-                vectors = np.vstack([vectors, vec[None, :]])
-            self.catalog = Catalog(ids, titles, vectors)
-            self.catalog_version += 1
-            self.cache.clear()
-        return {"item_id": item.item_id, "added": True, "catalog_added_items": len(ids)}
+        self.sync_catalog()
+        return {"item_id": item.item_id, "added": True, "catalog_added_items": len(self.catalog.ids)}

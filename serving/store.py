@@ -1,88 +1,180 @@
-"""Durable interaction events (SQLite in WAL mode): what `/events` appends and what a known
-user's history is read from. Exportable as an interactions file the training flow ingests
-(`data.source: files`)."""
+"""Durable interaction events and added items (SQLite in WAL mode): what `/events` appends, what a
+known user's history is read from, what `/items` adds (shared by every process on the same file).
+Exportable as an interactions file the training flow ingests (`data.source: files`).
+
+Writes go through one connection with a busy timeout: when another process holds the database
+locked past it, `StoreBusy` is raised (the service answers 503, Retry-After), never a hang.
+Reads use their own connection: in WAL mode they do not wait for writers.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import sqlite3
 import threading
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+BUSY_TIMEOUT_S = 2.0
+
+
+class StoreBusy(RuntimeError):
+    """The database stayed locked by another writer past the busy timeout."""
+
+
+@dataclass(frozen=True)
+class DataRules:
+    """What training validation accepts of an event (the bundle carries its training data's
+    rules, `bundle.json` `data_rules`): events that break them are refused at the door, so one
+    bad event can never block a retrain from exported events."""
+
+    min_timestamp: int = 0
+    max_future_seconds: int = 86_400
+    weight_min: float | None = None
+    weight_max: float | None = None
+
+    def problems(self, timestamp: int, weight: float | None, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        out = []
+        if timestamp < self.min_timestamp:
+            out.append(f"timestamp {timestamp} is before {self.min_timestamp} (the training data's minimum)")
+        if timestamp > now + self.max_future_seconds:
+            out.append(f"timestamp {timestamp} is in the future (more than {self.max_future_seconds} s ahead)")
+        if weight is not None:
+            if not math.isfinite(weight):
+                out.append(f"weight {weight} is not a finite number")
+            elif self.weight_min is not None and weight < self.weight_min:
+                out.append(f"weight {weight} is below {self.weight_min}")
+            elif self.weight_max is not None and weight > self.weight_max:
+                out.append(f"weight {weight} is above {self.weight_max}")
+        return out
+
+
+def id_problem(value: object, name: str) -> str | None:
+    """Why a stored id could not be trained on (None: it can)."""
+    if not isinstance(value, str) or not value or len(value) > 256:
+        return f"{name} must be 1-256 characters"
+    if "\ufffd" in value or any(ord(c) < 32 for c in value):
+        return f"{name} holds undecodable or control characters"
+    return None
 
 
 class EventStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
+        self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
+        self._writer = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
+                                       timeout=busy_timeout_s)
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        self._writer.execute("PRAGMA synchronous=NORMAL")
+        self._writer.execute(
             "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL,"
             " item_id TEXT NOT NULL, timestamp INTEGER NOT NULL, weight REAL)"
         )
-        self._db.execute("CREATE INDEX IF NOT EXISTS events_user ON events (user_id, timestamp, seq)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, text TEXT NOT NULL)")
+        self._writer.execute("CREATE INDEX IF NOT EXISTS events_user ON events (user_id, timestamp, seq)")
+        self._writer.execute("CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, text TEXT NOT NULL)")
+        self._writer.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
+                                       timeout=busy_timeout_s)
+
+    def _write(self, sql: str, args: tuple) -> None:
+        with self._write_lock:
+            try:
+                self._writer.execute(sql, args)
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise StoreBusy(f"the event store {self.path} is locked by another writer") from exc
+                raise
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
 
     def add(self, user_id: str, item_id: str, timestamp: int, weight: float | None = None) -> None:
-        with self._lock:
-            self._db.execute("INSERT INTO events (user_id, item_id, timestamp, weight) VALUES (?, ?, ?, ?)",
-                             (user_id, item_id, timestamp, weight))
+        self._write("INSERT INTO events (user_id, item_id, timestamp, weight) VALUES (?, ?, ?, ?)",
+                    (user_id, item_id, timestamp, weight))
 
     def history(self, user_id: str, limit: int) -> list[str]:
         """The user's last `limit` items, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT item_id FROM events WHERE user_id = ? ORDER BY timestamp DESC, seq DESC LIMIT ?",
-                (user_id, limit),
-            ).fetchall()
+        rows = self._read("SELECT item_id FROM events WHERE user_id = ? ORDER BY timestamp DESC, seq DESC LIMIT ?",
+                          (user_id, limit))
         return [r[0] for r in reversed(rows)]
 
     def has_user(self, user_id: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM events WHERE user_id = ? LIMIT 1", (user_id,)).fetchone() is not None
+        return bool(self._read("SELECT 1 FROM events WHERE user_id = ? LIMIT 1", (user_id,)))
 
     def add_item(self, item_id: str, text: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO items (item_id, text) VALUES (?, ?)", (item_id, text))
+        self._write("INSERT OR REPLACE INTO items (item_id, text) VALUES (?, ?)", (item_id, text))
 
     def items(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return self._db.execute("SELECT item_id, text FROM items ORDER BY rowid").fetchall()
+        return self._read("SELECT item_id, text FROM items ORDER BY rowid")
 
-    def export_csv(self, path: Path) -> int:
-        """Interactions as CSV (user_id, item_id, timestamp, weight); returns the row count."""
-        import csv
+    def items_version(self) -> tuple[int, int]:
+        """Changes whenever an item is added or replaced, by any process."""
+        count, last = self._read("SELECT count(*), coalesce(max(rowid), 0) FROM items")[0]
+        return int(count), int(last)
 
-        with self._lock:
-            rows = self._db.execute("SELECT user_id, item_id, timestamp, weight FROM events ORDER BY seq").fetchall()
+    def set_rules(self, rules: DataRules) -> None:
+        self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('data_rules', ?)", (json.dumps(asdict(rules)),))
+
+    def rules(self) -> DataRules | None:
+        rows = self._read("SELECT value FROM meta WHERE key = 'data_rules'")
+        return DataRules(**json.loads(rows[0][0])) if rows else None
+
+    def export_csv(self, path: Path, quarantine: Path) -> tuple[int, int]:
+        """Interactions as CSV (user_id, item_id, timestamp, weight); rows training validation
+        would refuse (the rules the service last recorded) go to `quarantine` with the reason.
+        Returns (exported, quarantined)."""
+        rules = self.rules() or DataRules()
+        rows = self._read("SELECT user_id, item_id, timestamp, weight FROM events ORDER BY seq")
+        now = time.time()
+        good, bad = [], []
+        for user, item, ts, weight in rows:
+            reasons = [p for p in (id_problem(user, "user_id"), id_problem(item, "item_id")) if p]
+            if not isinstance(ts, int) or isinstance(ts, bool):
+                reasons.append(f"timestamp {ts!r} is not an integer")
+            else:
+                reasons += rules.problems(ts, weight, now)
+            (bad if reasons else good).append((user, item, ts, weight, "; ".join(reasons)))
         with path.open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["user_id", "item_id", "timestamp", "weight"])
-            w.writerows(rows)
-        return len(rows)
+            w.writerows(r[:4] for r in good)
+        with quarantine.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["user_id", "item_id", "timestamp", "weight", "reason"])
+            w.writerows(bad)
+        return len(good), len(bad)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._write_lock, self._read_lock:
+            self._writer.close()
+            self._reader.close()
 
 
 def main() -> int:
     """`python -m serving.store export --db events.db --out interactions.csv`: the events as an
-    interactions file for `data.source: files` (the feedback loop into training)."""
+    interactions file for `data.source: files` (the feedback loop into training); events that
+    training would refuse go to `--quarantine` (default: beside the output) with the reason."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Export the service's events for training.")
     parser.add_argument("command", choices=["export"])
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quarantine", type=Path, default=None)
     args = parser.parse_args()
     if not args.db.exists():
         parser.error(f"{args.db} does not exist")
+    quarantine = args.quarantine or args.out.with_name(args.out.stem + ".quarantine.csv")
     store = EventStore(args.db)
-    n = store.export_csv(args.out)
+    good, bad = store.export_csv(args.out, quarantine)
     store.close()
-    print(f"{n} events -> {args.out}")
+    print(f"{good} events -> {args.out}; {bad} quarantined -> {quarantine}")
     return 0
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from tests.conftest import REPO, TINY
@@ -110,3 +111,66 @@ def test_bad_source_is_a_clear_error(tmp_path):
     proc = cli("validate", tmp_path / "a", "data.source=movielens-100k", f"data.path={tmp_path / 'none'}")
     assert proc.returncode == 2
     assert "MovieLens-100K not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- data guards: each test reproduces a hole found by hand ---------------------------------
+
+
+def files_source(raw: Path, interactions: bytes, items: bytes) -> list[str]:
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "interactions.csv").write_bytes(interactions)
+    (raw / "items.csv").write_bytes(items)
+    return ["data.source=files", f"data.path={raw}", "validation.min_interactions=1", "validation.min_users=1",
+            "validation.weight_min=null", "validation.weight_max=null"]
+
+
+ITEMS = b"item_id,title\n" + b"\n".join(b"i%d,Item %d" % (i, i) for i in range(5)) + b"\n"
+
+
+def test_ids_are_read_as_written(tmp_path):
+    """Ids are labels: "007" and "7" are two users, "0001" stays "0001", and one missing cell
+    fails by name instead of turning every id into "9.0"."""
+    rows = [b"007,i1,1600000000", b"7,i2,1600000001", b"0001,i3,1600000002", b"0001,i4,1600000003"]
+    source = files_source(tmp_path / "raw", b"user_id,item_id,timestamp\n" + b"\n".join(rows) + b"\n", ITEMS)
+    art = tmp_path / "a"
+    assert cli("validate", art, *source).returncode == 0
+    users = sorted(pl.read_parquet(art / "data" / "interactions.parquet")["user_id"].unique().to_list())
+    assert users == ["0001", "007", "7"]
+    rows[1] = b",i2,1600000001"
+    source = files_source(tmp_path / "raw2", b"user_id,item_id,timestamp\n" + b"\n".join(rows) + b"\n", ITEMS)
+    proc = cli("validate", tmp_path / "b", *source)
+    assert proc.returncode == 1 and "user_id_not_null" in proc.stderr
+    assert ".0'" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_undecodable_bytes_in_ids_fail_validation(tmp_path):
+    rows = "José,i1,1600000000\nJosè,i2,1600000001\nana,i3,1600000002\n".encode("latin-1")
+    source = files_source(tmp_path / "raw", b"user_id,item_id,timestamp\n" + rows, ITEMS)
+    proc = cli("validate", tmp_path / "a", *source)  # data.files.encoding is utf-8
+    assert proc.returncode == 1 and "user_id_decodable" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_features_refuse_a_snapshot_of_another_source_and_a_failed_validation_voids_it(tmp_path):
+    art = tmp_path / "artifacts"
+    a = files_source(tmp_path / "A", b"user_id,item_id,timestamp\n" + b"\n".join(
+        b"u%d,i%d,%d" % (u % 3, u % 5, 1_600_000_000 + u) for u in range(40)) + b"\n", ITEMS)
+    features_ok = ["features.min_user_interactions=0", "features.min_item_interactions=0"]
+    assert cli("validate", art, *a).returncode == 0
+    assert cli("features", art, *a, *features_ok).returncode == 0
+    b = [o.replace(str(tmp_path / "A"), str(tmp_path / "B")) for o in a]
+    proc = cli("features", art, *b, *features_ok)  # validated A, asked for B
+    assert proc.returncode == 2 and "validated from another source" in proc.stderr
+    assert str(tmp_path / "A") in proc.stderr and str(tmp_path / "B") in proc.stderr and "Traceback" not in proc.stderr
+    # B is corrupt: validation fails, and what was built from A's snapshot goes with it.
+    files_source(tmp_path / "B", b"user_id,item_id,timestamp\nu1,ghost,-5\n", ITEMS)
+    assert cli("validate", art, *b).returncode == 1
+    assert not (art / "data").exists() and not (art / "features").exists()
+    assert not (art / ".pipeline" / "features.json").exists()
+
+
+def test_a_folder_where_a_file_belongs_is_a_clear_error(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "interactions.csv").mkdir(parents=True)
+    (raw / "items.csv").write_bytes(ITEMS)
+    proc = cli("validate", tmp_path / "a", "data.source=files", f"data.path={raw}")
+    assert proc.returncode == 2 and "is a folder, not a data file" in proc.stderr and "Traceback" not in proc.stderr

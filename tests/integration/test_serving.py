@@ -206,6 +206,9 @@ def test_reload_under_load_and_a_corrupt_bundle_is_refused(bundle, tmp_path):
         assert s.call("POST", "/recommend", {"history": [ids[0]], "k": 3})[0] == 200
         metrics = s.call("GET", "/metrics")[1]
         assert "recforge_request_seconds_bucket" in metrics and "recforge_model_swaps_total" in metrics
+        # The refusal leaves a trace: the reason in /ready, a count by result in /metrics.
+        assert "sha256" in s.call("GET", "/ready")[1]["last_error"]
+        assert 'recforge_model_swaps_total{result="refused"} 1.0' in metrics
     finally:
         s.stop()
 
@@ -255,6 +258,17 @@ def test_champion_from_the_registry_hot_swap_and_registry_down(bundle, tmp_path)
         finally:
             s.stop()
 
+        # A corrupt cached champion with the registry up: downloaded again, not fatal.
+        flip(cache / "v2" / "sequence.onnx")
+        s = Server.__new__(Server)
+        s.port = free_port()
+        cmd[cmd.index("--port") + 1] = str(s.port)
+        s.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert wait_ready(s)["model_version"] == "2"
+        finally:
+            s.stop()
+
     # The registry is down now: the service starts on the last good bundle.
     s = Server.__new__(Server)
     s.port = free_port()
@@ -273,6 +287,32 @@ def test_champion_from_the_registry_hot_swap_and_registry_down(bundle, tmp_path)
     finally:
         s.stop()
 
+    # The registry down and the cache corrupt: no model, and the message says which two failed.
+    flip(cache / "v2" / "sequence.onnx")
+    proc = subprocess.run([*cmd[:cmd.index("--port") + 1], str(free_port()), *cmd[cmd.index("--port") + 2:]], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "the registry failed" in proc.stdout + proc.stderr and "cached bundle is unusable" in proc.stdout + proc.stderr
+
+
+def flip(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.seek(100)
+        f.write(b"corrupt!")
+
+
+def wait_ready(s: Server, seconds: float = 90) -> dict:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            status, body = s.call("GET", "/ready")
+            if status == 200:
+                return body
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"not ready: {s.proc.stdout.read()[-3000:] if s.proc.poll() is not None else ''}")
+
 
 @pytest.mark.parametrize("ann", ["ivf", "hnsw"])
 def test_catalogue_past_the_graph_is_served_by_faiss(bundle, tmp_path, ann):
@@ -285,14 +325,14 @@ def test_catalogue_past_the_graph_is_served_by_faiss(bundle, tmp_path, ann):
     grown = synthetic_catalogue(bundle, len(base["item_ids"]) + 3000, tmp_path / "grown")
     ids = json.loads((grown / "bundle.json").read_text())["item_ids"]
     history = [ids[1], ids[2], "syn-0000007"]
-    exact = Server(grown, tmp_path / "exact" / "events.db", "--cache-size", "0")
+    exact = Server(grown, tmp_path / "exact" / "events.db", "--cache-mb", "0")
     try:
         ready = exact.call("GET", "/ready")[1]
         assert ready["retrieval"] == "exact" and ready["items"] == len(ids)
         want = exact.call("POST", "/recommend", {"history": history, "k": 10})[1]
     finally:
         exact.stop()
-    s = Server(grown, tmp_path / "ann" / "events.db", "--exact-max-items", "1000", "--ann", ann, "--cache-size", "0")
+    s = Server(grown, tmp_path / "ann" / "events.db", "--exact-max-items", "1000", "--ann", ann, "--cache-mb", "0")
     try:
         assert s.call("GET", "/ready")[1]["retrieval"] == ann
         status, body = s.call("POST", "/recommend", {"history": history, "k": 10})
@@ -360,3 +400,136 @@ def test_mixed_length_batch_rows_come_back_in_request_order(bundle):
     unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
     nearest = (unit(users) @ unit(alone).T).argmax(axis=1)
     assert nearest.tolist() == list(range(len(histories)))
+
+
+# ---- hardening: each test reproduces a hole found by hand -------------------------------------
+
+
+def raw_request(port: int, method: str, path: str, body, headers: dict[str, str], chunked: bool = False):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+        resp = conn.getresponse()
+        return resp.status, resp.read(), dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def test_bodies_are_bounded_on_every_route_and_errors_echo_little(server):
+    """A chunked upload carries no Content-Length: the limit must hold anyway, on every route;
+    a rejected value comes back as an excerpt, not whole."""
+    for path in ("/events", "/items", "/recommend", "/admin/reload"):
+        over = (b"x" * 65536 for _ in range(5))  # 320 KB in chunks, over the 256 KB limit
+        status, _, _ = raw_request(server.port, "POST", path, over,
+                                   {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}, chunked=True)
+        assert status == 413, path
+    long_id = "z" * 200_000  # under the body limit, over the id's
+    for path in ("/events", "/recommend"):
+        body = {"user_id": long_id, "item_id": "i"} if path == "/events" else {"user_id": long_id}
+        status, payload, _ = raw_request(server.port, "POST", path, json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        assert status == 422 and len(payload) < 2_000, (path, len(payload))
+    assert server.call("GET", "/health")[0] == 200
+
+
+def test_the_response_cache_is_bounded_in_bytes(bundle, tmp_path):
+    ids = json.loads((bundle / "bundle.json").read_text())["item_ids"]
+    s = Server(bundle, tmp_path / "events.db", "--cache-mb", "0.02")  # 20 KB
+    try:
+        for i in range(60):  # unique requests with long histories
+            history = [ids[(i + j) % len(ids)] for j in range(40)]
+            assert s.call("POST", "/recommend", {"history": history, "k": 50})[0] == 200
+        repeat = s.call("POST", "/recommend", {"history": history, "k": 50})[1]
+        assert repeat["cached"] is True
+        metrics = s.call("GET", "/metrics")[1]
+        held = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("recforge_cache_bytes")))
+        entries = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("recforge_cache_entries")))
+        assert 0 < held <= 20_000 and 1 <= entries < 60
+    finally:
+        s.stop()
+
+
+def test_a_locked_store_answers_503_and_the_other_routes_keep_answering(bundle, tmp_path):
+    db = tmp_path / "events.db"
+    ids = json.loads((bundle / "bundle.json").read_text())["item_ids"]
+    s = Server(bundle, db)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(8); c.execute('COMMIT')"), str(db)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with ThreadPoolExecutor(2) as pool:
+            event = pool.submit(s.call, "POST", "/events", {"user_id": "bob", "item_id": ids[0]})
+            time.sleep(0.3)  # the write is waiting on the lock now
+            start = time.perf_counter()
+            assert s.call("GET", "/health")[0] == 200
+            assert s.call("POST", "/recommend", {"history": [ids[1]], "k": 3})[0] == 200
+            assert time.perf_counter() - start < 1.0, "a waiting write must not hold up other routes"
+            status, body = event.result()
+        assert status == 503 and "locked" in body["detail"]
+        holder.wait(timeout=30)
+        assert s.call("POST", "/events", {"user_id": "bob", "item_id": ids[0]})[0] == 201
+    finally:
+        holder.kill()
+        s.stop()
+
+
+def test_events_and_items_follow_the_training_rules_and_bad_rows_are_quarantined(bundle, tmp_path):
+    """What training validation refuses is refused at the door (so an export never fails
+    validation as a whole), and rows from before are quarantined by the export, not dropped."""
+    import sqlite3
+
+    db = tmp_path / "events.db"
+    item = json.loads((bundle / "bundle.json").read_text())["item_ids"][0]
+    rules = json.loads((bundle / "bundle.json").read_text())["data_rules"]
+    s = Server(bundle, db)
+    try:
+        good = {"user_id": "carol", "item_id": item, "timestamp": 1_700_000_000, "weight": 4.0}
+        assert s.call("POST", "/events", good)[0] == 201
+        for bad in ({"timestamp": True}, {"timestamp": "1700000000"}, {"weight": "5"}, {"weight": 1e6},
+                    {"timestamp": int(time.time()) + 10 * 86400}, {"timestamp": 100}, {"user_id": "ca\u0000rol"}):
+            status, body = s.call("POST", "/events", {**good, **bad})
+            assert status == 422, (bad, body)
+        assert "above" in str(s.call("POST", "/events", {**good, "weight": 1e6})[1]["detail"])
+        for text in ("   ", "nul\u0000byte", "\u0001\u0002"):
+            assert s.call("POST", "/items", {"item_id": "t1", "text": text}, token=TOKEN)[0] == 422, text
+    finally:
+        s.stop()
+    with sqlite3.connect(db) as c:  # an event stored before the rules existed
+        c.execute("INSERT INTO events (user_id, item_id, timestamp, weight) VALUES ('dave', ?, 1700000001, 1e6)", (item,))
+    out, quarantine = tmp_path / "events.csv", tmp_path / "events.quarantine.csv"
+    proc = subprocess.run([sys.executable, "-m", "serving.store", "export", "--db", str(db), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "1 quarantined" in proc.stdout, proc.stdout + proc.stderr
+    assert len(out.read_text().splitlines()) == 2 and "carol" in out.read_text()
+    assert "dave" in quarantine.read_text() and f"above {rules['weight_max']}" in quarantine.read_text()
+
+
+def test_items_added_through_one_process_are_seen_by_another(bundle, tmp_path):
+    db = tmp_path / "events.db"
+    a, b = Server(bundle, db), Server(bundle, db)
+    try:
+        assert b.call("GET", "/items/shared-new/similar")[0] == 404
+        item = {"item_id": "shared-new", "text": "Vintage hiking tent with poles, part 1 of the hiking collection"}
+        assert a.call("POST", "/items", item, token=TOKEN)[0] == 201
+        deadline = time.time() + 10
+        while b.call("GET", "/items/shared-new/similar")[0] != 200 and time.time() < deadline:
+            time.sleep(0.2)
+        assert b.call("GET", "/items/shared-new/similar")[0] == 200
+        assert b.call("GET", "/ready")[1]["added_items"] == 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_an_edited_manifest_is_refused_at_start(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["item_ids"] = manifest["item_ids"][::-1]  # would serve other items, silently
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match="edited after export"):
+        Server(copy, tmp_path / "events.db")
