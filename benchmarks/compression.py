@@ -77,7 +77,7 @@ def run(params: Params, work: Path, rounds_b1: int, rounds_batch: int) -> dict[s
         TextGraph, export_text_encoder, sequence_inputs, session, text_encoder_for, tokenize,
     )
     from components.bert.text_embeddings import resolve_encoder_path
-    from components.features import load_sequences
+    from components.sequences import load_sequences
 
     outcomes = prepare(params, work)
     compress_seconds = outcomes["compress"].seconds

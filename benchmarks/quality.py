@@ -90,7 +90,7 @@ def run_dataset(dataset: str, models: list[str], params: Params, work: Path) -> 
 def _add_ratios_to_reference(rows: dict[str, dict[str, float]], models: dict, art: Artifacts, params: Params) -> None:
     """Test NDCG@10 of each model as a ratio to MF's, with a paired-bootstrap 95% interval: a
     target such as "bert >= MF" is met with confidence only when the interval's low end clears it."""
-    from components.features import load_sequences
+    from components.sequences import load_sequences
     from components.metrics import paired_bootstrap_ratio
 
     seqs = load_sequences(art.features)

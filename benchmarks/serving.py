@@ -265,7 +265,7 @@ def main() -> int:
     params = dataset_params(args.params, "movielens-100k", args.data_dir, args.overrides, args.override_files)
     bundle = ensure_bundle(params, args.workdir)
 
-    from components.features import load_sequences
+    from components.sequences import load_sequences
 
     manifest = json.loads((bundle / "bundle.json").read_text())
     ids = manifest["item_ids"]

@@ -52,7 +52,7 @@ from components.onnx_graphs import (
     text_encoder_for,
     tokenize,
 )
-from components.features import Sequences, load_sequences
+from components.sequences import Sequences, load_sequences
 from serving.bundle_format import sequence_feeds
 
 log = logging.getLogger(__name__)

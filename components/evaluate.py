@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from components.config import EvaluationConfig, FusionConfig
 from components.factors import EVAL_SPLITS, FILE_NAME, FactorModel
-from components.features import Sequences, load_sequences
+from components.sequences import Sequences, load_sequences
 from components import metrics
 
 log = logging.getLogger(__name__)

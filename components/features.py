@@ -5,8 +5,8 @@ Input: the validated snapshot (`interactions.parquet`, `items.parquet`). Output 
 - `interactions.parquet`: `user_idx`, `item_idx`, `timestamp`, `weight`, `split`, in
   chronological order per user (ties broken by item id, so splits are deterministic).
 - `user_map.parquet`, `items.parquet`: index -> id, and the item text table in index order.
-- `sequences.npz`: per-user chronological sequences as CSR-style arrays (`indptr`, `items`,
-  `timestamps`, `split` codes 0 train / 1 valid / 2 test): what sequence models read.
+- `sequences.npz`: per-user chronological sequences, what every model reads (its format and
+  reader: `components/sequences.py`).
 - `train_matrix.npz`: the training user x item matrix (scipy CSR, interaction counts).
 - `stats.json`: sizes, density, sequence-length percentiles, split sizes.
 
@@ -27,10 +27,10 @@ import scipy.sparse as sp
 
 from components import npz
 from components.config import DataConfig, FeaturesConfig
+from components.sequences import SPLIT_CODES, write_sequences
 
 log = logging.getLogger(__name__)
 
-SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 
 
 @dataclass(frozen=True)
@@ -171,69 +171,6 @@ def index_ids(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFram
 
 
 # --------------------------------------------------------------------------------------------
-# Reading features back (used by every model and by evaluation)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sequences:
-    """Per-user chronological sequences, CSR-style: user u owns items[indptr[u]:indptr[u+1]]."""
-
-    indptr: np.ndarray
-    items: np.ndarray
-    timestamps: np.ndarray
-    weights: np.ndarray
-    split: np.ndarray
-    n_items: int
-
-    @property
-    def n_users(self) -> int:
-        return self.indptr.size - 1
-
-    def user_of_position(self) -> np.ndarray:
-        return np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(self.indptr))
-
-    def _matrix(self, mask: np.ndarray, weighted: bool = False) -> sp.csr_matrix:
-        rows = self.user_of_position()[mask]
-        values = self.weights[mask].astype(np.float32) if weighted else np.ones(rows.size, np.float32)
-        m = sp.csr_matrix((values, (rows, self.items[mask])), shape=(self.n_users, self.n_items))
-        m.sum_duplicates()
-        return m
-
-    def history_matrix(self, split: str, weighted: bool = False) -> sp.csr_matrix:
-        """Interactions a model may see when predicting `split`: everything before it.
-
-        Values are interaction counts, or summed weights when `weighted`."""
-        return self._matrix(self.split < SPLIT_CODES[split], weighted)
-
-    def target_matrix(self, split: str) -> sp.csr_matrix:
-        return self._matrix(self.split == SPLIT_CODES[split])
-
-    def histories(self, split: str, max_len: int | None = None) -> list[np.ndarray]:
-        """Each user's chronological item sequence before `split` (last `max_len` items)."""
-        keep = self.split < SPLIT_CODES[split]
-        out = []
-        for u in range(self.n_users):
-            lo, hi = self.indptr[u], self.indptr[u + 1]
-            seq = self.items[lo:hi][keep[lo:hi]]
-            out.append(seq[-max_len:] if max_len else seq)
-        return out
-
-
-def load_sequences(features_dir: Path) -> Sequences:
-    data = np.load(features_dir / "sequences.npz")
-    stats = json.loads((features_dir / "stats.json").read_text())
-    return Sequences(
-        indptr=data["indptr"],
-        items=data["items"],
-        timestamps=data["timestamps"],
-        weights=data["weights"],
-        split=data["split"],
-        n_items=int(stats["n_items"]),
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # The component
 # --------------------------------------------------------------------------------------------
 
@@ -325,14 +262,8 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig, source: D
     split_codes = df["split"].replace_strict(SPLIT_CODES, return_dtype=pl.Int8).to_numpy()
     counts = np.bincount(user_idx, minlength=n_users)
     indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    npz.save(
-        out_dir / "sequences.npz",
-        indptr=indptr,
-        items=item_idx.astype(np.int32),
-        timestamps=df["timestamp"].to_numpy(),
-        weights=df["weight"].to_numpy(),
-        split=split_codes,
-    )
+    write_sequences(out_dir, indptr, item_idx.astype(np.int32), df["timestamp"].to_numpy(), df["weight"].to_numpy(),
+                    split_codes)
 
     train = split_codes == 0
     train_matrix = sp.csr_matrix(

@@ -38,7 +38,7 @@ import scipy.sparse as sp
 
 from components.config import MFConfig
 from components.factors import FILE_NAME, FactorModel
-from components.features import SPLIT_CODES, Sequences, load_sequences
+from components.sequences import SPLIT_CODES, Sequences, load_sequences
 
 log = logging.getLogger(__name__)
 

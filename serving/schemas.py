@@ -39,7 +39,10 @@ def _not_blank(text: str) -> str:
     return text
 
 
-ID = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_encodable), AfterValidator(_trainable)]
+ID = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_encodable)]
+# What is stored must pass training validation too; a request's history ids need not (unknown ids
+# are ignored), and checking each of up to 10,000 of them per request costs throughput.
+StoredID = Annotated[ID, AfterValidator(_trainable)]
 Text = Annotated[str, AfterValidator(_encodable), AfterValidator(_trainable), AfterValidator(_not_blank)]
 
 
@@ -56,14 +59,14 @@ class Event(BaseModel):
     refuse the exported events). Ranges come from the model's training data (`/events` checks)."""
 
     model_config = ConfigDict(extra="forbid")
-    user_id: ID
-    item_id: ID
+    user_id: StoredID
+    item_id: StoredID
     timestamp: StrictInt | None = Field(default=None, ge=0, le=4_102_444_800, description="unix seconds; default now")
     weight: StrictFloat | StrictInt | None = Field(default=None, ge=-1e6, le=1e6, allow_inf_nan=False)
 
 
 class NewItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    item_id: ID
+    item_id: StoredID
     text: Text = Field(min_length=1, max_length=20_000)
     title: Text | None = Field(default=None, max_length=500)

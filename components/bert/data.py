@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from components.bert.model import MASK, PAD, left_pad
-from components.features import load_sequences
+from components.sequences import load_sequences
 
 
 class _ListDataset(Dataset):

@@ -49,7 +49,7 @@ from components.bert.model import SeqRecConfig, SeqRecModel, left_pad, load_mode
 from components.bert.module import SeqRecModule, count_parameters
 from components.config import BertRecConfig, StageConfig, TrainerConfig
 from components.factors import FILE_NAME, FactorModel
-from components.features import load_sequences
+from components.sequences import load_sequences
 
 log = logging.getLogger(__name__)
 

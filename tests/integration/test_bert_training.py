@@ -20,7 +20,8 @@ from components import pipeline
 from components.config import Params
 from components.evaluate import evaluate_split
 from components.factors import FactorModel
-from components.features import build_features, id_sort_key, load_sequences
+from components.features import build_features, id_sort_key
+from components.sequences import load_sequences
 from components.pipeline import Artifacts
 from tests.bert_helpers import TINY_BERT_OVERRIDES, make_tiny_bert
 from tests.conftest import REPO, TINY, tiny_params

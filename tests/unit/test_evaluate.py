@@ -66,7 +66,7 @@ def test_evaluate_writes_metrics_for_every_model_and_slice(tmp_path):
 def test_per_user_ndcg_averages_to_the_reported_ndcg(tmp_path):
     import polars as pl
 
-    from components.features import load_sequences
+    from components.sequences import load_sequences
 
     rng = np.random.default_rng(3)
     rows = [(f"u{u}", f"i{i}", t) for u in range(12) for t, i in enumerate(rng.choice(9, size=5, replace=False))]

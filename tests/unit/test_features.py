@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
+from components.sequences import load_sequences
 from components.features import (
     build_features,
     drop_exact_duplicates,
@@ -16,7 +17,6 @@ from components.features import (
     inner_holdout,
     k_core,
     leave_one_out,
-    load_sequences,
     order_chronologically,
     temporal_split,
 )

@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 
 from components.evaluate import FactorModel, rank
-from components.features import Sequences, build_features
+from components.features import build_features
+from components.sequences import Sequences
 from components.train_mf import confidence_matrix, fit_als, fold_in, train_mf
 from tests.conftest import tiny_params
 
