@@ -89,11 +89,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> RawDataset:
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def download_movielens(path: Path, url: str = MOVIELENS_URL) -> None:

@@ -76,11 +76,8 @@ def exclusion_matrix(excludes: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 CHECKSUM = "manifest_sha256"
