@@ -114,8 +114,9 @@ def ann_recall(bundle_dir: Path, histories: list[list[int]], retrieval, cache_di
 
 
 def start_server(bundle: Path, port: int, db: Path, threads: int, max_wait_ms: float,
-                 extra: list[str]) -> subprocess.Popen:
-    db.unlink(missing_ok=True)
+                 extra: list[str], keep_db: bool = False) -> subprocess.Popen:
+    if not keep_db:
+        db.unlink(missing_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.app", "--bundle", str(bundle), "--port", str(port), "--db", str(db),
          "--threads", str(threads), "--max-wait-ms", str(max_wait_ms), "--cache-dir", str(db.parent / "bundles"),

@@ -25,8 +25,8 @@ class Champion:
     sha256: str | None  # of its bundle.json, as registered
 
 
-def current(tracking_uri: str, model_name: str) -> Champion:
-    """The version behind `models:/<name>@champion`."""
+def current(tracking_uri: str, model_name: str, alias: str = "champion") -> Champion:
+    """The version behind `models:/<name>@<alias>` (`champion`, or `challenger`)."""
     import os
 
     # MLflow's client retries with backoff for minutes by default; a service must fall back to
@@ -36,7 +36,7 @@ def current(tracking_uri: str, model_name: str) -> Champion:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri, tracking_uri)
-    version = client.get_model_version_by_alias(model_name, "champion")
+    version = client.get_model_version_by_alias(model_name, alias)
     artifact = version.tags.get("bundle_artifact") or f"runs:/{version.run_id}/bundle"
     return Champion(str(version.version), artifact, version.tags.get("bundle_sha256"))
 

@@ -172,9 +172,12 @@ def create_app(settings: Settings) -> FastAPI:
         tasks = [asyncio.create_task(service.batcher.run())]
         await loop.run_in_executor(None, service.load_initial)
         if settings.model_name and settings.poll_seconds > 0:
-            tasks.append(asyncio.create_task(every(settings.poll_seconds, service.refresh, "champion poll")))
+            tasks.append(asyncio.create_task(every(settings.poll_seconds, service.refresh_all, "champion poll")))
         if settings.catalog_poll_seconds > 0:
             tasks.append(asyncio.create_task(every(settings.catalog_poll_seconds, service.sync_catalog, "catalogue sync")))
+        if settings.online_refresh_seconds > 0:
+            tasks.append(asyncio.create_task(every(settings.online_refresh_seconds, service.refresh_online,
+                                                   "online metrics")))
         yield
         for task in tasks:
             task.cancel()
@@ -244,9 +247,10 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             if settings.bundle is not None:
                 await asyncio.get_running_loop().run_in_executor(None, service.reload_local)
+                await asyncio.get_running_loop().run_in_executor(None, service.load_challenger)
                 swapped = True
             else:
-                swapped = await asyncio.get_running_loop().run_in_executor(None, service.refresh)
+                swapped = await asyncio.get_running_loop().run_in_executor(None, service.refresh_all)
         except Exception as exc:
             raise HTTPException(409, f"reload refused, the current model keeps serving: {exc}") from None
         return {"swapped": swapped, "model_version": service.bundle.version}
@@ -270,7 +274,10 @@ def create_app(settings: Settings) -> FastAPI:
                 "index_build_s": (round(service.bundle.retriever.build_seconds, 1)
                                   if service.bundle.retriever is not None and service.bundle.retriever.index is not None
                                   else None),
-                "added_items": len(service.catalog.ids), "last_error": service.last_error}
+                "added_items": len(service.catalog.ids), "last_error": service.last_error,
+                "challenger": None if service.challenger is None else {
+                    "mode": settings.challenger, "fraction": settings.challenger_fraction,
+                    "model_version": service.challenger.version}}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
+import random
 import threading
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,7 @@ from serving.batching import Batcher
 from serving.bundle import Bundle, BundleError
 from serving.bundle_format import CHECKSUM, title
 from serving.cache import ResponseCache
+from serving.impressions import ImpressionLog
 from serving.retrieval import RetrievalConfig, exact_topk
 from serving.schemas import MAX_HISTORY, NewItem, RecommendRequest
 from serving.store import DataRules, EventStore, StoreBusy
@@ -51,6 +56,22 @@ class Settings:
     threads: int = 1
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     index_cache_dir: Path = Path("artifacts/serving/ann")
+    # Share of /recommend answers (to a user_id) logged as impressions (0 = none), and how many
+    # may wait for the store before more are dropped.
+    impression_rate: float = 1.0
+    impression_queue: int = 10_000
+    # Online metrics in /metrics: an event within `attribution_seconds` of a list counts for it;
+    # recomputed every `online_refresh_seconds` (0 = never) over the last `online_window_seconds`.
+    attribution_seconds: float = 1800.0
+    online_k: int = 10
+    online_refresh_seconds: float = 60.0
+    online_window_seconds: float = 86_400.0
+    # A challenger beside the champion: `ab` answers a stable `challenger_fraction` of users
+    # with it; `shadow` has it rank that fraction of requests off the hot path, logged, never
+    # shown. From `challenger_bundle`, or the registry's `@challenger` alias with `model_name`.
+    challenger: str | None = None
+    challenger_bundle: Path | None = None
+    challenger_fraction: float = 0.5
 
 
 @dataclass
@@ -62,6 +83,12 @@ class Catalog:
     titles: list[str] = field(default_factory=list)
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.float32))
     index: dict[str, int] = field(default_factory=dict)
+
+
+def _share(user_id: str) -> float:
+    """A user's stable place in [0, 1): the same on every replica and every restart."""
+    digest = hashlib.blake2b(user_id.encode(), digest_size=8, person=b"recforge-ab").digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 class Service:
@@ -80,6 +107,10 @@ class Service:
         self.catalog_version = 0
         self.lock = threading.Lock()
         self.last_error: str | None = None
+        # The challenger and the catalogue as its text encoder embeds it (None: no challenger).
+        self.challenger: Bundle | None = None
+        self.challenger_catalog = Catalog()
+        self._shadow_tasks: set[asyncio.Task] = set()
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.metrics = CollectorRegistry()
@@ -94,6 +125,14 @@ class Service:
         Gauge("recforge_cache_bytes", "memory held by cached answers", registry=self.metrics).set_function(
             lambda: self.cache.bytes)
         Gauge("recforge_cache_entries", "cached answers", registry=self.metrics).set_function(lambda: len(self.cache))
+        self.impression_count = Counter("recforge_impressions_total", "impressions by outcome (logged, dropped, "
+                                        "sampled_out)", ["result"], registry=self.metrics)
+        self.online = Gauge("recforge_online", "online metrics over the last online window", ["metric", "model_version",
+                            "variant"], registry=self.metrics)
+        self._sample = random.Random().random
+        self.impressions = (ImpressionLog(self.store, settings.impression_rate, settings.impression_queue,
+                                          lambda result, n: self.impression_count.labels(result).inc(n))
+                            if settings.impression_rate > 0 else None)
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -105,6 +144,7 @@ class Service:
         s = self.settings
         if s.bundle is not None:
             self._install(self._load(s.bundle, "local"))
+            self._first_challenger()
             return
         try:
             self.refresh()
@@ -118,6 +158,36 @@ class Service:
                 raise RuntimeError(f"no model: the registry failed ({exc}) and no cached bundle exists") from exc
             log.warning("registry unavailable (%s): serving the cached bundle version %s", exc, cached[0])
             self._install(self._load(cached[1], cached[0]))
+        self._first_challenger()
+
+    def _first_challenger(self) -> None:
+        # Without its challenger the service still serves: every user gets the champion.
+        try:
+            self.load_challenger()
+        except Exception as exc:
+            log.warning("no challenger: %s", exc)
+
+    def load_challenger(self) -> bool:
+        """Load (or swap to) the challenger: the local one, or the registry's `@challenger`
+        version when it changed. True when swapped; a bad bundle raises, the old one serves on."""
+        s = self.settings
+        if s.challenger is None:
+            return False
+        if s.challenger_bundle is not None:
+            bundle = self._refusing("the challenger bundle", lambda: self._load(s.challenger_bundle, "local"))
+        else:
+            current = champion.current(s.tracking_uri, s.model_name, alias="challenger")
+            if self.challenger is not None and self.challenger.version == current.version:
+                return False
+            bundle, _ = self._refusing(f"challenger version {current.version}",
+                                       lambda: self._fetch_and_load(current))
+        catalog, _ = self._catalog_from_store(bundle)
+        with self.lock:
+            self.challenger, self.challenger_catalog = bundle, catalog
+            self.cache.clear()
+            self.catalog_version += 1
+        log.info("challenger (%s, %.0f%%): bundle %s", s.challenger, 100 * s.challenger_fraction, bundle.version)
+        return True
 
     def refresh(self) -> bool:
         """Load the registry's champion if it changed; True when swapped. A bad bundle raises
@@ -130,6 +200,18 @@ class Service:
         champion.remember(s.cache_dir, current, path)
         self._install(bundle)
         return True
+
+    def refresh_all(self) -> bool:
+        """The champion poll: champion, then challenger (one failing does not stop the other)."""
+        swapped, failure = False, None
+        for load in (self.refresh, self.load_challenger):
+            try:
+                swapped = load() or swapped
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
+            raise failure
+        return swapped
 
     def _fetch_and_load(self, current: champion.Champion) -> tuple[Bundle, Path]:
         path = champion.fetch(self.settings.tracking_uri, self.settings.cache_dir, current)
@@ -200,10 +282,13 @@ class Service:
         if bundle is None or self.store.items_version() == self._items_version:
             return False
         catalog, version = self._catalog_from_store(bundle)
+        challenger = self.challenger
+        challenger_catalog = self._catalog_from_store(challenger)[0] if challenger is not None else Catalog()
         with self.lock:
-            if self.bundle is not bundle:  # swapped meanwhile: the swap built its own
+            if self.bundle is not bundle or self.challenger is not challenger:  # swapped meanwhile
                 return False
             self.catalog, self._items_version = catalog, version
+            self.challenger_catalog = challenger_catalog
             self.catalog_version += 1
             self.cache.clear()
         return True
@@ -214,25 +299,76 @@ class Service:
                                                          weight)
         self.user_versions[user_id] = self.user_versions.get(user_id, 0) + 1
 
+    def refresh_online(self) -> list:
+        """Recompute the online metrics of the last window into /metrics."""
+        from serving import online
+
+        s = self.settings
+        now = time.time()
+        rows = online.from_store(self.store, now - s.online_window_seconds, now, s.online_k, s.attribution_seconds)
+        self.online.clear()
+        for m in rows:
+            for name, value in m.flat().items():
+                if isinstance(value, (int, float)) and not name.endswith(("_low", "_high")):
+                    self.online.labels(name, m.model_version, m.variant).set(value)
+        return rows
+
     def close(self) -> None:
+        if self.impressions is not None:
+            self.impressions.close()
         self.writer.shutdown(wait=True)
         self.store.close()
 
     # ---- recommendation --------------------------------------------------------------------
 
+    def variant(self, user_id: str | None) -> str:
+        """`challenger` for the users A/B assigns to it (a stable hash of the id), else `champion`."""
+        s = self.settings
+        if s.challenger != "ab" or not user_id or self.challenger is None:
+            return "champion"
+        return "challenger" if _share(user_id) < s.challenger_fraction else "champion"
+
     async def recommend(self, req: RecommendRequest) -> bytes:
         """The answer as JSON bytes (what the cache holds and the response sends)."""
         with self.lock:
             bundle, catalog, catalog_version = self.bundle, self.catalog, self.catalog_version
+            challenger, challenger_catalog = self.challenger, self.challenger_catalog
         if bundle is None:
             raise HTTPException(503, "no model loaded yet")
         stored = self.store.history(req.user_id, MAX_HISTORY) if req.user_id else []
+        variant = self.variant(req.user_id)
+        if variant == "challenger":
+            bundle, catalog = challenger, challenger_catalog
+        elif (self.settings.challenger == "shadow" and challenger is not None and req.user_id
+              and self._sample() < self.settings.challenger_fraction):
+            # Ranked after this answer is sent, on the same workers: the user never waits for it.
+            task = asyncio.get_running_loop().create_task(
+                self._shadow(req, stored, challenger, challenger_catalog, catalog_version, time.time()))
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
+        body, cached = await self._answer(req, stored, bundle, catalog, catalog_version, variant)
+        return self._shown(req, bundle, catalog, body, variant, cached)
+
+    async def _shadow(self, req: RecommendRequest, stored: list[str], bundle: Bundle, catalog: Catalog,
+                      catalog_version: int, shown_at: float) -> None:
+        await asyncio.sleep(0)  # let the champion's answer go first
+        try:
+            body, _ = await self._answer(req, stored, bundle, catalog, catalog_version, "shadow")
+            if self.impressions is not None:
+                self.impressions.offer(uuid.uuid4().hex, req.user_id, bundle.version, "shadow", body,
+                                       len(bundle.item_ids) + len(catalog.ids), shown_at)
+        except Exception as exc:  # a failing shadow must never touch the champion's answers
+            log.warning("shadow ranking failed: %s", exc)
+
+    async def _answer(self, req: RecommendRequest, stored: list[str], bundle: Bundle, catalog: Catalog,
+                      catalog_version: int, variant: str) -> tuple[bytes, bool]:
+        """(the answer's JSON, whether it came from the cache) of one model."""
         raw = (stored + list(req.history or []))[-MAX_HISTORY:]
         key = ResponseCache.key(req.user_id, raw, req.k, req.exclude_seen, self.user_versions.get(req.user_id or "", 0),
-                                catalog_version, bundle.version)
+                                catalog_version, f"{variant}:{bundle.version}")
         hit = self.cache.get(key)
         if hit is not None:
-            return hit[:-1] + b',"cached":true}'
+            return hit, True
 
         # Items past the graph's catalogue (embedded from text) are excluded when seen but cannot
         # be encoded as history.
@@ -247,11 +383,23 @@ class Service:
             exclude = sorted({bundle.index[i] for i in seen if i in bundle.index})
             user, top, scores = await self.batcher.submit(bundle, history, exclude, req.k)
             result = self._rank(bundle, catalog, user, top, scores, history, req.k, seen)
-        result.update({"model_version": bundle.version, "history_used": len(known),
+        result.update({"model_version": bundle.version, "variant": variant, "history_used": len(known),
                        "ignored_items": ignored, "user_known": bool(stored)})
         body = orjson.dumps(result)
         self.cache.put(key, body)
-        return body[:-1] + b',"cached":false}'
+        return body, False
+
+    def _shown(self, req: RecommendRequest, bundle: Bundle, catalog: Catalog, body: bytes, variant: str,
+               cached: bool) -> bytes:
+        """The answer as sent: logged as an impression (for a user, when sampled) under a request
+        id the client can quote."""
+        tail = b',"cached":true' if cached else b',"cached":false'
+        if self.impressions is None or not req.user_id or not self.impressions.sampled():
+            return body[:-1] + tail + b',"request_id":null}'
+        request_id = uuid.uuid4().hex
+        self.impressions.offer(request_id, req.user_id, bundle.version, variant, body,
+                               len(bundle.item_ids) + len(catalog.ids))
+        return body[:-1] + tail + b',"request_id":"' + request_id.encode() + b'"}'
 
     def _rank(self, bundle: Bundle, catalog: Catalog, user, top, scores, history, k, seen) -> dict[str, Any]:
         # Only the first k can be returned (the graph's top-K is sorted): no Python loop over K.

@@ -1,5 +1,6 @@
-"""Durable interaction events and added items (SQLite in WAL mode): what `/events` appends, what a
-known user's history is read from, what `/items` adds (shared by every process on the same file).
+"""Durable interaction events, added items and impressions (SQLite in WAL mode): what `/events`
+appends, what a known user's history is read from, what `/items` adds (shared by every process on
+the same file), and what `/recommend` showed (the online evaluation's input, `serving/online.py`).
 Exportable as an interactions file the training flow ingests (`data.source: files`).
 
 Writes go through one connection with a busy timeout: when another process holds the database
@@ -53,6 +54,20 @@ class DataRules:
         return out
 
 
+@dataclass(frozen=True)
+class Impression:
+    """One list `/recommend` answered (or a shadow model would have): its items by position."""
+
+    request_id: str
+    user_id: str
+    model_version: str
+    variant: str
+    shown_at: float
+    items: tuple[str, ...]
+    scores: tuple[float, ...]
+    catalog_size: int
+
+
 def id_problem(value: object, name: str) -> str | None:
     """Why a stored id could not be trained on (None: it can)."""
     if not isinstance(value, str) or not value or len(value) > 256:
@@ -78,6 +93,17 @@ class EventStore:
         self._writer.execute("CREATE INDEX IF NOT EXISTS events_user ON events (user_id, timestamp, seq)")
         self._writer.execute("CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, text TEXT NOT NULL)")
         self._writer.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        # When the service received an event (its `timestamp` is the client's): impressions are
+        # attributed on the service's clock. Stores written before impressions existed get it.
+        if "received_at" not in {r[1] for r in self._writer.execute("PRAGMA table_info(events)")}:
+            self._writer.execute("ALTER TABLE events ADD COLUMN received_at REAL")
+        self._writer.execute("CREATE INDEX IF NOT EXISTS events_received ON events (received_at)")
+        self._writer.execute(
+            "CREATE TABLE IF NOT EXISTS impressions (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL,"
+            " user_id TEXT NOT NULL, model_version TEXT NOT NULL, variant TEXT NOT NULL, shown_at REAL NOT NULL,"
+            " items TEXT NOT NULL, scores TEXT NOT NULL, catalog_size INTEGER NOT NULL)"
+        )
+        self._writer.execute("CREATE INDEX IF NOT EXISTS impressions_shown ON impressions (shown_at)")
         self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
                                        timeout=busy_timeout_s)
 
@@ -90,13 +116,53 @@ class EventStore:
                     raise StoreBusy(f"the event store {self.path} is locked by another writer") from exc
                 raise
 
+    def _write_many(self, sql: str, rows: list[tuple]) -> None:
+        """All rows in one transaction (one fsync for a batch of impressions)."""
+        with self._write_lock:
+            try:
+                self._writer.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreBusy(f"the event store {self.path} is locked by another writer") from exc
+            try:
+                self._writer.executemany(sql, rows)
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._read_lock:
             return self._reader.execute(sql, args).fetchall()
 
     def add(self, user_id: str, item_id: str, timestamp: int, weight: float | None = None) -> None:
-        self._write("INSERT INTO events (user_id, item_id, timestamp, weight) VALUES (?, ?, ?, ?)",
-                    (user_id, item_id, timestamp, weight))
+        self._write("INSERT INTO events (user_id, item_id, timestamp, weight, received_at) VALUES (?, ?, ?, ?, ?)",
+                    (user_id, item_id, timestamp, weight, time.time()))
+
+    def add_many(self, rows: list[tuple[str, str, int, float | None]]) -> None:
+        """(user, item, timestamp, weight) events in one transaction: a backfill or import."""
+        now = time.time()
+        self._write_many("INSERT INTO events (user_id, item_id, timestamp, weight, received_at) VALUES (?, ?, ?, ?, ?)",
+                         [(*row, now) for row in rows])
+
+    def add_impressions(self, rows: list[Impression]) -> None:
+        self._write_many(
+            "INSERT INTO impressions (request_id, user_id, model_version, variant, shown_at, items, scores,"
+            " catalog_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(r.request_id, r.user_id, r.model_version, r.variant, r.shown_at, json.dumps(list(r.items)),
+              json.dumps(list(r.scores)), r.catalog_size) for r in rows])
+
+    def impressions(self, since: float, until: float) -> list[Impression]:
+        """Impressions shown in [since, until), in the order they were shown."""
+        rows = self._read("SELECT request_id, user_id, model_version, variant, shown_at, items, scores, catalog_size"
+                          " FROM impressions WHERE shown_at >= ? AND shown_at < ? ORDER BY shown_at, id",
+                          (since, until))
+        return [Impression(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), tuple(json.loads(r[6])), r[7])
+                for r in rows]
+
+    def received(self, since: float, until: float) -> list[tuple[str, str, float]]:
+        """(user, item, received_at) of the events received in [since, until), in arrival order."""
+        return self._read("SELECT user_id, item_id, received_at FROM events WHERE received_at >= ? AND received_at < ?"
+                          " ORDER BY received_at, seq", (since, until))
 
     def history(self, user_id: str, limit: int) -> list[str]:
         """The user's last `limit` items, oldest first."""

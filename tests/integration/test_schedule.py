@@ -40,6 +40,19 @@ def deployment_runs(api: str, name: str):
         return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
 
 
+def deployment_limit(api: str, name: str) -> tuple[int | None, str | None]:
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    os.environ.pop("PREFECT_API_URL", None)
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        d = client.read_deployment_by_name(name)
+        limit = d.global_concurrency_limit.limit if d.global_concurrency_limit else None
+        return limit, d.concurrency_options.collision_strategy.value if d.concurrency_options else None
+
+
 def test_the_nightly_deployment_runs_on_its_schedule(tmp_path):
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployment = next(d for d in spec["deployments"] if d["name"] == "nightly-retrain")
@@ -70,6 +83,7 @@ def test_the_nightly_deployment_runs_on_its_schedule(tmp_path):
 
         # Deployed from the checkout, RECFORGE_HOME unset: runs execute in this checkout.
         prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
+        assert deployment_limit(api, "training/nightly-retrain") == (1, "CANCEL_NEW")
         log = (tmp_path / "worker.log").open("w")
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "recforge-process"],
                                   cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -80,6 +94,10 @@ def test_the_nightly_deployment_runs_on_its_schedule(tmp_path):
                 runs = deployment_runs(api, "nightly-retrain")
                 bad = [r for r in runs if r.state and r.state.type.value in ("FAILED", "CRASHED")]
                 assert not bad, f"{bad[0].state}\n{(tmp_path / 'worker.log').read_text()[-4000:]}"
+                # Minute runs outlast a minute: the deployment's limit keeps them from sharing
+                # the artifacts folder (it was two runs at once that broke an export).
+                running = [r for r in runs if r.state and r.state.type.value == "RUNNING"]
+                assert len(running) <= 1, f"{len(running)} runs at once"
                 done = next((r for r in runs if r.state and r.state.is_completed()), None)
                 time.sleep(3)
         finally:

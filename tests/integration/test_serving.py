@@ -533,3 +533,159 @@ def test_an_edited_manifest_is_refused_at_start(bundle, tmp_path):
     (copy / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(RuntimeError, match="edited after export"):
         Server(copy, tmp_path / "events.db")
+
+
+def metric_lines(s: Server, name: str) -> dict[str, float]:
+    """{labels: value} of one metric family in /metrics."""
+    text = s.call("GET", "/metrics")[1]
+    return {line.split("{", 1)[1].split("}")[0] if "{" in line else "": float(line.split()[-1])
+            for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")}
+
+
+def test_impressions_are_logged_and_attributed_online(bundle, tmp_path):
+    """A hand-made session over real HTTP: alice is shown two lists and acts on the third item of
+    the first (NDCG 1/log2(4) = 0.5, MRR 1/3) and on nothing shown the second time; bob acts on
+    nothing. Per user then over users: HR 0.25, NDCG 0.125, MRR 1/12."""
+    db = tmp_path / "events.db"
+    ids = json.loads((bundle / "bundle.json").read_text())["item_ids"]
+    s = Server(bundle, db, "--online-refresh-seconds", "0.5", "--attribution-seconds", "30")
+    try:
+        for item in ids[1:3]:
+            assert s.call("POST", "/events", {"user_id": "alice", "item_id": item})[0] == 201
+        first = s.call("POST", "/recommend", {"user_id": "alice", "k": 5})[1]
+        assert len(first["request_id"]) == 32
+        assert s.call("POST", "/events", {"user_id": "alice", "item_id": first["items"][2]["item_id"]})[0] == 201
+        second = s.call("POST", "/recommend", {"user_id": "alice", "k": 5})[1]
+        assert ids[1] not in [i["item_id"] for i in second["items"]]
+        assert s.call("POST", "/events", {"user_id": "alice", "item_id": ids[1]})[0] == 201
+        assert s.call("POST", "/recommend", {"user_id": "bob", "k": 5})[1]["fallback"] == "popularity"
+        assert s.call("POST", "/recommend", {"history": [ids[1]], "k": 5})[1]["request_id"] is None  # nobody to attribute to
+        deadline = time.time() + 15
+        while not metric_lines(s, "recforge_online") and time.time() < deadline:
+            time.sleep(0.3)
+        online = metric_lines(s, "recforge_online")
+        label = 'metric="online_ndcg@10",model_version="local",variant="champion"'
+        assert online[label] == pytest.approx(0.125)
+        assert metric_lines(s, "recforge_impressions_total")['result="logged"'] == 3
+    finally:
+        s.stop()
+    proc = subprocess.run([sys.executable, "-m", "serving.online", "--db", str(db), "--since", "1h", "--k", "10",
+                           "--attribution-seconds", "30", "--json"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    assert (row["requests"], row["users"], row["hits"]) == (3, 2, 1)
+    assert row["online_hr@10"] == pytest.approx(0.25) and row["online_ndcg@10"] == pytest.approx(0.125)
+    assert row["online_mrr@10"] == pytest.approx(1 / 12)
+    table = subprocess.run([sys.executable, "-m", "serving.online", "--db", str(db), "--since", "1h"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "| local | champion | 3 | 2 |" in table
+
+
+def test_impressions_never_hold_up_a_request_when_the_store_is_locked(bundle, tmp_path):
+    """With the store locked by another process, answers keep coming at once; the impressions
+    that do not fit the (small) queue are dropped and counted, and logging resumes afterwards."""
+    db = tmp_path / "events.db"
+    s = Server(bundle, db, "--impression-queue", "4", "--cache-mb", "0")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(6); c.execute('COMMIT')"), str(db)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.perf_counter()
+        for i in range(40):
+            assert s.call("POST", "/recommend", {"user_id": f"u{i}", "k": 5})[0] == 200
+        assert time.perf_counter() - start < 4.0, "requests waited for the locked store"
+        holder.wait(timeout=30)
+        time.sleep(2.5)  # the writer's busy timeout runs out, then the next batches go through
+        assert s.call("POST", "/recommend", {"user_id": "after", "k": 5})[0] == 200
+        deadline = time.time() + 10
+        counts = {}
+        while time.time() < deadline:
+            counts = metric_lines(s, "recforge_impressions_total")
+            if counts.get('result="logged"', 0) >= 1 and counts.get('result="dropped"', 0) > 0:
+                break
+            time.sleep(0.3)
+        assert counts.get('result="dropped"', 0) >= 30, counts
+        assert counts.get('result="logged"', 0) + counts['result="dropped"'] == 41, counts
+    finally:
+        holder.kill()
+        s.stop()
+
+
+def test_the_impression_sampling_rate_is_honoured(bundle, tmp_path):
+    s = Server(bundle, tmp_path / "events.db", "--impression-rate", "0.5", "--cache-mb", "0")
+    try:
+        logged = sum(s.call("POST", "/recommend", {"user_id": f"u{i}", "k": 3})[1]["request_id"] is not None
+                     for i in range(200))
+        counts = metric_lines(s, "recforge_impressions_total")
+        assert 60 <= logged <= 140 and counts['result="sampled_out"'] == 200 - logged
+    finally:
+        s.stop()
+    status = subprocess.run([sys.executable, "-m", "serving.app", "--bundle", str(bundle), "--impression-rate", "1.5"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 2 and "--impression-rate must be in [0, 1]" in status.stderr
+
+
+def online_rows(db: Path) -> dict[str, dict]:
+    proc = subprocess.run([sys.executable, "-m", "serving.online", "--db", str(db), "--since", "1h", "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return {row["variant"]: row for row in json.loads(proc.stdout)}
+
+
+def test_ab_assigns_users_stably_and_each_variant_is_measured(bundle, tmp_path):
+    from serving.service import _share
+
+    challenger = tmp_path / "challenger"
+    shutil.copytree(bundle, challenger)
+    db = tmp_path / "events.db"
+    args = ("--challenger", "ab", "--challenger-bundle", str(challenger), "--challenger-fraction", "0.5")
+    users = [f"user-{i}" for i in range(40)]
+    s = Server(bundle, db, *args)
+    try:
+        assert s.call("GET", "/ready")[1]["challenger"] == {"mode": "ab", "fraction": 0.5, "model_version": "local"}
+        first = {u: s.call("POST", "/recommend", {"user_id": u, "k": 5})[1]["variant"] for u in users}
+        assert first == {u: s.call("POST", "/recommend", {"user_id": u, "k": 5})[1]["variant"] for u in users}
+    finally:
+        s.stop()
+    # Another process (a replica, or after a restart) puts every user in the same group.
+    s = Server(bundle, db, *args)
+    try:
+        assert first == {u: s.call("POST", "/recommend", {"user_id": u, "k": 5})[1]["variant"] for u in users}
+        # Without a user id there is no one to assign: the champion answers.
+        ids = json.loads((bundle / "bundle.json").read_text())["item_ids"]
+        assert s.call("POST", "/recommend", {"history": ids[:2], "k": 5})[1]["variant"] == "champion"
+    finally:
+        s.stop()
+    assert first == {u: "challenger" if _share(u) < 0.5 else "champion" for u in users}
+    assert 10 <= sum(v == "challenger" for v in first.values()) <= 30
+    rows = online_rows(db)
+    assert {v: r["requests"] for v, r in rows.items()} == {
+        v: 3 * sum(g == v for g in first.values()) for v in ("champion", "challenger")}
+
+
+def test_a_shadow_challenger_is_ranked_and_logged_but_never_shown(bundle, tmp_path):
+    """The shadow is a copy of the champion here: by the counterfactual rule, its lists earn
+    exactly the champion's online metrics."""
+    challenger = tmp_path / "challenger"
+    shutil.copytree(bundle, challenger)
+    db = tmp_path / "events.db"
+    ids = json.loads((bundle / "bundle.json").read_text())["item_ids"]
+    s = Server(bundle, db, "--challenger", "shadow", "--challenger-bundle", str(challenger),
+               "--challenger-fraction", "1")
+    try:
+        for n, user in enumerate(["ann", "ben", "cy"]):
+            assert s.call("POST", "/events", {"user_id": user, "item_id": ids[n + 1]})[0] == 201
+            shown = s.call("POST", "/recommend", {"user_id": user, "k": 5})[1]
+            assert shown["variant"] == "champion"
+            if user != "cy":
+                assert s.call("POST", "/events", {"user_id": user, "item_id": shown["items"][n]["item_id"]})[0] == 201
+    finally:
+        s.stop()
+    rows = online_rows(db)
+    assert rows["shadow"]["requests"] == rows["champion"]["requests"] == 3
+    assert rows["champion"]["hits"] == 2
+    for name in ("online_hr@10", "online_ndcg@10", "online_mrr@10"):
+        assert rows["shadow"][name] == pytest.approx(rows["champion"][name])
