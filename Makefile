@@ -8,18 +8,31 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,dev
 
-.PHONY: install run repro dvc-yaml serve mlflow mlflow-ui deploy test test-slow bench bench-real clean
+.PHONY: install system-packages run repro dvc-yaml serve mlflow mlflow-ui deploy test test-slow bench bench-real clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
+	@$(MAKE) --no-print-directory system-packages
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# PostgreSQL (the event store's backend for several service replicas, and its tests): Debian's
+# package, installed where it is missing and this can (root, apt-get). Elsewhere the PostgreSQL
+# tests skip, saying how to install it.
+system-packages:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing PostgreSQL (apt-get install postgresql)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; }; \
+	else echo "PostgreSQL not found and not installable here: its tests will skip (apt-get install postgresql)"; fi
 
 # The main job on the built-in dataset: the Prefect training flow (validate -> ... -> register),
 # ending with the metrics table and the registered model. `make repro` runs the same stages with

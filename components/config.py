@@ -266,6 +266,25 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class OnlineConfig:
+    # The service's event store (its --db) that the monitor flow and the online promotion read.
+    db: str
+    k: int
+    # An event this long after a list at most counts for it (the service's attribution).
+    attribution_seconds: float
+    # The period decisions look at (hours back from now).
+    window_hours: float
+    # Users needed on each side before any decision is made.
+    min_users: int
+    # Promotion: the 95 % interval of the challenger's online NDCG@k minus the champion's
+    # (over users) must lie above this (absolute).
+    min_ndcg_lift: float
+    # Rollback: the champion's online NDCG@k over the window below this moves `champion` back
+    # to the version it replaced (null: never).
+    rollback_below: float | None
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     data: DataConfig
@@ -279,6 +298,7 @@ class Params:
     export: ExportConfig
     tracking: TrackingConfig
     gate: GateConfig
+    online: OnlineConfig
 
     def get(self, dotted: str) -> Any:
         """A setting or section by dotted key (`bert.text_encoder`)."""

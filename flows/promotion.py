@@ -10,6 +10,12 @@
   champion's, relative differences within `gate.tolerance` counting as ties; with no champion
   yet, NDCG@10 above popularity's. A pass moves `champion`; the decision and its numbers go to
   the version's tags and description either way.
+- `online_gate` / `python -m flows.promotion online`: the same decision on online evidence (the
+  service's impressions): the challenger is promoted when the 95 % interval of its online
+  NDCG@k minus the champion's, over users, lies above `online.min_ndcg_lift`, each side with at
+  least `online.min_users` users. Its numbers go to the challenger's tags (`online_gate_*`).
+- Every promotion tags the new champion with `previous_champion`: the version a rollback (by
+  hand, or the `monitor` flow's on a falling online metric) goes back to.
 - `python -m flows.promotion rollback --to-version N` moves `champion` back;
   `python -m flows.promotion register` logs and registers the last pipeline run in `artifacts/`.
 """
@@ -21,12 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.config import GateConfig, Params
+from components.config import GateConfig, OnlineConfig, Params
 from components.pipeline import Artifacts
 from flows.tracking import client
 from serving.bundle_format import MANIFEST
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+class NothingToCompare(ValueError):
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -167,10 +177,79 @@ def register_bundle(results: dict[str, Any], art: Artifacts, params: Params, run
     mlflow_client.update_model_version(name, str(number), description=decision.reason)
     mlflow_client.set_tag(run_id, "registered_version", str(number))
     if decision.promote:
-        mlflow_client.set_registered_model_alias(name, CHAMPION, number)
+        promote(params, number)
     champ = current_champion(params)
     return RegisterResult(number, decision.promote, decision.reason, f"models:/{name}/{number}",
                           int(champ.version) if champ is not None else None)
+
+
+def promote(params: Params, version: int | str) -> None:
+    """Move `champion` to `version`, remembering the version it replaces."""
+    mlflow_client = client(params.tracking)
+    name = params.tracking.model_name
+    previous = current_champion(params)
+    if previous is not None and str(previous.version) != str(version):
+        mlflow_client.set_model_version_tag(name, str(version), "previous_champion", str(previous.version))
+    mlflow_client.set_registered_model_alias(name, CHAMPION, int(version))
+
+
+def online_gate(champion: dict[str, float], challenger: dict[str, float], cfg: OnlineConfig) -> GateDecision:
+    """`champion` / `challenger`: each user's online NDCG@k (`serving.online.per_user`)."""
+    from serving.online import interval, lift
+
+    gain = lift(champion, challenger)
+    checks = {"users": min(len(champion), len(challenger)) >= cfg.min_users,
+              "lift": gain.low > cfg.min_ndcg_lift}
+    a, b = interval(list(champion.values())), interval(list(challenger.values()))
+    reason = (f"online NDCG@{cfg.k} challenger {b.mean:.6f} ({len(challenger)} users) vs champion {a.mean:.6f} "
+              f"({len(champion)} users): lift {gain.mean:+.6f}, 95% CI [{gain.low:+.6f}, {gain.high:+.6f}] "
+              f"{'>' if checks['lift'] else 'not above'} {cfg.min_ndcg_lift:g}")
+    if not checks["users"]:
+        reason += f"; fewer than {cfg.min_users} users on a side"
+    promote_ = all(checks.values())
+    return GateDecision(promote_, ("PROMOTED: " if promote_ else "NOT PROMOTED: ") + reason, checks)
+
+
+def online_evidence(params: Params, since: float, until: float):
+    """(champion version, challenger version, {user: NDCG} of each) from the service's store:
+    the champion's own answers, and the challenger's A/B answers or, failing those, its shadow
+    lists."""
+    from serving.online import per_user, read
+    from serving.store import EventStore, store_arg
+
+    cfg = params.online
+    name = params.tracking.model_name
+    champion = current_champion(params)
+    try:
+        challenger = client(params.tracking).get_model_version_by_alias(name, CHALLENGER)
+    except Exception:
+        challenger = None
+    if champion is None or challenger is None or champion.version == challenger.version:
+        raise NothingToCompare(f"nothing to compare: champion {getattr(champion, 'version', None)}, challenger "
+                         f"{getattr(challenger, 'version', None)}")
+    store = EventStore(store_arg(cfg.db))
+    try:
+        impressions, events = read(store, since, until, cfg.attribution_seconds)
+    finally:
+        store.close()
+    values = per_user(impressions, events, cfg.k, cfg.attribution_seconds)
+    champ = values.get((str(champion.version), "champion"), {})
+    chall = max((values.get((str(challenger.version), v), {}) for v in ("challenger", "shadow")), key=len)
+    return str(champion.version), str(challenger.version), champ, chall
+
+
+def promote_online(params: Params, since: float, until: float) -> GateDecision:
+    """The online gate on the challenger; its decision and numbers go to the challenger's tags."""
+    champion, challenger, champ, chall = online_evidence(params, since, until)
+    decision = online_gate(champ, chall, params.online)
+    mlflow_client = client(params.tracking)
+    name = params.tracking.model_name
+    for key, value in {"online_gate": "passed" if decision.promote else "failed",
+                       "online_gate_reason": decision.reason, "online_compared_to": f"version {champion}"}.items():
+        mlflow_client.set_model_version_tag(name, challenger, key, value)
+    if decision.promote:
+        promote(params, challenger)
+    return decision
 
 
 def rollback(params: Params, to_version: int) -> str:
@@ -199,10 +278,23 @@ def main() -> int:
     reg.add_argument("--run-name", default=None)
     back = sub.add_parser("rollback", help="move the champion alias to an earlier version")
     back.add_argument("--to-version", type=int, required=True)
+    onl = sub.add_parser("online", help="promote the challenger on online evidence (the service's impressions)")
+    onl.add_argument("--since", default=None, help="24h / 7d ago, ISO date-time or epoch seconds (default: "
+                                                   "online.window_hours)")
     args = parser.parse_args()
     params = params_from_args(args)
     if args.command == "rollback":
         print(rollback(params, args.to_version))
+        return 0
+    if args.command == "online":
+        import time
+
+        from serving.online import parse_time
+
+        now = time.time()
+        since = parse_time(args.since, now) if args.since else now - params.online.window_hours * 3600
+        decision = promote_online(params, since, now)
+        print(decision.reason)
         return 0
     art = Artifacts(args.artifacts)
     results = {s.name: pipeline.load_result(s, art) for s in pipeline.STAGES}

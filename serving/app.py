@@ -23,6 +23,7 @@ from pathlib import Path
 from serving.http import create_app
 from serving.retrieval import ANN_KINDS, RetrievalConfig
 from serving.service import Settings
+from serving.store import store_arg
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
@@ -37,7 +38,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, str, in
     src.add_argument("--model-name", help="serve models:/<name>@champion from the MLflow registry")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
     p.add_argument("--cache-dir", type=Path, default=d.cache_dir, help="downloaded bundles (and the ANN indexes beside)")
-    p.add_argument("--db", type=Path, default=d.db, help="the event store (SQLite)")
+    p.add_argument("--db", type=store_arg, default=d.db,
+                   help="the event store: a SQLite file, or postgresql://user@host/db shared by several replicas")
     p.add_argument("--poll-seconds", type=float, default=d.poll_seconds, help="how often to look for a new champion")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,

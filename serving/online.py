@@ -28,9 +28,8 @@ from collections import defaultdict
 from bisect import bisect_right
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
-from serving.store import EventStore, Impression
+from serving.store import EventStore, Impression, is_url, store_arg
 
 METRICS = ("hr", "ndcg", "mrr")
 
@@ -113,6 +112,28 @@ def attribute(impressions: list[Impression], events: list[tuple[str, str, float]
     return out
 
 
+def per_user(impressions: list[Impression], events: list[tuple[str, str, float]], k: int = 10,
+             attribution_seconds: float = 1800.0) -> dict[tuple[str, str], dict[str, float]]:
+    """{(model version, variant): {user: mean NDCG@k of the user's lists}}: what decisions
+    compare, user by user."""
+    sums: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for imp, pos in attribute(impressions, events, k, attribution_seconds):
+        sums[(imp.model_version, imp.variant)][imp.user_id].append(0.0 if pos is None else 1.0 / math.log2(pos + 1))
+    return {group: {u: sum(v) / len(v) for u, v in users.items()} for group, users in sums.items()}
+
+
+def lift(champion: dict[str, float], challenger: dict[str, float]) -> Interval:
+    """The challenger's mean minus the champion's, with a 95 % interval over users: paired on the
+    users both served (shadow: one user, two lists), else two independent groups (A/B)."""
+    shared = champion.keys() & challenger.keys()
+    if shared and len(shared) >= 0.5 * min(len(champion), len(challenger)):
+        return interval([challenger[u] - champion[u] for u in shared])
+    a, b = interval(list(champion.values())), interval(list(challenger.values()))
+    diff = b.mean - a.mean
+    half = math.hypot(a.mean - a.low, b.mean - b.low)
+    return Interval(diff, diff - half, diff + half)
+
+
 def compute(impressions: list[Impression], events: list[tuple[str, str, float]], k: int = 10,
             attribution_seconds: float = 1800.0) -> list[OnlineMetrics]:
     """Online metrics per (model version, variant), largest groups first."""
@@ -137,14 +158,20 @@ def compute(impressions: list[Impression], events: list[tuple[str, str, float]],
     return sorted(out, key=lambda m: (-m.requests, m.variant, m.model_version))
 
 
-def from_store(store: EventStore, since: float, until: float, k: int = 10,
-               attribution_seconds: float = 1800.0) -> list[OnlineMetrics]:
-    """The online metrics of the impressions shown in [since, until) (their events may come up to
-    `attribution_seconds` later)."""
+def read(store: EventStore, since: float, until: float,
+         attribution_seconds: float) -> tuple[list[Impression], list[tuple[str, str, float]]]:
+    """The impressions shown in [since, until) and the events that may count for them (received
+    up to `attribution_seconds` after `until`)."""
     impressions = store.impressions(since, until)
     if not impressions:
-        return []
-    events = store.received(impressions[0].shown_at, until + attribution_seconds)
+        return [], []
+    return impressions, store.received(impressions[0].shown_at, until + attribution_seconds)
+
+
+def from_store(store: EventStore, since: float, until: float, k: int = 10,
+               attribution_seconds: float = 1800.0) -> list[OnlineMetrics]:
+    """The online metrics of the impressions shown in [since, until)."""
+    impressions, events = read(store, since, until, attribution_seconds)
     return compute(impressions, events, k, attribution_seconds)
 
 
@@ -180,14 +207,14 @@ def table(rows: list[OnlineMetrics]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Online metrics of the lists the service showed.")
-    p.add_argument("--db", type=Path, required=True, help="the service's event store")
+    p.add_argument("--db", type=store_arg, required=True, help="the service's event store (file or postgresql:// URL)")
     p.add_argument("--since", default="24h", help="start: 24h / 30m / 7d ago, ISO date-time or epoch seconds")
     p.add_argument("--until", default=None, help="end (default: now)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--attribution-seconds", type=float, default=1800.0)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     a = p.parse_args(argv)
-    if not a.db.is_file():
+    if not is_url(a.db) and not a.db.is_file():
         p.error(f"{a.db} does not exist")
     if a.k < 1 or a.attribution_seconds <= 0:
         p.error("--k and --attribution-seconds must be positive")

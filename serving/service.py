@@ -43,7 +43,7 @@ class Settings:
     model_name: str | None = None
     tracking_uri: str | None = None
     cache_dir: Path = Path("artifacts/serving/bundles")
-    db: Path = Path("artifacts/serving/events.db")
+    db: Path | str = Path("artifacts/serving/events.db")  # or a postgresql:// URL
     admin_token: str | None = None
     poll_seconds: float = 30.0
     max_batch: int = 64

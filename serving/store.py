@@ -77,52 +77,118 @@ def id_problem(value: object, name: str) -> str | None:
     return None
 
 
+def is_url(db: Path | str) -> bool:
+    return str(db).startswith(("postgresql://", "postgres://"))
+
+
+def store_arg(text: str) -> Path | str:
+    """A `--db` value: a `postgresql://` URL as given, anything else a SQLite file path."""
+    return text if is_url(text) else Path(text)
+
+
+# The same tables on both backends; the types and auto-increments differ.
+_SCHEMA = {
+    "sqlite": [
+        "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL,"
+        " item_id TEXT NOT NULL, timestamp INTEGER NOT NULL, weight REAL)",
+        "CREATE INDEX IF NOT EXISTS events_user ON events (user_id, timestamp, seq)",
+        "CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, text TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS impressions (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL,"
+        " user_id TEXT NOT NULL, model_version TEXT NOT NULL, variant TEXT NOT NULL, shown_at REAL NOT NULL,"
+        " items TEXT NOT NULL, scores TEXT NOT NULL, catalog_size INTEGER NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS impressions_shown ON impressions (shown_at)",
+    ],
+    "postgres": [
+        "CREATE TABLE IF NOT EXISTS events (seq BIGSERIAL PRIMARY KEY, user_id TEXT NOT NULL, item_id TEXT NOT NULL,"
+        " timestamp BIGINT NOT NULL, weight DOUBLE PRECISION, received_at DOUBLE PRECISION)",
+        "CREATE INDEX IF NOT EXISTS events_user ON events (user_id, timestamp, seq)",
+        "CREATE INDEX IF NOT EXISTS events_received ON events (received_at)",
+        # `seq` moves on every insert or replace: what `items_version` watches.
+        "CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, text TEXT NOT NULL, seq BIGSERIAL)",
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS impressions (id BIGSERIAL PRIMARY KEY, request_id TEXT NOT NULL,"
+        " user_id TEXT NOT NULL, model_version TEXT NOT NULL, variant TEXT NOT NULL, shown_at DOUBLE PRECISION"
+        " NOT NULL, items TEXT NOT NULL, scores TEXT NOT NULL, catalog_size INTEGER NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS impressions_shown ON impressions (shown_at)",
+    ],
+}
+_UPSERT = {  # (table, key column, value column)
+    "sqlite": "INSERT OR REPLACE INTO {0} ({1}, {2}) VALUES (?, ?)",
+    "postgres": "INSERT INTO {0} ({1}, {2}) VALUES (?, ?) ON CONFLICT ({1}) DO UPDATE SET {2} = EXCLUDED.{2}",
+}
+
+
 class EventStore:
-    def __init__(self, path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+    """`db`: a SQLite file (the embedded default), or a `postgresql://` URL: one store shared
+    by several service replicas, each seeing the others' events and items."""
+
+    def __init__(self, db: Path | str, busy_timeout_s: float = BUSY_TIMEOUT_S):
+        self.kind = "postgres" if is_url(db) else "sqlite"
+        self.path = db if self.kind == "postgres" else Path(db)
+        self.where = _redacted(str(db))
         self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
-        self._writer = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
-                                       timeout=busy_timeout_s)
+        if self.kind == "postgres":
+            self._writer, self._reader = (_pg_connect(str(db), busy_timeout_s) for _ in range(2))
+            # Replicas starting together would race on CREATE ... IF NOT EXISTS: one at a time.
+            self._writer.execute("SELECT pg_advisory_lock(7342001)")
+            try:
+                for statement in _SCHEMA["postgres"]:
+                    self._writer.execute(statement)
+            finally:
+                self._writer.execute("SELECT pg_advisory_unlock(7342001)")
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = sqlite3.connect(str(db), check_same_thread=False, isolation_level=None, timeout=busy_timeout_s)
         self._writer.execute("PRAGMA journal_mode=WAL")
         self._writer.execute("PRAGMA synchronous=NORMAL")
-        self._writer.execute(
-            "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL,"
-            " item_id TEXT NOT NULL, timestamp INTEGER NOT NULL, weight REAL)"
-        )
-        self._writer.execute("CREATE INDEX IF NOT EXISTS events_user ON events (user_id, timestamp, seq)")
-        self._writer.execute("CREATE TABLE IF NOT EXISTS items (item_id TEXT PRIMARY KEY, text TEXT NOT NULL)")
-        self._writer.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        for statement in _SCHEMA["sqlite"]:
+            self._writer.execute(statement)
         # When the service received an event (its `timestamp` is the client's): impressions are
         # attributed on the service's clock. Stores written before impressions existed get it.
         if "received_at" not in {r[1] for r in self._writer.execute("PRAGMA table_info(events)")}:
             self._writer.execute("ALTER TABLE events ADD COLUMN received_at REAL")
         self._writer.execute("CREATE INDEX IF NOT EXISTS events_received ON events (received_at)")
-        self._writer.execute(
-            "CREATE TABLE IF NOT EXISTS impressions (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL,"
-            " user_id TEXT NOT NULL, model_version TEXT NOT NULL, variant TEXT NOT NULL, shown_at REAL NOT NULL,"
-            " items TEXT NOT NULL, scores TEXT NOT NULL, catalog_size INTEGER NOT NULL)"
-        )
-        self._writer.execute("CREATE INDEX IF NOT EXISTS impressions_shown ON impressions (shown_at)")
-        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
-                                       timeout=busy_timeout_s)
+        self._reader = sqlite3.connect(str(db), check_same_thread=False, isolation_level=None, timeout=busy_timeout_s)
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.kind == "postgres" else sql
+
+    def _busy(self, exc: Exception) -> StoreBusy | None:
+        """The backend's "another writer holds the lock" as StoreBusy (None: another error)."""
+        if self.kind == "sqlite":
+            text = str(exc)
+            busy = isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+        else:
+            import psycopg.errors
+
+            busy = isinstance(exc, (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled))
+        return StoreBusy(f"the event store {self.where} is locked by another writer") if busy else None
 
     def _write(self, sql: str, args: tuple) -> None:
         with self._write_lock:
             try:
-                self._writer.execute(sql, args)
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    raise StoreBusy(f"the event store {self.path} is locked by another writer") from exc
+                self._writer.execute(self._sql(sql), args)
+            except Exception as exc:
+                busy = self._busy(exc)
+                if busy is not None:
+                    raise busy from exc
                 raise
 
     def _write_many(self, sql: str, rows: list[tuple]) -> None:
         """All rows in one transaction (one fsync for a batch of impressions)."""
         with self._write_lock:
             try:
+                if self.kind == "postgres":
+                    with self._writer.transaction(), self._writer.cursor() as cur:
+                        cur.executemany(self._sql(sql), rows)
+                    return
                 self._writer.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StoreBusy(f"the event store {self.path} is locked by another writer") from exc
+            except Exception as exc:
+                busy = self._busy(exc)
+                if busy is not None:
+                    raise busy from exc
+                raise
             try:
                 self._writer.executemany(sql, rows)
             except BaseException:
@@ -132,7 +198,7 @@ class EventStore:
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._read_lock:
-            return self._reader.execute(sql, args).fetchall()
+            return self._reader.execute(self._sql(sql), args).fetchall()
 
     def add(self, user_id: str, item_id: str, timestamp: int, weight: float | None = None) -> None:
         self._write("INSERT INTO events (user_id, item_id, timestamp, weight, received_at) VALUES (?, ?, ?, ?, ?)",
@@ -174,18 +240,25 @@ class EventStore:
         return bool(self._read("SELECT 1 FROM events WHERE user_id = ? LIMIT 1", (user_id,)))
 
     def add_item(self, item_id: str, text: str) -> None:
-        self._write("INSERT OR REPLACE INTO items (item_id, text) VALUES (?, ?)", (item_id, text))
+        if self.kind == "postgres":
+            self._write("INSERT INTO items (item_id, text) VALUES (?, ?) ON CONFLICT (item_id) DO UPDATE SET"
+                        " text = EXCLUDED.text, seq = nextval(pg_get_serial_sequence('items', 'seq'))", (item_id, text))
+        else:
+            self._write(_UPSERT["sqlite"].format("items", "item_id", "text"), (item_id, text))
+
+    def _order(self) -> str:
+        return "seq" if self.kind == "postgres" else "rowid"
 
     def items(self) -> list[tuple[str, str]]:
-        return self._read("SELECT item_id, text FROM items ORDER BY rowid")
+        return [tuple(r) for r in self._read(f"SELECT item_id, text FROM items ORDER BY {self._order()}")]
 
     def items_version(self) -> tuple[int, int]:
         """Changes whenever an item is added or replaced, by any process."""
-        count, last = self._read("SELECT count(*), coalesce(max(rowid), 0) FROM items")[0]
+        count, last = self._read(f"SELECT count(*), coalesce(max({self._order()}), 0) FROM items")[0]
         return int(count), int(last)
 
     def set_rules(self, rules: DataRules) -> None:
-        self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('data_rules', ?)", (json.dumps(asdict(rules)),))
+        self._write(_UPSERT[self.kind].format("meta", "key", "value"), ("data_rules", json.dumps(asdict(rules))))
 
     def rules(self) -> DataRules | None:
         rows = self._read("SELECT value FROM meta WHERE key = 'data_rules'")
@@ -222,6 +295,27 @@ class EventStore:
             self._reader.close()
 
 
+def _pg_connect(url: str, busy_timeout_s: float):
+    import psycopg
+
+    # Autocommit: every read sees what other replicas committed; a writer waits at most the
+    # busy timeout for a lock (then StoreBusy, a 503), like SQLite's.
+    return psycopg.connect(url, autocommit=True, connect_timeout=10,
+                           options=f"-c lock_timeout={int(busy_timeout_s * 1000)}")
+
+
+def _redacted(db: str) -> str:
+    """The store as messages name it: a URL without its password."""
+    if not is_url(db):
+        return db
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(db)
+    if parts.password:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    return urlunsplit(parts)
+
+
 def main() -> int:
     """`python -m serving.store export --db events.db --out interactions.csv`: the events as an
     interactions file for `data.source: files` (the feedback loop into training); events that
@@ -230,11 +324,11 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description="Export the service's events for training.")
     parser.add_argument("command", choices=["export"])
-    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--db", type=store_arg, required=True, help="a SQLite file or a postgresql:// URL")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quarantine", type=Path, default=None)
     args = parser.parse_args()
-    if not args.db.exists():
+    if not is_url(args.db) and not args.db.exists():
         parser.error(f"{args.db} does not exist")
     quarantine = args.quarantine or args.out.with_name(args.out.stem + ".quarantine.csv")
     store = EventStore(args.db)

@@ -67,6 +67,9 @@ def test_the_nightly_deployment_runs_on_its_schedule(tmp_path):
                       f"bert.text_encoder.cache_dir={tmp_path / 'cache'}",
                       f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "gate.latency_budget_ms=1000"],
     }
+    monitor = next(d for d in spec["deployments"] if d["name"] == "hourly-monitor")
+    assert monitor["schedules"][0]["cron"] == "15 * * * *"
+    monitor["schedules"] = []  # deployed (and checked) here, but not run: it has no service to watch
     prefect_file = tmp_path / "prefect.yaml"
     prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
 
@@ -84,6 +87,7 @@ def test_the_nightly_deployment_runs_on_its_schedule(tmp_path):
         # Deployed from the checkout, RECFORGE_HOME unset: runs execute in this checkout.
         prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
         assert deployment_limit(api, "training/nightly-retrain") == (1, "CANCEL_NEW")
+        assert deployment_limit(api, "monitor/hourly-monitor") == (1, "CANCEL_NEW")
         log = (tmp_path / "worker.log").open("w")
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "recforge-process"],
                                   cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

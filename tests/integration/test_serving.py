@@ -40,12 +40,13 @@ def bundle(tmp_path_factory) -> Path:
 
 
 class Server:
-    def __init__(self, bundle: Path, db: Path, *extra: str):
+    def __init__(self, bundle: Path, db: Path | str, *extra: str, cache_dir: Path | None = None):
         self.port = free_port()
         env = {**os.environ, "RECFORGE_ADMIN_TOKEN": TOKEN}
+        cache_dir = cache_dir or Path(db).parent / "bundles"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serving.app", "--bundle", str(bundle), "--db", str(db), "--port", str(self.port),
-             "--cache-dir", str(db.parent / "bundles"), *extra],
+             "--cache-dir", str(cache_dir), *extra],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.time() + 60
@@ -689,3 +690,133 @@ def test_a_shadow_challenger_is_ranked_and_logged_but_never_shown(bundle, tmp_pa
     assert rows["champion"]["hits"] == 2
     for name in ("online_hr@10", "online_ndcg@10", "online_mrr@10"):
         assert rows["shadow"][name] == pytest.approx(rows["champion"][name])
+
+
+def registry_server(uri: str, tmp_path: Path, *extra: str) -> Server:
+    s = Server.__new__(Server)
+    s.port = free_port()
+    s.proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.app", "--model-name", "online", "--tracking-uri", uri, "--cache-dir",
+         str(tmp_path / "bundles"), "--db", str(tmp_path / "events.db"), "--port", str(s.port), "--poll-seconds", "1",
+         *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_ready(s)
+    return s
+
+
+def wait_version(s: Server, version: str, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while s.call("GET", "/ready")[1]["model_version"] != version and time.time() < deadline:
+        time.sleep(0.5)
+    assert s.call("GET", "/ready")[1]["model_version"] == version
+
+
+def session(s: Server, users: list[str], ids: list[str], acts_on_first: set[str] | None) -> dict[str, str]:
+    """Each user: one known item, one list, then an event: on the list's first item for the
+    variants in `acts_on_first`, else on the user's own earlier item (never in a list)."""
+    variants = {}
+    for n, user in enumerate(users):
+        seen = ids[n % 10]
+        assert s.call("POST", "/events", {"user_id": user, "item_id": seen})[0] == 201
+        shown = s.call("POST", "/recommend", {"user_id": user, "k": 10})[1]
+        variants[user] = shown["variant"]
+        hit = acts_on_first is not None and shown["variant"] in acts_on_first
+        assert s.call("POST", "/events", {"user_id": user, "item_id": shown["items"][0]["item_id"] if hit else seen})[0] == 201
+    return variants
+
+
+def test_promotion_and_rollback_on_online_evidence(bundle, tmp_path):
+    """Through a real registry and real HTTP: an A/B challenger that users prefer is promoted by
+    `flows.promotion online`; the new champion, made worse on purpose (users ignore its lists),
+    is rolled back by the monitor, and the service follows both moves."""
+    from mlflow import MlflowClient
+
+    from components import pipeline
+    from flows.promotion import register_bundle
+    from flows.tracking import log_training_run
+    from tests.mlflow_server import mlflow_server
+
+    art = pipeline.Artifacts(tmp_path / "artifacts")
+    shutil.copytree(bundle.parent, art.root)
+    first = {s.name: pipeline.load_result(s, art) for s in pipeline.STAGES}
+    ids = json.loads((bundle / "bundle.json").read_text())["item_ids"]
+    with mlflow_server(tmp_path / "mlflow") as uri:
+        settings = [f"tracking.uri={uri}", "tracking.model_name=online", "gate.latency_budget_ms=1000",
+                    f"online.db={tmp_path / 'events.db'}", "online.min_users=5", "online.window_hours=1",
+                    "online.rollback_below=0.3"]
+        params = tiny_params(*settings)
+        assert register_bundle(first, art, params, log_training_run(first, art, params)).promoted
+        second = {**first, "export": pipeline.call(pipeline.STAGE["export"], tiny_params("export.k=50"), art)}
+        strict = tiny_params(*settings, "gate.min_relative_improvement=0.5")  # offline, v2 does not pass
+        assert not register_bundle(second, art, strict, log_training_run(second, art, strict)).promoted
+
+        cli = [f"--set={o}" for o in settings]
+        s = registry_server(uri, tmp_path, "--challenger", "ab", "--challenger-fraction", "0.5")
+        try:
+            ready = s.call("GET", "/ready")[1]
+            assert ready["model_version"] == "1" and ready["challenger"]["model_version"] == "2"
+            variants = session(s, [f"a{i}" for i in range(24)], ids, acts_on_first={"challenger"})
+            assert 5 <= sum(v == "challenger" for v in variants.values()) <= 19
+            time.sleep(1)  # the impressions reach the store
+            proc = subprocess.run([sys.executable, "-m", "flows.promotion", *cli, "online", "--since", "1h"], cwd=REPO,
+                                  capture_output=True, text=True, timeout=180)
+            assert proc.returncode == 0 and "PROMOTED: online NDCG@10 challenger 1.000000" in proc.stdout, \
+                proc.stdout + proc.stderr
+            registry = MlflowClient(uri, uri)
+            v2 = registry.get_model_version_by_alias("online", "champion")
+            assert v2.version == "2" and v2.tags["online_gate"] == "passed" and v2.tags["previous_champion"] == "1"
+            wait_version(s, "2")
+
+            session(s, [f"b{i}" for i in range(24)], ids, acts_on_first=None)
+            time.sleep(1)
+            proc = subprocess.run([sys.executable, "-m", "flows.monitor", *cli], cwd=REPO, capture_output=True,
+                                  text=True, timeout=180)
+            assert proc.returncode == 0 and "ROLLED BACK to version 1" in proc.stdout, proc.stdout + proc.stderr
+            assert registry.get_model_version_by_alias("online", "champion").version == "1"
+            demoted = registry.get_model_version("online", "2")
+            assert "online NDCG@10 0.000000" in demoted.tags["online_rollback"]
+            assert demoted.tags["online_ndcg_at_10"] == "0.000000"
+            wait_version(s, "1")
+            runs = registry.search_runs([registry.get_experiment_by_name("recforge").experiment_id],
+                                        "tags.`recforge.kind` = 'monitor'")
+            assert runs and runs[0].data.metrics["online.champion_v2.online_ndcg_at_10"] == 0.0
+        finally:
+            s.stop()
+
+
+def test_two_replicas_share_one_postgresql_store(bundle, tmp_path):
+    """Two service processes on one real PostgreSQL server: an event recorded through one is in
+    the other's next answer, an item added through one is served by the other, and the online
+    metrics read from the shared store count both replicas' impressions."""
+    from tests.postgres_server import postgres_server
+
+    ids = json.loads((bundle / "bundle.json").read_text())["item_ids"]
+    with postgres_server() as url:
+        a = Server(bundle, url, cache_dir=tmp_path / "a")
+        b = Server(bundle, url, cache_dir=tmp_path / "b")
+        try:
+            shown = b.call("POST", "/recommend", {"user_id": "pat", "k": 5})[1]
+            assert shown["user_known"] is False
+            other = next(i for i in ids if i not in {x["item_id"] for x in shown["items"]})  # not a hit
+            assert a.call("POST", "/events", {"user_id": "pat", "item_id": other})[0] == 201
+            answer = b.call("POST", "/recommend", {"user_id": "pat", "k": 5})[1]
+            assert answer["user_known"] is True and answer["history_used"] == 1
+            assert other not in [i["item_id"] for i in answer["items"]]
+            item = {"item_id": "pg-new", "text": "Vintage hiking tent with poles, part 1 of the hiking collection"}
+            assert a.call("POST", "/items", item, token=TOKEN)[0] == 201
+            deadline = time.time() + 10
+            while b.call("GET", "/items/pg-new/similar")[0] != 200 and time.time() < deadline:
+                time.sleep(0.2)
+            assert b.call("GET", "/items/pg-new/similar")[0] == 200
+            first = a.call("POST", "/recommend", {"user_id": "quinn", "k": 5})[1]
+            assert b.call("POST", "/events", {"user_id": "quinn", "item_id": first["items"][0]["item_id"]})[0] == 201
+        finally:
+            a.stop()
+            b.stop()
+        proc = subprocess.run([sys.executable, "-m", "serving.online", "--db", url, "--since", "1h", "--json"],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        (row,) = json.loads(proc.stdout)
+        assert (row["requests"], row["users"], row["hits"]) == (3, 2, 1)  # pat twice (on b), quinn once (on a)
+        export = subprocess.run([sys.executable, "-m", "serving.store", "export", "--db", url, "--out",
+                                 str(tmp_path / "events.csv")], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert export.returncode == 0 and "2 events" in export.stdout, export.stdout + export.stderr

@@ -73,3 +73,30 @@ def test_a_bad_time_is_a_clear_error():
 
     with pytest.raises(argparse.ArgumentTypeError, match="not a time"):
         parse_time("yesterday", 0)
+
+
+def test_lift_pairs_shared_users_and_separates_groups():
+    from serving.online import lift
+
+    champion = {f"u{i}": 0.2 + 0.01 * (i % 5) for i in range(50)}
+    shadow = {u: v + 0.05 for u, v in champion.items()}  # the same users, each 0.05 better
+    paired = lift(champion, shadow)
+    assert paired.mean == pytest.approx(0.05) and paired.high - paired.low < 1e-9  # no spread in the differences
+    ab = lift(champion, {f"w{i}": 0.25 + 0.01 * (i % 5) for i in range(50)})  # other users
+    assert ab.mean == pytest.approx(0.05) and ab.low < 0.05 < ab.high and ab.high - ab.low > 0.005
+
+
+def test_the_online_gate_needs_users_and_a_lift_beyond_noise():
+    from components.config import OnlineConfig
+    from flows.promotion import online_gate
+
+    cfg = OnlineConfig(db="x", k=10, attribution_seconds=60, window_hours=1, min_users=20, min_ndcg_lift=0.0,
+                       rollback_below=None)
+    champion = {f"u{i}": float(i % 2) * 0.3 for i in range(40)}
+    better = {f"w{i}": 0.6 + 0.1 * (i % 3) for i in range(40)}
+    assert online_gate(champion, better, cfg).promote
+    noisy = {f"w{i}": float(i % 2) * 0.32 for i in range(40)}  # +0.01 on average, well inside the noise
+    decision = online_gate(champion, noisy, cfg)
+    assert not decision.promote and "not above 0" in decision.reason
+    few = online_gate(dict(list(champion.items())[:5]), better, cfg)
+    assert not few.promote and "fewer than 20 users" in few.reason
