@@ -79,12 +79,14 @@ bench: install
 	$(PY) -m benchmarks.quality --dataset synthetic --models popularity,mf --out artifacts/bench/quality-synthetic.json
 	$(PY) -m benchmarks.scaling --out artifacts/bench/scaling.json
 
-# The real datasets (../shared/datasets): quality of every model, and the compression trade-off.
+# The real datasets (../shared/datasets): quality of every model, the compression trade-off, and
+# the online replay.
 bench-real: install
 	$(PY) -m benchmarks.quality --dataset movielens-100k --models popularity,mf,bert,bert-no-pretrain,bert-id-only,fused --out artifacts/bench/quality-movielens-100k.json
 	# The Amazon preset fine-tunes only: its bert is the no-pretrain ablation.
 	$(PY) -m benchmarks.quality --dataset amazon-scientific --models popularity,mf,bert,bert-id-only,fused --out artifacts/bench/quality-amazon-scientific.json
 	$(PY) -m benchmarks.compression --dataset movielens-100k --out artifacts/bench/compression.json
+	$(PY) -m benchmarks.online --out artifacts/bench/online.json
 
 # Everything generated, but the tracked metrics (artifacts/metrics/).
 clean:
