@@ -7,7 +7,7 @@ import platform
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def peak_rss_mb() -> float:
@@ -35,6 +35,13 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
+
+
+def save(out: dict[str, Any], path: Path, plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """The results with the machine they came from, and their plot beside them (`X.png`)."""
+    out["machine"] = machine()
+    write_json(path, out)
+    plot(out, path.with_suffix(".png"))
 
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"

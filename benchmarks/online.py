@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import dataset_params, machine, write_json
+from benchmarks.common import dataset_params, save
 from benchmarks.serving import load, start_server
 from components.cli import add_params_arguments, run_main
 from components.pipeline import Artifacts
@@ -198,9 +198,7 @@ def main() -> int:
     out["overhead"] = overhead(bundles["champion"], bundles["challenger"], args.workdir, users, args.port,
                                args.seconds, before)
     print("overhead", json.dumps({k: v for k, v in out["overhead"].items() if k != "runs"}, indent=2))
-    out["machine"] = machine()
-    write_json(args.out, out)
-    plot(out, args.out.with_suffix(".png"))
+    save(out, args.out, plot)
     return 0
 
 

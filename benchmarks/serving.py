@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import dataset_params, machine, write_json
+from benchmarks.common import dataset_params, save
 from components.cli import add_params_arguments, run_main
 from serving.retrieval import ANN_KINDS, RetrievalConfig
 
@@ -295,9 +295,7 @@ def main() -> int:
         out[name] = {**result, "items": n_items, "bundle_variant": manifest["sequence"]["variant"],
                      "users": len(payloads), "seconds_per_level": args.seconds}
         print(name, json.dumps(out[name], indent=2))
-    out["machine"] = machine()
-    write_json(args.out, out)
-    plot(out, args.out.with_suffix(".png"))
+    save(out, args.out, plot)
     return 0
 
 

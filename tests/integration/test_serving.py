@@ -452,16 +452,22 @@ def test_the_response_cache_is_bounded_in_bytes(bundle, tmp_path):
         s.stop()
 
 
+def lock_store(db: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding the SQLite store's write lock for `seconds` (returns once held)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        f"c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep({seconds}); c.execute('COMMIT')"),
+        str(db)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def test_a_locked_store_answers_503_and_the_other_routes_keep_answering(bundle, tmp_path):
     db = tmp_path / "events.db"
     ids = json.loads((bundle / "bundle.json").read_text())["item_ids"]
     s = Server(bundle, db)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
-        "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(8); c.execute('COMMIT')"), str(db)],
-        stdout=subprocess.PIPE, text=True)
+    holder = lock_store(db, 8)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with ThreadPoolExecutor(2) as pool:
             event = pool.submit(s.call, "POST", "/events", {"user_id": "bob", "item_id": ids[0]})
             time.sleep(0.3)  # the write is waiting on the lock now
@@ -509,17 +515,22 @@ def test_events_and_items_follow_the_training_rules_and_bad_rows_are_quarantined
     assert "dave" in quarantine.read_text() and f"above {rules['weight_max']}" in quarantine.read_text()
 
 
+def add_on_one_seen_by_other(a: Server, b: Server, item_id: str) -> None:
+    """An item added through `a` is served by `b` within its catalogue poll (1 s)."""
+    item = {"item_id": item_id, "text": "Vintage hiking tent with poles, part 1 of the hiking collection"}
+    assert a.call("POST", "/items", item, token=TOKEN)[0] == 201
+    deadline = time.time() + 10
+    while b.call("GET", f"/items/{item_id}/similar")[0] != 200 and time.time() < deadline:
+        time.sleep(0.2)
+    assert b.call("GET", f"/items/{item_id}/similar")[0] == 200
+
+
 def test_items_added_through_one_process_are_seen_by_another(bundle, tmp_path):
     db = tmp_path / "events.db"
     a, b = Server(bundle, db), Server(bundle, db)
     try:
         assert b.call("GET", "/items/shared-new/similar")[0] == 404
-        item = {"item_id": "shared-new", "text": "Vintage hiking tent with poles, part 1 of the hiking collection"}
-        assert a.call("POST", "/items", item, token=TOKEN)[0] == 201
-        deadline = time.time() + 10
-        while b.call("GET", "/items/shared-new/similar")[0] != 200 and time.time() < deadline:
-            time.sleep(0.2)
-        assert b.call("GET", "/items/shared-new/similar")[0] == 200
+        add_on_one_seen_by_other(a, b, "shared-new")
         assert b.call("GET", "/ready")[1]["added_items"] == 1
     finally:
         a.stop()
@@ -588,12 +599,8 @@ def test_impressions_never_hold_up_a_request_when_the_store_is_locked(bundle, tm
     that do not fit the (small) queue are dropped and counted, and logging resumes afterwards."""
     db = tmp_path / "events.db"
     s = Server(bundle, db, "--impression-queue", "4", "--cache-mb", "0")
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
-        "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(6); c.execute('COMMIT')"), str(db)],
-        stdout=subprocess.PIPE, text=True)
+    holder = lock_store(db, 6)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         start = time.perf_counter()
         for i in range(40):
             assert s.call("POST", "/recommend", {"user_id": f"u{i}", "k": 5})[0] == 200
@@ -801,12 +808,7 @@ def test_two_replicas_share_one_postgresql_store(bundle, tmp_path):
             answer = b.call("POST", "/recommend", {"user_id": "pat", "k": 5})[1]
             assert answer["user_known"] is True and answer["history_used"] == 1
             assert other not in [i["item_id"] for i in answer["items"]]
-            item = {"item_id": "pg-new", "text": "Vintage hiking tent with poles, part 1 of the hiking collection"}
-            assert a.call("POST", "/items", item, token=TOKEN)[0] == 201
-            deadline = time.time() + 10
-            while b.call("GET", "/items/pg-new/similar")[0] != 200 and time.time() < deadline:
-                time.sleep(0.2)
-            assert b.call("GET", "/items/pg-new/similar")[0] == 200
+            add_on_one_seen_by_other(a, b, "pg-new")
             first = a.call("POST", "/recommend", {"user_id": "quinn", "k": 5})[1]
             assert b.call("POST", "/events", {"user_id": "quinn", "item_id": first["items"][0]["item_id"]})[0] == 201
         finally:
