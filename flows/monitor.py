@@ -21,12 +21,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from components.config import Params, load_params
-from flows.promotion import CHALLENGER, CHAMPION, current_champion, rollback
+from flows.promotion import CHALLENGER, CHAMPION, current_champion, read_online, rollback
 from flows.tracking import client, metric_name
-
-
-class NoStore(FileNotFoundError):
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -41,28 +37,16 @@ class MonitorResult:
 def check(params: Params, now: float | None = None) -> MonitorResult:
     import mlflow
 
-    from serving.online import from_store
-    from serving.store import EventStore, is_url, store_arg
+    from serving.online import compute
 
     cfg = params.online
     now = time.time() if now is None else now
-    since = now - cfg.window_hours * 3600
-    db = store_arg(cfg.db)
-    if not is_url(db) and not db.exists():
-        raise NoStore(f"online.db: the service's event store {db} does not exist")
-    store = EventStore(db)
-    try:
-        rows = from_store(store, since, now, cfg.k, cfg.attribution_seconds)
-    finally:
-        store.close()
+    rows = compute(*read_online(cfg, now - cfg.window_hours * 3600, now), cfg.k, cfg.attribution_seconds)
     mlflow_client = client(params.tracking)
     name = params.tracking.model_name
-    champion = current_champion(params)
+    champion, challenger = current_champion(params), current_champion(params, CHALLENGER)
     champion_version = str(champion.version) if champion is not None else None
-    try:
-        challenger_version = str(mlflow_client.get_model_version_by_alias(name, CHALLENGER).version)
-    except Exception:
-        challenger_version = None
+    challenger_version = str(challenger.version) if challenger is not None else None
 
     mlflow.set_experiment(params.tracking.experiment)
     with mlflow.start_run(run_name=f"monitor {time.strftime('%Y-%m-%d %H:%M', time.gmtime(now))}") as run:

@@ -92,12 +92,13 @@ def _version_metrics(version) -> dict[str, float] | None:
     return {"ndcg@10": float(tags["valid_ndcg_at_10"]), "recall@10": float(tags["valid_recall_at_10"])}
 
 
-def current_champion(params: Params):
+def current_champion(params: Params, alias: str = CHAMPION):
+    """The version behind `alias` (`champion`, or `challenger`); None when there is none."""
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client(params.tracking)
     try:
-        return mlflow_client.get_model_version_by_alias(params.tracking.model_name, CHAMPION)
+        return mlflow_client.get_model_version_by_alias(params.tracking.model_name, alias)
     except MlflowException:
         return None
 
@@ -210,28 +211,38 @@ def online_gate(champion: dict[str, float], challenger: dict[str, float], cfg: O
     return GateDecision(promote_, ("PROMOTED: " if promote_ else "NOT PROMOTED: ") + reason, checks)
 
 
+class NoStore(FileNotFoundError):
+    exit_code = 2
+
+
+def read_online(cfg: OnlineConfig, since: float, until: float):
+    """The impressions shown in [since, until) in the service's store (`online.db`) and the
+    events that may count for them."""
+    from serving.online import read
+    from serving.store import EventStore, is_url, store_arg
+
+    db = store_arg(cfg.db)
+    if not is_url(db) and not db.exists():
+        raise NoStore(f"online.db: the service's event store {db} does not exist")
+    store = EventStore(db)
+    try:
+        return read(store, since, until, cfg.attribution_seconds)
+    finally:
+        store.close()
+
+
 def online_evidence(params: Params, since: float, until: float):
     """(champion version, challenger version, {user: NDCG} of each) from the service's store:
     the champion's own answers, and the challenger's A/B answers or, failing those, its shadow
     lists."""
-    from serving.online import per_user, read
-    from serving.store import EventStore, store_arg
+    from serving.online import per_user
 
     cfg = params.online
-    name = params.tracking.model_name
-    champion = current_champion(params)
-    try:
-        challenger = client(params.tracking).get_model_version_by_alias(name, CHALLENGER)
-    except Exception:
-        challenger = None
+    champion, challenger = current_champion(params), current_champion(params, CHALLENGER)
     if champion is None or challenger is None or champion.version == challenger.version:
         raise NothingToCompare(f"nothing to compare: champion {getattr(champion, 'version', None)}, challenger "
-                         f"{getattr(challenger, 'version', None)}")
-    store = EventStore(store_arg(cfg.db))
-    try:
-        impressions, events = read(store, since, until, cfg.attribution_seconds)
-    finally:
-        store.close()
+                               f"{getattr(challenger, 'version', None)}")
+    impressions, events = read_online(cfg, since, until)
     values = per_user(impressions, events, cfg.k, cfg.attribution_seconds)
     champ = values.get((str(champion.version), "champion"), {})
     chall = max((values.get((str(challenger.version), v), {}) for v in ("challenger", "shadow")), key=len)

@@ -340,7 +340,7 @@ class Service:
         if variant == "challenger":
             bundle, catalog = challenger, challenger_catalog
         elif (self.settings.challenger == "shadow" and challenger is not None and req.user_id
-              and self._sample() < self.settings.challenger_fraction):
+              and self.impressions is not None and self._sample() < self.settings.challenger_fraction):
             # Ranked after this answer is sent, on the same workers: the user never waits for it.
             task = asyncio.get_running_loop().create_task(
                 self._shadow(req, stored, challenger, challenger_catalog, catalog_version, time.time()))
@@ -354,9 +354,8 @@ class Service:
         await asyncio.sleep(0)  # let the champion's answer go first
         try:
             body, _ = await self._answer(req, stored, bundle, catalog, catalog_version, "shadow")
-            if self.impressions is not None:
-                self.impressions.offer(uuid.uuid4().hex, req.user_id, bundle.version, "shadow", body,
-                                       len(bundle.item_ids) + len(catalog.ids), shown_at)
+            self.impressions.offer(uuid.uuid4().hex, req.user_id, bundle.version, "shadow", body,
+                                   len(bundle.item_ids) + len(catalog.ids), shown_at)
         except Exception as exc:  # a failing shadow must never touch the champion's answers
             log.warning("shadow ranking failed: %s", exc)
 
