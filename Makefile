@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,dev
 
-.PHONY: install system-packages run repro dvc-yaml serve mlflow mlflow-ui deploy test test-slow bench bench-real clean
+.PHONY: install system-packages run repro dvc-yaml serve mlflow mlflow-ui deploy test test-slow bench bench-real bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,13 @@ bench-real: install
 	$(PY) -m benchmarks.quality --dataset amazon-scientific --models popularity,mf,bert,bert-id-only,fused --out artifacts/bench/quality-amazon-scientific.json
 	$(PY) -m benchmarks.compression --dataset movielens-100k --out artifacts/bench/compression.json
 	$(PY) -m benchmarks.online --out artifacts/bench/online.json
+
+# The GPU paths (benchmarks/README.md): the input folder is exported here from the real datasets,
+# then measured on this machine's GPU. Where the GPU machine has no project install, carry
+# artifacts/gpu-input there and run the second command with its python.
+bench-gpu: install
+	$(PY) -m benchmarks.gpu export --out artifacts/gpu-input
+	$(PY) -m benchmarks.gpu run --input artifacts/gpu-input --out artifacts/bench/gpu.json
 
 # Everything generated, but the tracked metrics (artifacts/metrics/).
 clean:

@@ -78,6 +78,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*torchvision.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    # Validation metrics are summed over ranks by the module itself before they are logged.
+    warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('val_.*sync_dist=True.*")
+    warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")
     # The BERT stages keep their resume marker in their checkpoint folder.
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     # Read by transformers and huggingface_hub when they are imported (not imported here: most

@@ -133,6 +133,8 @@ class TextEncoderConfig:
     cache_dir: str
     # Top layers of the text encoder trained with the recommender (0 = frozen embeddings).
     finetune_layers: int
+    # Where the frozen embeddings are computed: auto (the GPU when there is one), cpu or cuda.
+    device: Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ training split; "test": training + validation, for the refit), cut to the last m
 - next-item objective: input = seq[:-1], target = seq[1:] (every position predicts its next item)
 - cloze objective: input = seq with random positions replaced by MASK (at least one), target =
   the original item at masked positions
-Both are left-padded with PAD so that the most recent item sits at the last position.
+Both are left-padded with PAD so that the most recent item sits at the last position, to the
+batch's longest sequence rather than max_len (`padded_length`): positions are right-aligned, so
+the model computes the same thing, and batches of short histories cost what they hold.
 
 Validation batches hold, per user with a validation target: the history before validation,
 the items to exclude from the ranking (that history) and the targets, as (row, column) pairs.
@@ -21,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from components.bert.model import MASK, PAD, left_pad
+from components.bert.model import MASK, PAD, left_pad, padded_length
 from components.sequences import load_sequences
 
 
@@ -41,7 +43,9 @@ class NextItemCollate:
     max_len: int
 
     def __call__(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        return left_pad([s[:-1] for s in seqs], self.max_len), left_pad([s[1:] for s in seqs], self.max_len)
+        inputs, targets = [s[:-1] for s in seqs], [s[1:] for s in seqs]
+        width = padded_length(inputs, self.max_len)
+        return left_pad(inputs, width), left_pad(targets, width)
 
 
 @dataclass
@@ -50,7 +54,7 @@ class ClozeCollate:
     mask_prob: float
 
     def __call__(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        items = left_pad(seqs, self.max_len)
+        items = left_pad(seqs, padded_length(seqs, self.max_len))
         real = items != PAD
         masked = (torch.rand(items.shape) < self.mask_prob) & real
         # Every sequence gets at least one masked position: its most recent item, which also
@@ -79,8 +83,9 @@ class EvalCollate:
     def __call__(self, users: list[int]) -> dict[str, torch.Tensor]:
         ex_rows, ex_cols = self._pairs(users, self.exclude_indptr, self.exclude_indices)
         t_rows, t_cols = self._pairs(users, self.target_indptr, self.target_indices)
+        histories = [self.histories[u] for u in users]
         return {
-            "items": left_pad([self.histories[u] for u in users], self.max_len),
+            "items": left_pad(histories, padded_length(histories, self.max_len)),
             "exclude_rows": ex_rows,
             "exclude_cols": ex_cols,
             "target_rows": t_rows,
@@ -132,8 +137,14 @@ class SequenceDataModule(pl.LightningDataModule):
         collate = (
             NextItemCollate(self.max_len) if self.objective == "next" else ClozeCollate(self.max_len, self.mask_prob)
         )
-        return DataLoader(_ListDataset(self.train_sequences), batch_size=self.batch_size, shuffle=True, collate_fn=collate)
+        return DataLoader(_ListDataset(self.train_sequences), batch_size=self.batch_size, shuffle=True, collate_fn=collate,
+                          pin_memory=_pin())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_ListDataset(self.eval_users), batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=self.eval_collate)
+                          collate_fn=self.eval_collate, pin_memory=_pin())
+
+
+def _pin() -> bool:
+    """Page-locked batches when a GPU is there: the copy to the device runs asynchronously."""
+    return torch.cuda.is_available()

@@ -31,6 +31,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -302,7 +303,10 @@ class SeqRecModel(nn.Module):
         # F.embedding rather than indexing: it exports as an ONNX Gather, which the INT8
         # quantizer can store as INT8 (an indexing GatherND it leaves in fp32).
         emb = torch.nn.functional.embedding(items.clamp(min=0), item_table)
-        special = self.special.weight[(items == MASK).long()]  # PAD -> row 0, MASK -> row 1
+        # PAD -> row 0, MASK -> row 1. An embedding lookup, not indexing: indexing's backward
+        # accumulates every padded position into row 0 one after another on a GPU (an index_put
+        # with as many duplicates as the batch has pads).
+        special = self.special((items == MASK).long())
         emb = torch.where(is_item.unsqueeze(-1), emb, special)
         valid = items != PAD
         mask = self.attention_mask(valid, causal, emb.dtype)
@@ -355,13 +359,27 @@ def shrink_layer(layer: nn.Module, keep_heads: torch.Tensor, keep_neurons: torch
 
 def left_pad(histories: list, max_len: int) -> torch.Tensor:
     """Left-pad item sequences (most recent last) to [B, max_len] with PAD; longer ones keep
-    their last `max_len` items."""
-    out = torch.full((len(histories), max_len), PAD, dtype=torch.long)
-    for row, seq in enumerate(histories):
-        seq = list(seq)[-max_len:]
-        if seq:
-            out[row, max_len - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
-    return out
+    their last `max_len` items. Built with one scatter rather than a tensor per row: it runs for
+    every training batch, and a per-row loop kept a GPU waiting on the collate."""
+    tails = [np.asarray(seq, dtype=np.int64)[-max_len:] if max_len else np.zeros(0, np.int64) for seq in histories]
+    lengths = np.fromiter((t.size for t in tails), dtype=np.int64, count=len(tails))
+    out = np.full((len(tails), max_len), PAD, dtype=np.int64)
+    if lengths.sum():
+        rows = np.repeat(np.arange(len(tails)), lengths)
+        # Position within the row: count back from the right edge.
+        ends = np.cumsum(lengths)
+        cols = np.arange(ends[-1]) - np.repeat(ends - lengths, lengths) + np.repeat(max_len - lengths, lengths)
+        out[rows, cols] = np.concatenate(tails)
+    return torch.from_numpy(out)
+
+
+def padded_length(histories: list, max_len: int, multiple: int = 8) -> int:
+    """The width a batch needs: its longest history plus one column (a cloze model's user vector
+    appends a MASK after the history), rounded up to a multiple of 8 for tensor-core shapes and
+    capped at `max_len`. Positions are right-aligned, so a history padded to any width up to
+    max_len encodes exactly as at max_len; batches of short histories skip the padding's work."""
+    needed = max((len(h) for h in histories), default=0) + 1
+    return min(max_len, -(-needed // multiple) * multiple)
 
 
 def save_model(model: SeqRecModel, out_dir: Path) -> None:

@@ -104,8 +104,7 @@ class SeqRecModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         table = self._table
-        users = self.model.user_vectors(batch["items"], table)
-        scores = users.float() @ self.model.output_items(table).float().T
+        scores = self.ranking_scores(self.model.user_vectors(batch["items"], table), table)
         scores[batch["exclude_rows"], batch["exclude_cols"]] = float("-inf")
         k = min(EVAL_K, scores.shape[1])
         topk = torch.topk(scores, k, dim=1).indices.cpu().numpy()
@@ -116,6 +115,13 @@ class SeqRecModule(pl.LightningModule):
         ndcg = metrics.ndcg_at_k(hit, n_targets, k).sum()
         recall = metrics.recall_at_k(hit, n_targets, k).sum()
         self._eval_sums += torch.tensor([ndcg, recall, topk.shape[0]], dtype=torch.float64, device=self.device)
+
+    def ranking_scores(self, users: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Every item's score for each user, in fp32 even under bf16-mixed: autocast would round
+        the scores to 8 bits of mantissa, turning near ties among thousands of items into a coin
+        toss."""
+        with torch.autocast(users.device.type, enabled=False):
+            return users.float() @ self.model.output_items(table).float().T
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum")
@@ -137,6 +143,9 @@ class SeqRecModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr,
+            # One kernel for every parameter on a GPU: the step is otherwise bound by launching
+            # them. Not under fp16's gradient scaler, whose unscaling a fused step takes over.
+            fused=self.device.type == "cuda" and not self._scaled_gradients(),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.hparams.warmup_fraction * total)
@@ -150,6 +159,20 @@ class SeqRecModule(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+    def _scaled_gradients(self) -> bool:
+        return self._trainer is not None and str(self.trainer.precision).startswith("16")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Gradients are clipped here, by norm, unless fp16 scales them: Lightning's bf16 plugin
+        refuses to clip for a fused optimizer although bf16 gradients are never scaled."""
+        if self._scaled_gradients():
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(
+                [p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val
+            )
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:

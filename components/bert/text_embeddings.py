@@ -97,17 +97,31 @@ def mean_pool(hidden, attention_mask):
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def encode_texts(texts: list[str], path: Path, max_length: int, batch_size: int, progress: bool = True) -> np.ndarray:
-    """Mean-pooled last-layer embeddings of `texts` (float32, one row per text). Progress: a bar
-    on a terminal, a log line every tenth of the way otherwise (a task log, CI)."""
+def resolve_device(device: str) -> str:
+    """`auto`: the GPU when there is one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("bert.text_encoder.device is cuda, but PyTorch sees no GPU here")
+    return device
+
+
+def encode_texts(texts: list[str], path: Path, max_length: int, batch_size: int, progress: bool = True,
+                 device: str = "auto") -> np.ndarray:
+    """Mean-pooled last-layer embeddings of `texts` (float32, one row per text), computed in fp32
+    on `device` (auto: the GPU when there is one). Progress: a bar on a terminal, a log line
+    every tenth of the way otherwise (a task log, CI)."""
     import sys
 
     import torch
     from tqdm import tqdm
     from transformers import AutoModel, AutoTokenizer
 
+    device = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    model = AutoModel.from_pretrained(path).eval().to(device)
     out = []
     # Longest texts first keeps padding (wasted compute) low inside each batch.
     order = np.argsort([-len(t) for t in texts], kind="stable")
@@ -120,8 +134,9 @@ def encode_texts(texts: list[str], path: Path, max_length: int, batch_size: int,
                 log.info("embedding item texts: %d of %d", lo, len(texts))
             batch = [texts[i] for i in order[lo : lo + batch_size]]
             tokens = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            tokens = {k: v.to(device, non_blocking=True) for k, v in tokens.items()}
             hidden = model(**tokens).last_hidden_state
-            out.append(mean_pool(hidden, tokens["attention_mask"]).float().numpy())
+            out.append(mean_pool(hidden, tokens["attention_mask"]).float().cpu().numpy())
     vectors = np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
     result = np.empty_like(vectors)
     result[order] = vectors
@@ -143,7 +158,7 @@ def embed_item_texts(features_dir: Path, out_dir: Path, cfg: TextEncoderConfig) 
     if missing:
         by_hash = dict(zip(hashes, texts))
         log.info("embedding %d new item texts (%d cached) with %s", len(missing), len(hashes) - len(missing), path.name)
-        vectors = encode_texts([by_hash[h] for h in missing], path, cfg.max_length, cfg.batch_size)
+        vectors = encode_texts([by_hash[h] for h in missing], path, cfg.max_length, cfg.batch_size, device=cfg.device)
         cache.add(missing, vectors)
     matrix = np.stack([cache.vectors[h] for h in hashes]).astype(np.float32)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """Training stages of the sequence recommender: `pretrain` (cloze) and `finetune` (next item).
 
 Both run PyTorch Lightning with strategy, devices, nodes and precision from params (DDP over
-gloo on CPU and NCCL on GPU; `precision: auto` is bf16-mixed on a GPU that supports it and fp32
-otherwise), AdamW with warm-up and linear decay, gradient clipping and a fixed seed. Each epoch
+gloo on CPU and NCCL on GPU; `precision: auto` is fp32, with TF32 matrix products on a GPU, see
+`resolve_precision`), AdamW (fused into one kernel on a GPU) with warm-up and linear decay, gradient clipping and a fixed seed. Each epoch
 ends with full-ranking validation NDCG@10, which drives early stopping and best-checkpoint
 selection. `last.ckpt` is written every epoch into the stage's checkpoint folder, beside a resume
 marker holding the stage's run key (the pipeline's hash of its inputs, settings and code): a run
@@ -40,12 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytorch_lightning as pl_
 import torch
 
 from components.bert.data import SequenceDataModule
-from components.bert.model import SeqRecConfig, SeqRecModel, left_pad, load_model, save_model
+from components.bert.model import SeqRecConfig, SeqRecModel, left_pad, load_model, padded_length, save_model
 from components.bert.module import SeqRecModule, count_parameters
 from components.config import BertRecConfig, StageConfig, TrainerConfig
 from components.factors import FILE_NAME, FactorModel
@@ -87,12 +86,12 @@ class StageResult:
 
 
 def resolve_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    # bf16 autocast on CPUs without AMX is several times slower than fp32.
-    return "32-true"
+    """`auto` is `32-true` everywhere: on CPUs without AMX bf16 autocast is several times slower
+    than fp32, and on an H100 (benchmarks/gpu.py) the models RecForge trains ran at 0.79-1.04x
+    TF32's throughput in bf16-mixed (test NDCG@10 -5 % to +3 %, one seed each): their steps wait
+    on the host launching kernels, and autocast adds a quarter more of them. `bf16-mixed` stays
+    available (it takes a third less GPU memory)."""
+    return "32-true" if precision == "auto" else precision
 
 
 def interactive() -> bool:
@@ -120,12 +119,14 @@ class EpochLog(pl_.Callback):
     rewrites the whole log from the checkpoint it resumes: epochs the checkpoint does not hold
     (trained again) and a row torn by a kill go, and a deleted file comes back."""
 
-    FIELDS = ["stage", "epoch", "train_loss", "val_ndcg10", "val_recall10", "lr", "epoch_seconds", "sequences_per_second"]
+    FIELDS = ["stage", "epoch", "train_loss", "val_ndcg10", "val_recall10", "lr", "epoch_seconds", "sequences_per_second",
+              "train_sequences_per_second"]
 
     def __init__(self, path: Path, stage: str, n_sequences: int):
         self.path, self.stage, self.n_sequences = path, stage, n_sequences
         self.rows: list[list] = []
         self._start = 0.0
+        self._trained: float | None = None  # seconds of training batches in this epoch
         # Epochs already done when this process started training (read off the restored
         # checkpoint); None until the first epoch starts.
         self.resumed_after: int | None = None
@@ -143,18 +144,29 @@ class EpochLog(pl_.Callback):
             self.rows = [r for r in self.rows if int(r[1]) <= trainer.current_epoch]
             if trainer.is_global_zero:
                 write_epoch_log(self.path, self.rows)
+        _sync(module)
         self._start = time.perf_counter()
+        self._trained = None
+
+    def on_validation_epoch_start(self, trainer, module) -> None:
+        # Validation runs inside the training epoch: the training batches end here.
+        if not trainer.sanity_checking and self._trained is None:
+            _sync(module)
+            self._trained = time.perf_counter() - self._start
 
     def on_train_epoch_end(self, trainer, module) -> None:
+        _sync(module)
         seconds = time.perf_counter() - self._start
+        trained = self._trained if self._trained is not None else seconds
         m = trainer.callback_metrics
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         row = [
             self.stage, trainer.current_epoch + 1,
             float(m.get("train_loss", float("nan"))), float(m.get("val_ndcg10", float("nan"))),
             float(m.get("val_recall10", float("nan"))), lr, seconds,
-            # Throughput of the whole epoch, validation included.
+            # Throughput of the whole epoch, validation included, and of its training batches.
             self.n_sequences / seconds if seconds > 0 else float("nan"),
+            self.n_sequences / trained if trained > 0 else float("nan"),
         ]
         # Every rank keeps the rows (each saves its callback state); rank 0 writes and logs.
         self.rows.append(row)
@@ -164,6 +176,13 @@ class EpochLog(pl_.Callback):
             csv.writer(f).writerow(row)
         log.info("%s epoch %d/%d: loss %.4f, validation NDCG@10 %.4f, Recall@10 %.4f, %.1f s (%.0f sequences/s)",
                  self.stage, row[1], trainer.max_epochs, row[2], row[3], row[4], seconds, row[7])
+
+
+def _sync(module) -> None:
+    """GPU work is queued asynchronously: a clock read without waiting for it measures the queue."""
+    device = getattr(module, "device", None)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def write_epoch_log(path: Path, rows: list[list]) -> None:
@@ -194,8 +213,10 @@ class ReplicaCheck(pl_.Callback):
             gathered = gathered[None]
         hashes = [bytes(int(x) for x in row.tolist()).hex() for row in gathered]
         if trainer.is_global_zero:
+            dist = torch.distributed
+            backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
             self.path.write_text(json.dumps({
-                "step": int(trainer.global_step), "world_size": trainer.world_size,
+                "step": int(trainer.global_step), "world_size": trainer.world_size, "backend": backend,
                 "parameter_sha256_per_rank": hashes, "identical": len(set(hashes)) == 1,
             }, indent=2))
             if len(set(hashes)) != 1:
@@ -242,7 +263,8 @@ def user_vectors(model: SeqRecModel, histories: list[np.ndarray], batch_size: in
     table = model.item_representations()
     out = []
     for lo in range(0, len(histories), batch_size):
-        items = left_pad(histories[lo : lo + batch_size], model.cfg.max_len).to(device)
+        batch = histories[lo : lo + batch_size]
+        items = left_pad(batch, padded_length(batch, model.cfg.max_len)).to(device)
         out.append(model.user_vectors(items, table).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.cfg.hidden_size), np.float32)
 
@@ -289,6 +311,10 @@ def _load_inputs(features_dir: Path, text_dir: Path, cfg: BertRecConfig):
         text_dim = emb.shape[1]
         text_features = torch.from_numpy(emb)
         if cfg.text_encoder.finetune_layers > 0:
+            # Here, not at the top: the training path runs where polars is not installed (a GPU
+            # machine with PyTorch alone, benchmarks/gpu.py).
+            import polars as pl
+
             texts = pl.read_parquet(features_dir / "items.parquet").sort("item_idx")["text"].fill_null("").to_list()
     return text_features, texts, text_dim
 
@@ -313,6 +339,9 @@ def run_stage(
         return StageResult(stage_name, out_dir, None, None, None, 0, 0.0, 0.0, False, skipped=True)
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
+    if torch.cuda.is_available():
+        # fp32 matrix products on the tensor cores (TF32): what `32-true` means on a GPU here.
+        torch.set_float32_matmul_precision("high")
 
     pl_.seed_everything(seed, workers=True, verbose=False)
     text_features, texts, text_dim = _load_inputs(features_dir, text_dir, cfg)
@@ -396,7 +425,7 @@ def run_stage(
         # The model validation metrics describe (the refitted one has seen validation targets):
         # compression measures its variants on this one.
         save_model(selected, out_dir / "selected_model")
-        _write_factors(selected, final, features_dir, out_dir)
+        _write_factors(selected, final, features_dir, out_dir, device=trainer.strategy.root_device)
     curves = ([earlier_curve] if earlier_curve else []) + [epochs_file]
     plot_learning_curve(curves, out_dir / "learning_curve.png")
     summary = {
@@ -465,13 +494,18 @@ def _refit(module: SeqRecModule, epochs: int, features_dir: Path, cfg: BertRecCo
     return module.model.cpu()
 
 
-def _write_factors(selected: SeqRecModel, final: SeqRecModel, features_dir: Path, out_dir: Path) -> None:
+def _write_factors(selected: SeqRecModel, final: SeqRecModel, features_dir: Path, out_dir: Path,
+                   device: torch.device | str = "cpu") -> None:
+    """Validation factors from the selected model, test factors from the final one, computed on
+    the device that trained them (every user's history through the encoder)."""
     seqs = load_sequences(features_dir)
     items, users = {}, {}
     for split, model in (("valid", selected), ("test", final)):
+        model.to(device)
         with torch.no_grad():
-            items[split] = model.eval().output_items(model.item_representations()).float().numpy()
+            items[split] = model.eval().output_items(model.item_representations()).float().cpu().numpy()
         users[split] = user_vectors(model, seqs.histories(split, model.cfg.max_len))
+        model.cpu()
     FactorModel(items=items, users=users).save(out_dir / FILE_NAME)
     np.save(out_dir / "item_embeddings.npy", items["test"])
 

@@ -226,3 +226,67 @@ def test_epoch_log_keeps_only_checkpointed_epochs_on_resume(tmp_path):
         rows = list(csv.DictReader(path.open()))
         assert [int(r["epoch"]) for r in rows] == [1, 2, 3], damage
         assert log.FIELDS == list(rows[0])
+
+
+def _naive_left_pad(histories, max_len):
+    out = torch.full((len(histories), max_len), PAD, dtype=torch.long)
+    for row, seq in enumerate(histories):
+        seq = list(seq)[-max_len:]
+        if seq:
+            out[row, max_len - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+    return out
+
+
+def test_left_pad_matches_the_row_by_row_definition():
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(0, 50, size=n) for n in (0, 1, 5, 9, 30)] + [[3, 4], []]
+    for max_len in (1, 4, 9, 12):
+        assert torch.equal(left_pad(histories, max_len), _naive_left_pad(histories, max_len))
+    assert left_pad([], 5).shape == (0, 5)
+
+
+def test_padded_length_leaves_room_for_a_mask_in_multiples_of_eight():
+    from components.bert.model import padded_length
+
+    assert padded_length([[1, 2, 3]], 200) == 8
+    assert padded_length([list(range(7))], 200) == 8
+    assert padded_length([list(range(8))], 200) == 16  # the extra column a cloze MASK needs
+    assert padded_length([list(range(300))], 200) == 200
+    assert padded_length([[1]], 6) == 6  # capped at max_len
+    assert padded_length([], 50) == 8
+
+
+def test_batches_are_padded_to_their_longest_history_and_encode_as_at_max_len():
+    seqs = [np.arange(1, 5), np.arange(2, 12)]
+    x, y = NextItemCollate(40)(seqs)
+    assert x.shape == y.shape == (2, 16)
+    assert ClozeCollate(40, 0.5)(seqs)[0].shape == (2, 16)
+    for inference in ("causal", "cloze"):
+        m = model(max_len=40, inference=inference)
+        histories = [list(range(1, 9)), [4, 5]]  # the longest fills a multiple of 8 exactly
+        from components.bert.model import padded_length
+
+        narrow = m.user_vectors(left_pad(histories, padded_length(histories, 40)))
+        assert torch.allclose(narrow, m.user_vectors(left_pad(histories, 40)), atol=1e-5), inference
+
+
+def test_validation_ranks_in_fp32_under_bf16_autocast():
+    c = cfg(mode="id", text_dim=0)
+    module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0)
+    table = module.model.item_representations()
+    users = torch.randn(3, c.hidden_size) * 10
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = module.ranking_scores(users, table)
+        rounded = users @ table.T  # what autocast alone would give
+    assert scores.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert torch.allclose(scores, users @ table.T)
+
+
+def test_text_encoder_device_is_checked():
+    from components.bert.text_embeddings import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no GPU"):
+            resolve_device("cuda")

