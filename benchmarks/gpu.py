@@ -21,7 +21,9 @@ What `run` measures, each through the product's own code (`components.bert.train
   and wall time to the best validation NDCG@10, test NDCG@10 of the refitted model;
 - large_model: a model the CPU cannot afford (hidden 256, 4 layers, max_len 200, full softmax,
   batch 512) on Amazon, both precisions (`--seeds` seeds each), against the default model, and
-  training throughput by batch size (where the step stops being launch-bound);
+  training throughput by batch size;
+- profile: torch.profiler over a few of the large model's steps at the smallest and largest of
+  those batch sizes: host operators, kernels and GPU-busy time per step, the costliest kernels;
 - sampled_softmax: training throughput on a synthetic catalogue of 1M items (id embeddings),
   sampled softmax in both precisions, and the full softmax beside it (or the memory it lacks);
 - text_encoder: the MiniLM architecture (random weights: speed, not quality) embedding 100k
@@ -30,7 +32,9 @@ What `run` measures, each through the product's own code (`components.bert.train
   replica check, against the plain single-device run.
 
 Everything goes into one JSON, written again after each section (a run cut short still leaves
-what it measured), with a plot beside it. `--smoke` shrinks every section to seconds on a CPU.
+what it measured; no run starts after `--budget-seconds`; a failing path is recorded with its
+traceback and the others go on), with a plot beside it. `merge` puts a CPU run beside a GPU run.
+`--smoke` shrinks every section to seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -502,6 +506,8 @@ class Run:
         out = self.out["profile"] = {"dataset": dataset, "overrides": list(self.sizes.large)}
         for batch in sorted({*self.sweep_batches[:1], *self.sweep_batches[-1:]}):  # the smallest and the largest
             for precision in self.precisions:
+                if not self.time_left():
+                    break
                 params = _params(self.args.input / dataset, [
                     *self.overrides, *self.sizes.large, f"bert.batch_size={batch}",
                     f"bert.trainer.accelerator={self.accelerator}", f"bert.trainer.precision={precision}"])
@@ -589,6 +595,9 @@ class Run:
         short = [*self.overrides, f"bert.finetune.max_epochs={self.sizes.ddp_epochs}", "bert.refit=continue",
                  "bert.refit_epochs=0"]
         plain = train_once(self.args.input, dataset, self.accelerator, precision, short, self.work, "single")
+        if not self.time_left():
+            self.out["ddp"] = {"single_device": plain, "skipped": "the DDP run: time budget spent"}
+            return
         ddp = train_once(self.args.input, dataset, self.accelerator, precision,
                          [*short, "bert.trainer.strategy=ddp", "bert.trainer.devices=1",
                           "bert.trainer.check_replicas=true"], self.work, "ddp")
@@ -627,8 +636,8 @@ CPU = "cpu 32-true"
 
 def compare_to_default(out: dict[str, Any]) -> None:
     """Does scale improve quality? The large model's test NDCG@10 against the dataset's own."""
-    large = out.get("large_model", {})
-    default = out.get("train", {}).get(large.get("dataset"), {})
+    large = _rows(out.get("large_model"))
+    default = _rows(_rows(out.get("train")).get(large.get("dataset")))
     for precision in PRECISIONS:
         if "test_ndcg10" in large.get(precision, {}) and "test_ndcg10" in default.get(precision, {}):
             large.setdefault("vs_default_model", {})[precision] = {
@@ -640,14 +649,23 @@ def compare_to_default(out: dict[str, Any]) -> None:
             }
 
 
+def _rows(value: Any) -> dict[str, Any]:
+    """A section's mapping, or an empty one where the section was skipped (a message there)."""
+    return value if isinstance(value, dict) else {}
+
+
 def attach_cpu(out: dict[str, Any], cpu: dict[str, Any]) -> dict[str, Any]:
     """A CPU run's figures beside a GPU run's (`train[DATASET]["cpu 32-true"]`, the large
     model's likewise), with each GPU row's throughput as a multiple of the CPU's."""
     out["cpu_device"] = cpu.get("device")
-    pairs = [(out.get("train", {}).get(d, {}), rows.get("32-true")) for d, rows in cpu.get("train", {}).items()]
-    pairs.append((out.get("large_model", {}), cpu.get("large_model", {}).get("32-true")))
+    if not isinstance(out.get("train"), dict):
+        out["train"] = {}
+    pairs = [(out["train"].setdefault(d, {}), _rows(rows).get("32-true"))
+             for d, rows in _rows(cpu.get("train")).items()]
+    if isinstance(out.get("large_model"), dict):
+        pairs.append((out["large_model"], _rows(cpu.get("large_model")).get("32-true")))
     for rows, reference in pairs:
-        if not reference or not isinstance(rows, dict):
+        if "sequences_per_second" not in _rows(reference):
             continue
         rows[CPU] = reference
         for precision in PRECISIONS:
@@ -670,12 +688,13 @@ def plot(out: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bars = []
-    for dataset, rows in out.get("train", {}).items():
-        for precision, row in rows.items():
-            bars.append((f"{dataset}\n{precision}", row.get("sequences_per_second"), row.get("test_ndcg10")))
+    for dataset, rows in _rows(out.get("train")).items():
+        for precision, row in _rows(rows).items():
+            if "sequences_per_second" in _rows(row):
+                bars.append((f"{dataset}\n{precision}", row["sequences_per_second"], row.get("test_ndcg10")))
     for precision in (CPU, *PRECISIONS):
-        row = out.get("large_model", {}).get(precision)
-        if isinstance(row, dict) and "sequences_per_second" in row:
+        row = _rows(out.get("large_model")).get(precision)
+        if "sequences_per_second" in _rows(row):
             bars.append((f"large model\n{precision}", row["sequences_per_second"], row.get("test_ndcg10")))
     if not bars:
         return

@@ -146,6 +146,10 @@ class Stage:
         return getattr(importlib.import_module(module), name)
 
 
+# Where the text embeddings are computed: the same fp32 vectors on either device, so changing it
+# makes nothing stale.
+DEVICE_ONLY = "bert.text_encoder.device"
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "validate", "components.validate:validated_snapshot",
@@ -167,6 +171,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "item_text_embeddings", "components.bert.text_embeddings:embed_item_texts",
         params={"cfg": "bert.text_encoder"},
+        unkeyed=(DEVICE_ONLY,),
         inputs={"features_dir": "features"}, outputs={"out_dir": "text_embeddings"},
         retries=1,
     ),
@@ -174,7 +179,7 @@ STAGES: tuple[Stage, ...] = (
         "pretrain_bert", "components.bert.train:pretrain", cli="components.bert.pretrain",
         params={"cfg": "bert", "seed": "seed", "eval_batch_size": "evaluation.batch_size"},
         # What happens after pre-training does not change it.
-        unkeyed=("bert.finetune", "bert.refit", "bert.refit_epochs"),
+        unkeyed=("bert.finetune", "bert.refit", "bert.refit_epochs", DEVICE_ONLY),
         inputs={"features_dir": "features", "text_dir": "text_embeddings"},
         outputs={"out_dir": "pretrain", "epochs_file": "pretrain_epochs"},
         state={"checkpoint_dir": "pretrain_checkpoints"},
@@ -183,6 +188,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "finetune_bert", "components.bert.train:finetune", cli="components.bert.finetune",
         params={"cfg": "bert", "seed": "seed", "eval_batch_size": "evaluation.batch_size"},
+        unkeyed=(DEVICE_ONLY,),
         inputs={"features_dir": "features", "text_dir": "text_embeddings", "pretrain_dir": "pretrain",
                 "pretrain_curve": "pretrain_epochs"},
         outputs={"out_dir": "bert", "epochs_file": "finetune_epochs"},
@@ -192,6 +198,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "compress", "components.compress:compress",
         params={"cfg": "compress", "export": "export", "bert": "bert", "seed": "seed"},
+        unkeyed=(DEVICE_ONLY,),
         inputs={"features_dir": "features", "bert_dir": "bert"}, outputs={"out_dir": "compress"},
     ),
     Stage(

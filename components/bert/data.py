@@ -138,13 +138,13 @@ class SequenceDataModule(pl.LightningDataModule):
             NextItemCollate(self.max_len) if self.objective == "next" else ClozeCollate(self.max_len, self.mask_prob)
         )
         return DataLoader(_ListDataset(self.train_sequences), batch_size=self.batch_size, shuffle=True, collate_fn=collate,
-                          pin_memory=_pin())
+                          pin_memory=self._pin())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_ListDataset(self.eval_users), batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=self.eval_collate, pin_memory=_pin())
+                          collate_fn=self.eval_collate, pin_memory=self._pin())
 
-
-def _pin() -> bool:
-    """Page-locked batches when a GPU is there: the copy to the device runs asynchronously."""
-    return torch.cuda.is_available()
+    def _pin(self) -> bool:
+        """Page-locked batches when training on a GPU: the copy to the device runs asynchronously.
+        Not on a CPU run on a GPU machine, where pinning would only start a CUDA context."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"

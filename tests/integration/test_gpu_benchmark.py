@@ -85,3 +85,19 @@ def test_run_skips_what_the_time_budget_leaves_out(exported, tmp_path):
           "--device", "cpu", "--smoke", "--sections", "text_encoder,ddp", "--budget-seconds", "0"])
     result = json.loads(out.read_text())
     assert "time budget" in result["text_encoder"]["skipped"] and "time budget" in result["ddp"]["skipped"]
+
+
+def test_merge_and_plot_take_skipped_sections(tmp_path):
+    """A GPU run whose budget skipped `train` still plots, and a CPU run's rows land beside it."""
+    from benchmarks.gpu import attach_cpu, plot
+
+    gpu = {"device": "GPU", "train": {"skipped": "time budget of 0 s spent"},
+           "large_model": {"32-true": {"sequences_per_second": 300.0, "test_ndcg10": 0.1}}}
+    cpu = {"device": "CPU", "train": {"movielens-100k": {"32-true": {"sequences_per_second": 10.0}}},
+           "large_model": {"skipped": "time budget of 0 s spent"}}
+    plot(gpu, tmp_path / "a.png")
+    merged = attach_cpu(gpu, cpu)
+    assert merged["train"]["movielens-100k"]["cpu 32-true"]["sequences_per_second"] == 10.0
+    assert "cpu 32-true" not in merged["large_model"]
+    plot(merged, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 0

@@ -290,3 +290,18 @@ def test_text_encoder_device_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no GPU"):
             resolve_device("cuda")
+
+
+def test_gradients_are_clipped_by_norm_outside_fp16_scaling():
+    """The module clips itself (a fused optimizer under bf16 is refused by Lightning's plugin)."""
+    c = cfg(mode="id", text_dim=0)
+    module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0)
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    optimizer = torch.optim.AdamW(module.parameters())
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in module.parameters()]))
+    assert norm == pytest.approx(1.0, rel=1e-4)
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=None)  # no clipping asked: unchanged
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in module.parameters()])) \
+        == pytest.approx(1.0, rel=1e-4)
