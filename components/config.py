@@ -287,6 +287,28 @@ class OnlineConfig:
 
 
 @dataclass(frozen=True)
+class IncrementalConfig:
+    # Fewer new events than this: no update (the window is kept for the next run).
+    min_events: int
+    # Drift past any of these sends the window to a full retrain instead of an update:
+    # Jensen-Shannon divergence (base 2, 0..1) of item popularity, champion's data vs window;
+    popularity_divergence: float
+    # share of the window's events on items the champion has never seen;
+    unseen_item_share: float
+    # window events per hour / the champion's training data's (null: not a reason).
+    event_rate_ratio: float | None
+    # Incremental updates in a row before the next one is a full retrain.
+    max_updates_between_full: int
+    # The update: optimiser steps over the changed sequences and the replay sample, at this rate.
+    steps: int
+    lr: float
+    batch_size: int
+    # Older sequences (of users not in the window) trained beside each changed one, against
+    # forgetting.
+    replay_ratio: float
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     data: DataConfig
@@ -301,6 +323,7 @@ class Params:
     tracking: TrackingConfig
     gate: GateConfig
     online: OnlineConfig
+    incremental: IncrementalConfig
 
     def get(self, dotted: str) -> Any:
         """A setting or section by dotted key (`bert.text_encoder`)."""

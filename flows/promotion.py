@@ -128,8 +128,10 @@ def _same_bundle(params: Params, sha: str):
     return None
 
 
-def register_bundle(results: dict[str, Any], art: Artifacts, params: Params, run_id: str) -> RegisterResult:
-    """Register the bundle of the run's export stage under `run_id`, then apply the gate."""
+def register_bundle(results: dict[str, Any], art: Artifacts, params: Params, run_id: str,
+                    version_tags: dict[str, str] | None = None) -> RegisterResult:
+    """Register the bundle of the run's export stage under `run_id`, with `version_tags` (set
+    before the gate can promote it), then apply the gate."""
     import mlflow
     import onnx
 
@@ -161,7 +163,8 @@ def register_bundle(results: dict[str, Any], art: Artifacts, params: Params, run
                                      input_example=example, save_as_external_data=False,
                                      onnx_execution_providers=["CPUExecutionProvider"])
         mlflow.log_artifacts(str(art.bundle), "bundle")  # the side files the service needs
-    version = mlflow.register_model(info.model_uri, name, tags={"run_id": run_id, "bundle_sha256": bundle.bundle_sha256})
+    version = mlflow.register_model(info.model_uri, name, tags={**(version_tags or {}), "run_id": run_id,
+                                                                "bundle_sha256": bundle.bundle_sha256})
     number = int(version.version)
     mlflow_client.set_registered_model_alias(name, CHALLENGER, number)
 

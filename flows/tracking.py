@@ -83,6 +83,19 @@ def metrics_table(results: dict[str, Any]) -> dict[str, list]:
     return columns
 
 
+def use_experiment(cfg: TrackingConfig) -> None:
+    """Point MLflow at the tracking server and the experiment, creating it when missing."""
+    import mlflow
+
+    client(cfg)
+    uri = tracking_uri(cfg)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None and uri.startswith("sqlite:///"):
+        # Without a server, artifacts go beside the database (not into ./mlruns).
+        store = Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
+        mlflow.create_experiment(cfg.experiment, artifact_location=store.as_uri())
+    mlflow.set_experiment(cfg.experiment)
+
+
 def log_training_run(results: dict[str, Any], art: Artifacts, params: Params, run_name: str | None = None,
                      tags: dict[str, str] | None = None) -> str:
     """Log a finished pipeline run from its stages' results; returns the MLflow run id."""
@@ -90,13 +103,7 @@ def log_training_run(results: dict[str, Any], art: Artifacts, params: Params, ru
 
     from components.export import package_versions
 
-    client(params.tracking)
-    uri = tracking_uri(params.tracking)
-    if mlflow.get_experiment_by_name(params.tracking.experiment) is None and uri.startswith("sqlite:///"):
-        # Without a server, artifacts go beside the database (not into ./mlruns).
-        store = Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
-        mlflow.create_experiment(params.tracking.experiment, artifact_location=store.as_uri())
-    mlflow.set_experiment(params.tracking.experiment)
+    use_experiment(params.tracking)
     validation = results["validate"]
     evaluation = results["evaluate"]
     with mlflow.start_run(run_name=run_name) as run:

@@ -45,7 +45,7 @@ class _InRunOnly(logging.Filter):
         return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
-def _forward_component_logs() -> None:
+def forward_component_logs() -> None:
     """The components' own log lines (stages running in this process) go to the log of the task
     that emits them, in the Prefect UI, as they are written."""
     from prefect.logging.handlers import APILogHandler
@@ -66,14 +66,14 @@ def run_stage(name: str, params: Params, artifacts: str, force: bool) -> pipelin
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register(results: dict[str, Any], params: Params, artifacts: str, run_name: str | None,
-             tags: dict[str, str]) -> dict[str, Any]:
+             tags: dict[str, str], version_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Log to MLflow, register the bundle, apply the gate (I/O against the tracking server)."""
     from flows.promotion import register_bundle
     from flows.tracking import log_training_run
 
     art = Artifacts(artifacts)
     run_id = log_training_run(results, art, params, run_name, tags={"orchestrator": "prefect", **tags})
-    res = register_bundle(results, art, params, run_id)
+    res = register_bundle(results, art, params, run_id, version_tags)
     return {"run_id": run_id, "version": res.version, "promoted": res.promoted, "reason": res.reason,
             "model_uri": res.model_uri, "champion_version": res.champion_version, "new_version": res.new_version}
 
@@ -96,7 +96,7 @@ def _in_dvc_workspace(artifacts: str, params_file: str, overrides: list[str], pa
             and (REPO / "dvc.yaml").exists() and (REPO / ".dvc").is_dir())
 
 
-def _flow_run_tags() -> tuple[str | None, dict[str, str]]:
+def flow_run_tags() -> tuple[str | None, dict[str, str]]:
     """The Prefect flow run's name and a link to it, for the MLflow run."""
     from prefect.runtime import flow_run
 
@@ -110,12 +110,14 @@ def _flow_run_tags() -> tuple[str | None, dict[str, str]]:
 @flow(name="training", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def training(overrides: list[str] | None = None, params_file: str = "params.yaml", artifacts: str = "artifacts",
              force: bool = False, run_name: str | None = None,
-             params_overrides: list[str] | None = None) -> dict[str, Any]:
+             params_overrides: list[str] | None = None, version_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """`version_tags`: set on the registered version when it is registered (the incremental
+    flow's lineage)."""
     overrides, params_overrides = list(overrides or []), list(params_overrides or [])
     logger = get_run_logger()
     params = load_params(params_file, overrides, [Path(f) for f in params_overrides])  # fails here, before any work
     quiet_libraries()
-    _forward_component_logs()
+    forward_component_logs()
 
     futures: dict[str, Any] = {}
     for stage in pipeline.STAGES:
@@ -127,8 +129,8 @@ def training(overrides: list[str] | None = None, params_file: str = "params.yaml
     results = {name: o.result for name, o in outcomes.items()}
     skipped = {name: o.skipped for name, o in outcomes.items()}
 
-    flow_run_name, tags = _flow_run_tags()
-    result = register(results, params, artifacts, run_name or flow_run_name, tags)
+    flow_run_name, tags = flow_run_tags()
+    result = register(results, params, artifacts, run_name or flow_run_name, tags, version_tags)
     if _in_dvc_workspace(artifacts, params_file, overrides, params_overrides):
         logger.info(record_in_dvc(artifacts))
     summary = summary_markdown(results["evaluate"].test, result, skipped)

@@ -55,6 +55,14 @@ class DataRules:
 
 
 @dataclass(frozen=True)
+class Export:
+    exported: int
+    quarantined: int
+    # The last event number read: the next export starts after it.
+    last_seq: int
+
+
+@dataclass(frozen=True)
 class Impression:
     """One list `/recommend` answered (or a shadow model would have): its items by position."""
 
@@ -230,6 +238,16 @@ class EventStore:
         return self._read("SELECT user_id, item_id, received_at FROM events WHERE received_at >= ? AND received_at < ?"
                           " ORDER BY received_at, seq", (since, until))
 
+    def last_seq(self, received_before: float | None = None) -> int:
+        """The number of the last event (received before `received_before`, when given); 0 if none."""
+        if received_before is None:
+            rows = self._read("SELECT coalesce(max(seq), 0) FROM events")
+        else:
+            # Rows written before arrival times were recorded count as received before anything.
+            rows = self._read("SELECT coalesce(max(seq), 0) FROM events WHERE received_at IS NULL OR received_at < ?",
+                              (received_before,))
+        return int(rows[0][0])
+
     def history(self, user_id: str, limit: int) -> list[str]:
         """The user's last `limit` items, oldest first."""
         rows = self._read("SELECT item_id FROM events WHERE user_id = ? ORDER BY timestamp DESC, seq DESC LIMIT ?",
@@ -264,15 +282,17 @@ class EventStore:
         rows = self._read("SELECT value FROM meta WHERE key = 'data_rules'")
         return DataRules(**json.loads(rows[0][0])) if rows else None
 
-    def export_csv(self, path: Path, quarantine: Path) -> tuple[int, int]:
-        """Interactions as CSV (user_id, item_id, timestamp, weight); rows training validation
-        would refuse (the rules the service last recorded) go to `quarantine` with the reason.
-        Returns (exported, quarantined)."""
-        rules = self.rules() or DataRules()
-        rows = self._read("SELECT user_id, item_id, timestamp, weight FROM events ORDER BY seq")
+    def export_csv(self, path: Path, quarantine: Path, after_seq: int = 0, rules: DataRules | None = None) -> "Export":
+        """Interactions as CSV (user_id, item_id, timestamp, weight), those received after the
+        event numbered `after_seq` (0: all); rows training validation would refuse (`rules`,
+        default: the rules the service last recorded) go to `quarantine` with the reason. The
+        returned `last_seq` is the watermark of the next export."""
+        rules = rules or self.rules() or DataRules()
+        rows = self._read("SELECT seq, user_id, item_id, timestamp, weight FROM events WHERE seq > ? ORDER BY seq",
+                          (after_seq,))
         now = time.time()
         good, bad = [], []
-        for user, item, ts, weight in rows:
+        for _, user, item, ts, weight in rows:
             reasons = [p for p in (id_problem(user, "user_id"), id_problem(item, "item_id")) if p]
             if not isinstance(ts, int) or isinstance(ts, bool):
                 reasons.append(f"timestamp {ts!r} is not an integer")
@@ -287,7 +307,7 @@ class EventStore:
             w = csv.writer(f)
             w.writerow(["user_id", "item_id", "timestamp", "weight", "reason"])
             w.writerows(bad)
-        return len(good), len(bad)
+        return Export(len(good), len(bad), int(rows[-1][0]) if rows else after_seq)
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:
@@ -327,14 +347,17 @@ def main() -> int:
     parser.add_argument("--db", type=store_arg, required=True, help="a SQLite file or a postgresql:// URL")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quarantine", type=Path, default=None)
+    parser.add_argument("--after-seq", type=int, default=0,
+                        help="only events received after this event number (a previous export's watermark)")
     args = parser.parse_args()
     if not is_url(args.db) and not args.db.exists():
         parser.error(f"{args.db} does not exist")
     quarantine = args.quarantine or args.out.with_name(args.out.stem + ".quarantine.csv")
     store = EventStore(args.db)
-    good, bad = store.export_csv(args.out, quarantine)
+    result = store.export_csv(args.out, quarantine, args.after_seq)
     store.close()
-    print(f"{good} events -> {args.out}; {bad} quarantined -> {quarantine}")
+    print(f"{result.exported} events -> {args.out}; {result.quarantined} quarantined -> {quarantine}; "
+          f"watermark {result.last_seq}")
     return 0
 
 

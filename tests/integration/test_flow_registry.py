@@ -11,18 +11,8 @@ import pytest
 
 from tests.bert_helpers import make_tiny_bert
 from tests.conftest import REPO, TINY
-from tests.mlflow_server import mlflow_server
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    folder = tmp_path_factory.mktemp("services")
-    with mlflow_server(folder / "mlflow") as uri, prefect_test_harness(server_startup_timeout=120):
-        yield uri, folder
 
 
 def task_runs(flow_run_id):

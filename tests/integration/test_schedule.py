@@ -70,6 +70,14 @@ def test_the_nightly_deployment_runs_on_its_schedule(tmp_path):
     monitor = next(d for d in spec["deployments"] if d["name"] == "hourly-monitor")
     assert monitor["schedules"][0]["cron"] == "15 * * * *"
     monitor["schedules"] = []  # deployed (and checked) here, but not run: it has no service to watch
+    hourly = next(d for d in spec["deployments"] if d["name"] == "hourly-incremental")
+    assert hourly["schedules"][0]["cron"] == "45 * * * *"
+    # Every minute too, on the same registry and an empty event store: its scheduled runs find no
+    # champion, or no new events, and say so.
+    hourly["schedules"] = [{"cron": "* * * * *", "timezone": "UTC"}]
+    hourly["parameters"] = {**hourly["parameters"], "artifacts": str(tmp_path / "artifacts"),
+                            "overrides": [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                          f"online.db={tmp_path / 'events.db'}"]}
     prefect_file = tmp_path / "prefect.yaml"
     prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
 
@@ -88,21 +96,24 @@ def test_the_nightly_deployment_runs_on_its_schedule(tmp_path):
         prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file))
         assert deployment_limit(api, "training/nightly-retrain") == (1, "CANCEL_NEW")
         assert deployment_limit(api, "monitor/hourly-monitor") == (1, "CANCEL_NEW")
+        assert deployment_limit(api, "incremental/hourly-incremental") == (1, "CANCEL_NEW")
         log = (tmp_path / "worker.log").open("w")
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "recforge-process"],
                                   cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.time() + 420
-            done = None
-            while time.time() < deadline and done is None:
+            done = hourly_done = None
+            while time.time() < deadline and (done is None or hourly_done is None):
                 runs = deployment_runs(api, "nightly-retrain")
-                bad = [r for r in runs if r.state and r.state.type.value in ("FAILED", "CRASHED")]
+                hourly_runs = deployment_runs(api, "hourly-incremental")
+                bad = [r for r in runs + hourly_runs if r.state and r.state.type.value in ("FAILED", "CRASHED")]
                 assert not bad, f"{bad[0].state}\n{(tmp_path / 'worker.log').read_text()[-4000:]}"
                 # Minute runs outlast a minute: the deployment's limit keeps them from sharing
                 # the artifacts folder (it was two runs at once that broke an export).
                 running = [r for r in runs if r.state and r.state.type.value == "RUNNING"]
                 assert len(running) <= 1, f"{len(running)} runs at once"
                 done = next((r for r in runs if r.state and r.state.is_completed()), None)
+                hourly_done = next((r for r in hourly_runs if r.state and r.state.is_completed()), None)
                 time.sleep(3)
         finally:
             stop(worker)
@@ -110,5 +121,6 @@ def test_the_nightly_deployment_runs_on_its_schedule(tmp_path):
         server_log = (tmp_path / "prefect" / "server.log").read_text()
     assert done is not None, f"no scheduled run completed:\n{server_log[-3000:]}\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
     assert done.auto_scheduled, "the run must come from the schedule, not from a trigger"
+    assert hourly_done is not None and hourly_done.auto_scheduled, "no scheduled incremental run completed"
     assert "Can't evaluate bulk DML" not in server_log
     assert (tmp_path / "artifacts" / "bundle" / "bundle.json").exists()

@@ -1,0 +1,367 @@
+"""Incremental training on a time-ordered replay: no update vs an incremental update vs a full
+retrain, window after window.
+
+    python -m benchmarks.incremental --dataset movielens-100k --out i.json
+
+The dataset's events are ordered by time; the first `--base-fraction` is the base period, the
+rest is cut into `--windows` + 1 windows of equal event counts. A base model is trained on the
+base period (the number of epochs chosen on its inner holdout: each user's last base event).
+Then, for each window w = 1..W, every policy takes window w and is scored on window w + 1:
+- no_update: the base model, new items added from their text (what the service does for
+  cold-start items), user vectors from the users' current histories;
+- incremental: the previous window's incremental model, extended by the new items and
+  fine-tuned on the changed sequences plus a replay sample (`components.incremental`);
+- full_retrain: a fresh model trained on everything up to the end of window w, as many epochs
+  as the base model.
+Scoring (the evaluator's protocol, full ranking): users with earlier events and at least one
+event in window w + 1 on an item known by the end of window w; targets are those items, the
+history (cut to max_len) is every event before window w + 1, and history items are excluded.
+The drift rule's decision for each window is recorded beside it (the policies above do not follow
+it, so that they stay comparable), and one window is made to drift on purpose (a block of new
+items taking most of its events) to show the rule sends it to a full retrain.
+
+Output: `{DATASET: {"windows": [...], "total": {...}, "drift_check": {...}}}` and a plot of
+NDCG@10 per window for the three policies beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from benchmarks.common import dataset_params, datasets, save
+from components import metrics
+from components.cli import add_params_arguments, run_main
+from components.config import Params
+from components.incremental import (
+    Events, decide, extend_items, incremental_update, measure_drift, rank_users, train_steps,
+)
+
+log = logging.getLogger("benchmarks.incremental")
+
+K = 10
+POLICIES = ("no_update", "incremental", "full_retrain")
+
+
+# --------------------------------------------------------------------------------------------
+# Data: events in time order, ids indexed by first appearance
+# --------------------------------------------------------------------------------------------
+
+
+def load_events(params: Params) -> tuple[Events, list[str]]:
+    """Every event, in time order, with users and items indexed by first appearance (so the
+    items known at any moment are a prefix of the index), and the items' texts."""
+    import polars as pl
+
+    from components.datasets import load_dataset, normalize
+
+    if params.data.source == "unisrec":
+        # Their order is written as consecutive seconds from one date for every user: sorting
+        # by it would interleave users by position, not replay time.
+        raise ValueError("UniSRec files (amazon-scientific) carry no timestamps: no time-ordered replay is possible")
+    inter, items = normalize(load_dataset(params.data, params.seed))
+    inter = inter.with_row_index("order").sort(["timestamp", "order"])
+    def first_seen(col: str) -> pl.DataFrame:
+        return inter.select(col).unique(maintain_order=True).with_row_index(f"{col}_idx")
+
+    users, item_ids = first_seen("user_id"), first_seen("item_id")
+    inter = inter.join(users, on="user_id").join(item_ids, on="item_id").sort(["timestamp", "order"])
+    texts = item_ids.join(items, on="item_id", how="left").sort("item_id_idx")["text"].fill_null("").to_list()
+    return Events(inter["user_id_idx"].to_numpy().astype(np.int64), inter["item_id_idx"].to_numpy().astype(np.int64),
+                  inter["timestamp"].to_numpy().astype(np.int64)), texts
+
+
+def item_text_embeddings(texts: list[str], params: Params, work: Path):
+    """The pipeline's own text-embedding stage (and its cache) over the items in index order."""
+    import polars as pl
+
+    from components.bert.text_embeddings import embed_item_texts
+
+    features = work / "features"
+    features.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"item_idx": np.arange(len(texts)), "text": texts}).write_parquet(features / "items.parquet")
+    embed_item_texts(features, work / "text", params.bert.text_encoder)
+    return np.load(work / "text" / "embeddings.npy")
+
+
+def subset(ev: Events, lo: int, hi: int) -> Events:
+    return Events(ev.users[lo:hi], ev.items[lo:hi], ev.timestamps[lo:hi])
+
+
+def sequences(ev: Events, n_users: int) -> list[np.ndarray]:
+    """Each user's items in time order (events are in time order already)."""
+    order = np.argsort(ev.users, kind="stable")
+    bounds = np.searchsorted(ev.users[order], np.arange(n_users + 1))
+    items = ev.items[order]
+    return [items[bounds[u]:bounds[u + 1]] for u in range(n_users)]
+
+
+# --------------------------------------------------------------------------------------------
+# Models and scoring
+# --------------------------------------------------------------------------------------------
+
+
+def new_model(params: Params, n_items: int, text: np.ndarray | None):
+    import torch
+
+    from components.bert.model import SeqRecModel
+    from components.bert.train import model_config
+
+    mcfg = model_config(params.bert, n_items, text.shape[1] if text is not None else 0, inference="causal")
+    torch.manual_seed(params.seed)
+    return SeqRecModel(mcfg, text_features=torch.as_tensor(text[:n_items]) if "text" in mcfg.mode else None)
+
+
+def score(model, histories: list[np.ndarray], targets: sp.csr_matrix, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user NDCG@K and Recall@K, full ranking over the model's `n_items`, history excluded."""
+    rows = np.repeat(np.arange(len(histories)), [h.size for h in histories])
+    cols = np.concatenate(histories) if histories else np.zeros(0, np.int64)
+    exclude = sp.csr_matrix((np.ones(cols.size, np.float32), (rows, cols)), shape=(len(histories), n_items))
+    return rank_users(model, histories, exclude, targets, K)
+
+
+def eval_set(ev: Events, until: int, window: slice, n_known: int, n_users: int):
+    """Histories (events before `window`) and targets (its events on known items) of the users
+    who have both."""
+    before = sequences(subset(ev, 0, until), n_users)
+    w = subset(ev, window.start, window.stop)
+    keep = w.items < n_known
+    users_w, items_w = w.users[keep], w.items[keep]
+    users = np.array(sorted({int(u) for u in users_w if before[u].size}), dtype=np.int64)
+    row = {u: r for r, u in enumerate(users)}
+    pick = np.array([u in row for u in users_w], dtype=bool)
+    targets = sp.csr_matrix((np.ones(int(pick.sum()), np.float32),
+                             ([row[int(u)] for u in users_w[pick]], items_w[pick])), shape=(users.size, n_known))
+    targets.data[:] = 1.0  # repeated events on an item are one target
+    return [before[u] for u in users], targets, users
+
+
+def train_full(params: Params, ev: Events, n_items: int, text, epochs: int, seed: int,
+               after=None, every: int = 0):
+    """A model trained from scratch on `ev` for `epochs` epochs (the fine-tuning stage's
+    learning rate and batch size)."""
+    model = new_model(params, n_items, text)
+    seqs = [s for s in sequences(ev, int(ev.users.max()) + 1) if s.size >= 2]
+    per_epoch = math.ceil(len(seqs) / params.bert.batch_size)
+    counts = np.bincount(ev.items, minlength=n_items)
+    train_steps(model, seqs, epochs * per_epoch, params.bert.finetune.lr, params.bert.batch_size, params.bert, seed,
+                item_counts=counts, every=per_epoch if after else 0,
+                after=(lambda step: after(model, step // per_epoch)) if after else None)
+    return model
+
+
+def choose_epochs(params: Params, base: Events, n_items: int, text) -> tuple[int, list[float]]:
+    """Epochs for a full training, chosen on the base period's inner holdout (each user's last
+    base event, scored with the rest as history) with the fine-tuning stage's patience."""
+    n_users = int(base.users.max()) + 1
+    last = np.zeros(len(base), dtype=bool)
+    seen: set[int] = set()
+    for i in range(len(base) - 1, -1, -1):
+        u = int(base.users[i])
+        if u not in seen:
+            seen.add(u)
+            last[i] = True
+    train = Events(base.users[~last], base.items[~last], base.timestamps[~last])
+    hist = sequences(train, n_users)
+    users = np.array([u for u in range(n_users) if hist[u].size], dtype=np.int64)
+    held = dict(zip(base.users[last].tolist(), base.items[last].tolist()))
+    targets = sp.csr_matrix((np.ones(users.size, np.float32), (np.arange(users.size), [held[u] for u in users])),
+                            shape=(users.size, n_items))
+    curve: list[float] = []
+    patience = params.bert.finetune.patience
+
+    class Stop(Exception):
+        pass
+
+    def after(model, epoch: int) -> None:
+        curve.append(float(score(model, [hist[u] for u in users], targets, n_items)[0].mean()))
+        log.info("base model, epoch %d: inner-holdout NDCG@10 %.4f", epoch, curve[-1])
+        if len(curve) - 1 - int(np.argmax(curve)) >= patience:
+            raise Stop
+
+    try:
+        train_full(params, train, n_items, text, params.bert.finetune.max_epochs, params.seed, after=after, every=1)
+    except Stop:
+        pass
+    return int(np.argmax(curve)) + 1, curve
+
+
+def drifted_window(ev: Events, window: slice, n_known: int, share: float, seed: int) -> tuple[Events, int]:
+    """Window `window` with `share` of its events moved onto a block of brand-new items."""
+    w = subset(ev, window.start, window.stop)
+    rng = np.random.default_rng(seed)
+    moved = rng.random(len(w)) < share
+    block = max(10, len(w) // 50)
+    items = w.items.copy()
+    items[moved] = n_known + rng.integers(0, block, int(moved.sum()))
+    return Events(w.users, items, w.timestamps), n_known + block
+
+
+# --------------------------------------------------------------------------------------------
+# The replay
+# --------------------------------------------------------------------------------------------
+
+
+def run_dataset(params: Params, work: Path, base_fraction: float, n_windows: int) -> dict[str, Any]:
+    ev, texts = load_events(params)
+    n = len(ev)
+    n_users = int(ev.users.max()) + 1
+    text = item_text_embeddings(texts, params, work) if "text" in params.bert.mode else None
+    base_end = int(n * base_fraction)
+    bounds = np.linspace(base_end, n, n_windows + 2).astype(int)
+    windows = [slice(int(bounds[i]), int(bounds[i + 1])) for i in range(n_windows + 1)]
+    known_at = np.maximum.accumulate(ev.items) + 1  # items known after event i (first-appearance index)
+
+    base = subset(ev, 0, base_end)
+    n_base_items = int(known_at[base_end - 1])
+    epochs, curve = choose_epochs(params, base, n_base_items, text)
+    log.info("full training: %d epochs (inner holdout)", epochs)
+    start = time.perf_counter()
+    base_model = train_full(params, base, n_base_items, text, epochs, params.seed)
+    base_seconds = time.perf_counter() - start
+
+    cfg = params.incremental
+    incremental = base_model
+    trained_on = base  # the events the incremental model has seen (the drift reference)
+    rows: list[dict[str, Any]] = []
+    per_user: dict[str, list[np.ndarray]] = {p: [] for p in POLICIES}
+    updates_since_full = 0
+    for w in range(n_windows):
+        current, following = windows[w], windows[w + 1]
+        n_known = int(known_at[current.stop - 1])
+        new_text = text[incremental.cfg.n_items:n_known] if text is not None else None
+        window_events = subset(ev, current.start, current.stop)
+        drift = measure_drift(trained_on, window_events, incremental.cfg.n_items, seed=params.seed + w)
+        decision = decide(drift, updates_since_full, cfg)
+        updates_since_full += 1  # this policy never retrains in full (see the module docstring)
+
+        histories, targets, users = eval_set(ev, following.start, following, n_known, n_users)
+        row: dict[str, Any] = {"window": w + 1, "events": len(window_events), "eval_users": int(users.size),
+                               "new_items": n_known - incremental.cfg.n_items, "decision": decision.action,
+                               "reason": decision.reason, "drift": drift.metrics()}
+
+        stale = extend_items(base_model, n_known, text[base_model.cfg.n_items:n_known] if text is not None else None)
+        scores = {"no_update": score(stale, histories, targets, n_known)}
+
+        incremental = extend_items(incremental, n_known, new_text)
+        so_far = sequences(subset(ev, 0, current.stop), n_users)
+        changed = sorted(set(window_events.users.tolist()))
+        changed_set = set(changed)
+        others = [so_far[u] for u in range(n_users) if u not in changed_set and so_far[u].size >= 2]
+        update = incremental_update(incremental, [so_far[u] for u in changed], others, cfg, params.bert,
+                                    params.seed + w, item_counts=np.bincount(ev.items[:current.stop], minlength=n_known))
+        scores["incremental"] = score(incremental, histories, targets, n_known)
+
+        start = time.perf_counter()
+        full = train_full(params, subset(ev, 0, current.stop), n_known, text, epochs, params.seed)
+        full_seconds = time.perf_counter() - start
+        scores["full_retrain"] = score(full, histories, targets, n_known)
+
+        for p in POLICIES:
+            ndcg, recall = scores[p]
+            row[p] = {"ndcg@10": float(ndcg.mean()) if ndcg.size else math.nan,
+                      "recall@10": float(recall.mean()) if recall.size else math.nan}
+            per_user[p].append(np.stack([ndcg, recall]))
+        row["incremental"]["seconds"] = update.seconds
+        row["incremental"]["update"] = update.metrics()
+        row["full_retrain"]["seconds"] = full_seconds
+        rows.append(row)
+        trained_on = subset(ev, 0, current.stop)
+        log.info("window %d/%d: %d events, %d users scored; NDCG@10 no update %.4f, incremental %.4f (%.1f s), "
+                 "full retrain %.4f (%.1f s); drift rule: %s", w + 1, n_windows, len(window_events), users.size,
+                 row["no_update"]["ndcg@10"], row["incremental"]["ndcg@10"], update.seconds,
+                 row["full_retrain"]["ndcg@10"], full_seconds, decision.action)
+
+    pooled = {p: np.concatenate(per_user[p], axis=1) for p in POLICIES}
+    total: dict[str, Any] = {p: {"ndcg@10": float(pooled[p][0].mean()), "recall@10": float(pooled[p][1].mean())}
+                             for p in POLICIES}
+    total["incremental"]["seconds_per_update"] = float(np.mean([r["incremental"]["seconds"] for r in rows]))
+    total["full_retrain"]["seconds_per_update"] = float(np.mean([r["full_retrain"]["seconds"] for r in rows]))
+    total["scored_users"] = int(pooled["incremental"].shape[1])
+    ratio, low, high = metrics.paired_bootstrap_ratio(pooled["incremental"][0], pooled["no_update"][0], seed=params.seed)
+    total["incremental_over_no_update"] = {"ndcg@10_ratio": ratio, "ci95": [low, high]}
+    ratio, low, high = metrics.paired_bootstrap_ratio(pooled["incremental"][0], pooled["full_retrain"][0],
+                                                      seed=params.seed)
+    total["incremental_over_full_retrain"] = {"ndcg@10_ratio": ratio, "ci95": [low, high]}
+    total["update_seconds_over_full_retrain"] = (total["incremental"]["seconds_per_update"]
+                                                 / total["full_retrain"]["seconds_per_update"])
+
+    # A window made to drift: 80 % of window 1's events moved onto a block of new items.
+    drifted, n_drift_items = drifted_window(ev, windows[0], int(known_at[windows[0].stop - 1]), 0.8, params.seed)
+    drift = measure_drift(base, drifted, n_base_items, seed=params.seed)
+    decision = decide(drift, 0, cfg)
+    return {
+        "settings": {"base_fraction": base_fraction, "windows": n_windows, "events": n, "users": n_users,
+                     "items": int(known_at[-1]), "full_training_epochs": epochs, "inner_holdout_curve": curve,
+                     "base_training_seconds": base_seconds, "incremental": dict(vars(cfg)),
+                     "bert": {k: getattr(params.bert, k) for k in ("mode", "max_len", "hidden_size", "num_layers",
+                                                                    "batch_size", "loss")}},
+        "windows": rows, "total": total,
+        "drift_check": {"moved_share": 0.8, "new_items": n_drift_items - int(known_at[windows[0].stop - 1]),
+                        "drift": drift.metrics(), "decision": decision.action, "reason": decision.reason},
+    }
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [d for d in out if isinstance(out[d], dict) and "windows" in out[d]]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(6 * max(1, len(names)), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = out[name]["windows"]
+        x = [r["window"] for r in rows]
+        for p in POLICIES:
+            ax.plot(x, [r[p]["ndcg@10"] for r in rows], marker="o", label=p.replace("_", " "))
+        for r in rows:
+            if r["decision"] == "full_retrain":
+                ax.axvline(r["window"], color="grey", alpha=0.2)
+        ax.set(title=f"{name}: NDCG@10 on the next window", xlabel="window (updated on it)", ylabel="NDCG@10")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_params_arguments(parser, artifacts=False)
+    parser.add_argument("--dataset", default="movielens-100k", help=f"comma-separated: {', '.join(datasets())}")
+    parser.add_argument("--data-dir", type=Path, default=None, help="dataset folder (one dataset only)")
+    parser.add_argument("--base-fraction", type=float, default=0.7)
+    parser.add_argument("--windows", type=int, default=10, help="windows updated on (each scored on the next)")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if not 0 < args.base_fraction < 1 or args.windows < 1:
+        parser.error("--base-fraction must be in (0, 1) and --windows at least 1")
+    names = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    if args.data_dir and len(names) > 1:
+        parser.error("--data-dir needs a single --dataset")
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            params = dataset_params(args.params, name, args.data_dir, args.overrides, args.override_files)
+            out[name] = run_dataset(params, (args.workdir or Path(tmp)) / name, args.base_fraction, args.windows)
+            total = out[name]["total"]
+            print(f"{name}: NDCG@10 no update {total['no_update']['ndcg@10']:.4f}, incremental "
+                  f"{total['incremental']['ndcg@10']:.4f}, full retrain {total['full_retrain']['ndcg@10']:.4f}; "
+                  f"update {total['update_seconds_over_full_retrain']:.1%} of a full retrain's time; "
+                  f"drifted window -> {out[name]['drift_check']['decision']}")
+            save(out, args.out, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
