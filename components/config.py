@@ -109,6 +109,10 @@ class EvaluationConfig:
     batch_size: int
     short_history_max: int
     head_fraction: float
+    # Users scored per split: null = every user with a target; N = a uniform sample of N users
+    # (the same for every model), drawn with `sample_seed`.
+    max_users: int | None
+    sample_seed: int
 
 
 @dataclass(frozen=True)

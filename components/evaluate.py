@@ -78,12 +78,33 @@ def rank(
     return out
 
 
+def sample_users(users: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
+    """`users`, or a uniform sample of `max_users` of them drawn with `seed` (sorted): the same
+    users for every model given the same candidates."""
+    if max_users is not None and max_users < 1:
+        raise ValueError(f"evaluation.max_users must be at least 1 (null: every user), got {max_users}")
+    if max_users is None or users.size <= max_users:
+        return users
+    return np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+
+
+def interval95(values: np.ndarray) -> tuple[float, float]:
+    """95 % interval of the mean of per-user values (normal approximation: users are many)."""
+    if values.size < 2:
+        return float("nan"), float("nan")
+    half = 1.96 * float(values.std(ddof=1)) / np.sqrt(values.size)
+    return float(values.mean()) - half, float(values.mean()) + half
+
+
 def _ranked(
-    model: FactorModel, seqs: Sequences, split: str, k: int, batch_size: int
+    model: FactorModel, seqs: Sequences, split: str, k: int, batch_size: int, max_users: int | None = None,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
-    """The users with a target in `split`, their top-k (history excluded) and their targets."""
+    """The users with a target in `split` (all, or a seeded sample of `max_users`), their top-k
+    (history excluded) and their targets. Users are ranked `batch_size` at a time: memory holds
+    one block of scores, whatever the number of users."""
     targets = seqs.target_matrix(split)
-    users = np.flatnonzero(np.diff(targets.indptr) > 0)
+    users = sample_users(np.flatnonzero(np.diff(targets.indptr) > 0), max_users, seed)
     topk = rank(model.users[split][users], model.items[split], seqs.history_matrix(split)[users], k, batch_size)
     return users, topk, targets[users]
 
@@ -102,11 +123,19 @@ def evaluate_split(
     train_counts: np.ndarray,
     head_items: np.ndarray,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics of one model on one split, with slices; also returns the Recall@k curve."""
+    """Metrics of one model on one split, with slices and the 95 % interval of each headline
+    mean over users (`evaluation.max_users`: over a seeded sample of them); also returns the
+    Recall@k curve."""
     max_k = max(cfg.ks)
-    users, topk, t = _ranked(model, seqs, split, max_k, cfg.batch_size)
+    users, topk, t = _ranked(model, seqs, split, max_k, cfg.batch_size, cfg.max_users, cfg.sample_seed)
     result = metrics.summarize(topk, t, cfg.ks, seqs.n_items)
     result["n_users"] = float(users.size)
+    result["n_users_eligible"] = float(np.count_nonzero(np.diff(seqs.target_matrix(split).indptr)))
+    hit, n_targets = metrics.hits(topk, t), np.diff(t.indptr)
+    for k in cfg.ks:
+        for name, values in (("ndcg", metrics.ndcg_at_k(hit, n_targets, k)),
+                             ("recall", metrics.recall_at_k(hit, n_targets, k)), ("mrr", metrics.mrr_at_k(hit, k))):
+            result[f"{name}@{k}_ci95_low"], result[f"{name}@{k}_ci95_high"] = interval95(values)
 
     short = train_counts[users] <= cfg.short_history_max
     for key, value in metrics.summarize(topk[short], t[short], cfg.ks, seqs.n_items).items():
@@ -199,8 +228,14 @@ def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
     cols = [f"{m}@{k}" for k in ks for m in HEADLINE]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, res in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{res.get(c, float('nan')):.4f}" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(res, c) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def _cell(row: dict[str, float], key: str) -> str:
+    low, high = row.get(f"{key}_ci95_low"), row.get(f"{key}_ci95_high")
+    value = f"{row.get(key, float('nan')):.4f}"
+    return value + (f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None and low == low else "")
 
 
 def load_models(

@@ -63,23 +63,54 @@ def test_evaluate_writes_metrics_for_every_model_and_slice(tmp_path):
     assert "| oracle | 1.0000" in format_table(ev.test, [10])
 
 
-def test_per_user_ndcg_averages_to_the_reported_ndcg(tmp_path):
+def random_case(tmp_path, rng, n_users: int, n_items: int, per_user: int, n_models: int, *overrides: str):
+    """Features of random histories and random factor models over them: (settings, sequences,
+    models)."""
     import polars as pl
 
     from components.sequences import load_sequences
 
-    rng = np.random.default_rng(3)
-    rows = [(f"u{u}", f"i{i}", t) for u in range(12) for t, i in enumerate(rng.choice(9, size=5, replace=False))]
+    rows = [(f"u{u:02d}", f"i{i}", t) for u in range(n_users)
+            for t, i in enumerate(rng.choice(n_items, size=per_user, replace=False))]
     inter = pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
     items = sorted({r[1] for r in rows})
     data = write_snapshot(tmp_path / "data", inter, pl.DataFrame({"item_id": items, "text": items}))
-    cfg = tiny_params("features.min_user_interactions=0", "features.min_item_interactions=0")
+    cfg = tiny_params("features.min_user_interactions=0", "features.min_item_interactions=0", *overrides)
     build_features(data, tmp_path / "f", cfg.features)
     seqs = load_sequences(tmp_path / "f")
-    model = FactorModel(items={s: rng.normal(size=(seqs.n_items, 4)).astype(np.float32) for s in ("valid", "test")},
-                        users={s: rng.normal(size=(seqs.n_users, 4)).astype(np.float32) for s in ("valid", "test")})
+    models = [FactorModel(items={s: rng.normal(size=(seqs.n_items, 4)).astype(np.float32) for s in ("valid", "test")},
+                          users={s: rng.normal(size=(seqs.n_users, 4)).astype(np.float32) for s in ("valid", "test")})
+              for _ in range(n_models)]
+    return cfg, seqs, models
+
+
+def test_per_user_ndcg_averages_to_the_reported_ndcg(tmp_path):
+    cfg, seqs, (model,) = random_case(tmp_path, np.random.default_rng(3), 12, 9, 5, 1)
     ev = evaluate(tmp_path / "f", {"random": model}, tmp_path / "eval", cfg.evaluation)
     for split, reported in (("valid", ev.valid), ("test", ev.test)):
         per_user = per_user_ndcg(model, seqs, split, 10, 4)
         assert per_user.shape == (12,) and ((per_user >= 0) & (per_user <= 1)).all()
         assert per_user.mean() == pytest.approx(reported["random"]["ndcg@10"])
+
+
+def test_max_users_scores_a_seeded_sample_with_intervals(tmp_path):
+    import dataclasses
+
+    from components.evaluate import sample_users
+
+    cfg, seqs, (a, b) = random_case(tmp_path, np.random.default_rng(5), 60, 30, 6, 2,
+                                    "evaluation.max_users=20", "evaluation.sample_seed=7")
+    models = {"a": a, "b": b}
+    ev = evaluate(tmp_path / "f", models, tmp_path / "eval", cfg.evaluation)
+    sample = sample_users(np.arange(60), 20, 7)
+    assert sample.size == 20 and np.array_equal(sample, sample_users(np.arange(60), 20, 7))
+    for name, model in models.items():
+        row = ev.test[name]
+        assert row["n_users"] == 20 and row["n_users_eligible"] == 60
+        # The same users for every model: the sample's mean of the full per-user figures.
+        assert row["ndcg@10"] == pytest.approx(per_user_ndcg(model, seqs, "test", 10, 8)[sample].mean())
+        assert row["ndcg@10_ci95_low"] < row["ndcg@10"] < row["ndcg@10_ci95_high"]
+    everyone = evaluate(tmp_path / "f", models, tmp_path / "all", dataclasses.replace(cfg.evaluation, max_users=None))
+    assert everyone.test["a"]["n_users"] == 60
+    with pytest.raises(ValueError, match="max_users must be at least 1"):
+        evaluate(tmp_path / "f", models, tmp_path / "none", dataclasses.replace(cfg.evaluation, max_users=0))
