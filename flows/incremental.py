@@ -80,6 +80,12 @@ class Window:
     last_seq: int
 
 
+class ChampionElsewhere(RuntimeError):
+    """The champion's artifacts root holds another run's outputs: nothing to update from."""
+
+    exit_code = 2  # the CLI prints the message, not a traceback
+
+
 def champion_state(params: Params, artifacts: Path) -> ChampionState | None:
     """The champion's version, the artifacts root it was trained in, its watermark and how many
     incremental updates it is from a full training; None when there is no champion."""
@@ -95,7 +101,7 @@ def champion_state(params: Params, artifacts: Path) -> ChampionState | None:
     except FileNotFoundError:
         sha = None
     if sha != champion.tags.get("bundle_sha256"):
-        raise RuntimeError(
+        raise ChampionElsewhere(
             f"the champion (version {champion.version}) was not trained in {root}: its bundle is not the one there "
             f"(a later training run replaced it?). Run the training flow to register a champion from this folder.")
     if WATERMARK in champion.tags:
