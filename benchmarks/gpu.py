@@ -21,9 +21,11 @@ What `run` measures, each through the product's own code (`components.bert.train
   and wall time to the best validation NDCG@10, test NDCG@10 of the refitted model;
 - large_model: a model the CPU cannot afford (hidden 256, 4 layers, max_len 200, full softmax,
   batch 512) on Amazon, both precisions (`--seeds` seeds each), against the default model, and
-  training throughput by batch size;
+  training throughput by batch size with the encoder eager, compiled (`bert.trainer.compile`,
+  what `auto` does on a GPU) and compiled with CUDA graphs (`compile_mode=reduce-overhead`);
 - profile: torch.profiler over a few of the large model's steps at the smallest and largest of
-  those batch sizes: host operators, kernels and GPU-busy time per step, the costliest kernels;
+  those batch sizes, eager and compiled: host operators, kernels and GPU-busy time per step, the
+  costliest kernels;
 - sampled_softmax: training throughput on a synthetic catalogue of 1M items (id embeddings),
   sampled softmax in both precisions, and the full softmax beside it (or the memory it lacks);
 - text_encoder: the MiniLM architecture (random weights: speed, not quality) embedding 100k
@@ -33,7 +35,8 @@ What `run` measures, each through the product's own code (`components.bert.train
 
 Everything goes into one JSON, written again after each section (a run cut short still leaves
 what it measured; no run starts after `--budget-seconds`; a failing path is recorded with its
-traceback and the others go on), with a plot beside it. `merge` puts a CPU run beside a GPU run.
+traceback and the others go on), with a plot beside it. `--update` adds the sections run now to
+an earlier run's JSON (a machine lent for minutes at a time: the sections split over two calls). `merge` puts a CPU run beside a GPU run.
 `--smoke` shrinks every section to seconds on a CPU.
 """
 
@@ -65,7 +68,19 @@ LARGE_DATASET = "amazon-scientific"
 # (validation NDCG@10 0.054 after epoch 1, 0.003 after epoch 2).
 LARGE = ["bert.hidden_size=256", "bert.num_layers=4", "bert.num_heads=4", "bert.intermediate_size=1024",
          "bert.max_len=200", "bert.loss=full", "bert.batch_size=512", "bert.finetune.lr=0.0003"]
+# A model whose steps are bound by the GPU's arithmetic rather than by the host queueing them
+# (hidden 512, 8 layers: 8x the large model's work per token), the size at which precision can
+# matter; fewer epochs, and no refit, to fit the machine's minutes.
+XL = ["bert.hidden_size=512", "bert.num_layers=8", "bert.num_heads=8", "bert.intermediate_size=2048",
+      "bert.max_len=200", "bert.loss=full", "bert.batch_size=512", "bert.finetune.lr=0.0002",
+      "bert.finetune.max_epochs=40", "bert.finetune.patience=8", "bert.refit=continue", "bert.refit_epochs=0"]
 LARGE_SWEEP_BATCHES = (512, 2048)
+# How the encoder runs in the throughput sweep and the profile (settings of every run there).
+COMPILE_VARIANTS = {
+    "eager": ("bert.trainer.compile=false",),
+    "compiled": ("bert.trainer.compile=true",),
+    "compiled+cudagraphs": ("bert.trainer.compile=true", "bert.trainer.compile_mode=reduce-overhead"),
+}
 ENCODER_FILES = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -85,7 +100,9 @@ class Sizes:
     text_batch: int = 256
     ddp_epochs: int = 3
     large: tuple[str, ...] = tuple(LARGE)
+    xl: tuple[str, ...] = tuple(XL)
     sweep_batches: tuple[int, ...] = LARGE_SWEEP_BATCHES
+    variants: tuple[str, ...] = tuple(COMPILE_VARIANTS)
 
 
 SMOKE = Sizes(catalogue_items=5_000, catalogue_users=600, catalogue_batch=64, throughput_steps=4, warmup_steps=2,
@@ -94,7 +111,11 @@ SMOKE = Sizes(catalogue_items=5_000, catalogue_users=600, catalogue_batch=64, th
               texts=300, text_batch=64, ddp_epochs=1,
               large=("bert.hidden_size=32", "bert.num_layers=2", "bert.num_heads=2", "bert.intermediate_size=64",
                      "bert.max_len=16", "bert.loss=full", "bert.batch_size=64"),
-              sweep_batches=(32, 64))
+              xl=("bert.hidden_size=32", "bert.num_layers=3", "bert.num_heads=2", "bert.intermediate_size=64",
+                  "bert.max_len=16", "bert.loss=full", "bert.batch_size=64", "bert.refit=continue", "bert.refit_epochs=0"),
+              sweep_batches=(32, 64),
+              # CUDA graphs are a GPU's; compiling on the CPU costs the smoke run half a minute.
+              variants=("eager", "compiled"))
 SMOKE_OVERRIDES = ["bert.finetune.max_epochs=2", "bert.finetune.patience=1", "bert.refit_epochs=1",
                    "bert.trainer.num_threads=1"]
 
@@ -171,6 +192,10 @@ def _params(folder: Path, overrides: list[str]):
 def _reset_memory(accelerator: str) -> None:
     import torch
 
+    # Every run compiles anew: dynamo keeps at most 8 compiled versions of `encode` per process,
+    # and the runs of one benchmark would otherwise use them up and fall back to eager unseen.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     if accelerator == "gpu":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -192,6 +217,14 @@ def _peak_memory_mb(accelerator: str) -> float | None:
     if accelerator == "gpu":
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return None  # a process-wide RSS peak would describe every run before this one too
+
+
+def _graphs() -> dict[str, int]:
+    """What dynamo compiled since `_reset_memory`: graphs, and breaks (0 for a whole encoder)."""
+    import torch
+
+    counters = torch._dynamo.utils.counters
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 def _median_after_first(values: list[float]) -> float:
@@ -226,6 +259,7 @@ def train_once(input_dir: Path, dataset: str, accelerator: str, precision: str, 
     test_ndcg = per_user_ndcg(FactorModel.load(out / FILE_NAME), seqs, "test", 10, params.evaluation.batch_size)
     summary = json.loads((out / "training.json").read_text())
     best = result.best_epoch or 0
+    compiled = cfg.trainer.compile
     row = {
         "sequences_per_second": round(_median_after_first([float(r["train_sequences_per_second"]) for r in rows]), 1),
         "epoch_sequences_per_second": round(_median_after_first([float(r["sequences_per_second"]) for r in rows]), 1),
@@ -233,6 +267,10 @@ def train_once(input_dir: Path, dataset: str, accelerator: str, precision: str, 
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "seconds_to_best": round(sum(float(r["epoch_seconds"]) for r in rows[:best]), 2),
+        # The first epoch pays the compilation (and kernel selection); the throughput above leaves it out.
+        "first_epoch_seconds": round(float(rows[0]["epoch_seconds"]), 2) if rows else None,
+        "median_epoch_seconds": round(_median_after_first([float(r["epoch_seconds"]) for r in rows]), 3),
+        "compiled": compiled, "compile_mode": cfg.trainer.compile_mode if compiled else None, **_graphs(),
         "stage_seconds": round(seconds, 2),
         "best_val_ndcg10": result.best_val_ndcg10,
         "test_ndcg10": float(test_ndcg.mean()),
@@ -240,7 +278,7 @@ def train_once(input_dir: Path, dataset: str, accelerator: str, precision: str, 
         "refit": summary.get("refit"), "refit_epochs": summary.get("refit_epochs"),
         "parameters": summary.get("parameters"),
         "model": {k: getattr(cfg, k) for k in ("mode", "hidden_size", "num_layers", "num_heads", "max_len",
-                                                 "batch_size", "loss")},
+                                                 "batch_size", "bucket_batches", "loss")},
         "training_sequences": summary.get("training_sequences"),
     }
     replica = out / "replica_check.json"
@@ -304,7 +342,8 @@ def throughput(features_dir: Path, params, accelerator: str, steps: int, warmup:
     text_features = None
     if "text" in cfg.mode:
         text_features = torch.from_numpy(np.load(features_dir / "embeddings.npy"))
-    dm = SequenceDataModule(features_dir, cfg.max_len, cfg.batch_size, "next", validate=False)
+    dm = SequenceDataModule(features_dir, cfg.max_len, cfg.batch_size, "next", validate=False,
+                            bucket_batches=cfg.bucket_batches)
     dm.setup()
     mcfg = model_config(cfg, dm.n_items, 0 if text_features is None else text_features.shape[1], "causal")
     module = build_module(cfg, cfg.finetune, "next", mcfg, text_features, None, dm.item_counts)
@@ -319,7 +358,7 @@ def throughput(features_dir: Path, params, accelerator: str, steps: int, warmup:
         raise RuntimeError(f"only {trainer.global_step} steps ran: too few sequences for {warmup + steps} batches")
     out = {"sequences_per_second": round(timer.sequences / timer.seconds, 1),
            "step_ms": round(1000 * timer.seconds / timer.steps, 2), "steps": timer.steps,
-           "peak_memory_mb": _peak_memory_mb(accelerator), "batch_size": cfg.batch_size}
+           "peak_memory_mb": _peak_memory_mb(accelerator), "batch_size": cfg.batch_size, **_graphs()}
     if profiler:
         out["profile"] = profiler.summary(timer.steps)
     return out
@@ -405,24 +444,38 @@ class Run:
         self.precisions = args.precisions.split(",")
         self.sweep_batches = (self.sizes.sweep_batches if args.sweep_batches is None
                               else [int(b) for b in args.sweep_batches.split(",") if b])
+        self.variants = self.sizes.variants if args.variants is None else [v for v in args.variants.split(",") if v]
+        unknown = set(self.variants) - set(COMPILE_VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(COMPILE_VARIANTS)}")
         manifest = json.loads((args.input / "manifest.json").read_text())
         self.datasets = manifest["datasets"]
         self.work = args.work
         self.started = time.perf_counter()
-        self.out: dict[str, Any] = {
-            "device": _device_name(self.accelerator), "multi_gpu": "not available: one GPU",
-            "smoke": args.smoke, "overrides": self.overrides, "train": {}, "seconds": {},
-        }
+        fresh = {"device": _device_name(self.accelerator), "multi_gpu": "not available: one GPU",
+                 "smoke": args.smoke, "overrides": self.overrides}
+        earlier = json.loads(args.out.read_text()) if args.update and args.out.exists() else {}
+        if earlier and earlier.get("device") != fresh["device"]:
+            raise ValueError(f"--update: {args.out} was measured on {earlier.get('device')!r}, not here "
+                             f"({fresh['device']!r}); write a new file and `merge` instead")
+        self.out: dict[str, Any] = {**earlier, **fresh}
+        self.out.setdefault("train", {})
+        self.out.setdefault("seconds", {})
+        # Which call measured each section (a run, and the `--update` runs added to it).
+        self.call = len(self.out.get("calls", [])) + 1
+        self.out.setdefault("calls", []).append({"sections": args.sections.split(","),
+                                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def time_left(self) -> bool:
         return time.perf_counter() - self.started < self.args.budget_seconds
 
     def save(self) -> None:
-        self.out["seconds"]["total"] = round(time.perf_counter() - self.started, 1)
+        self.out["seconds"][f"total, call {self.call}"] = round(time.perf_counter() - self.started, 1)
         self.out["machine"] = machine()
         write_json(self.args.out, self.out)
 
     def section(self, name: str, fn) -> None:
+        self.out.setdefault("section_call", {})[name] = self.call
         if not self.time_left():
             self.out[name] = {"skipped": f"time budget of {self.args.budget_seconds:.0f} s spent"}
             log.warning("%s: skipped (time budget spent)", name)
@@ -447,6 +500,7 @@ class Run:
     # ---- train --------------------------------------------------------------------------
 
     def train(self) -> None:
+        self.out["train"] = {}  # anew, also under --update
         for dataset in self.datasets:
             rows = self.out["train"].setdefault(dataset, {})
             for precision in self.precisions:
@@ -459,16 +513,40 @@ class Run:
             self.save()
 
     def large_model(self) -> None:
-        dataset = LARGE_DATASET if LARGE_DATASET in self.datasets else self.datasets[-1]
-        out = self.out["large_model"] = {"dataset": dataset, "overrides": list(self.sizes.large)}
-        seeds = range(self.args.seeds)
+        self._train_model("large_model", self.sizes.large)
+
+    def xl_model(self) -> None:
+        self._train_model("xl_model", self.sizes.xl)
+        # Its throughput at its own batch size, eager (what compiling does is the sweep's question).
+        dataset = self._large_dataset()
+        batch = int(_setting(self.sizes.xl, "bert.batch_size"))
+        rows = self.out["xl_model"]["throughput"] = {}
+        for precision in self.precisions:
+            if self.time_left():
+                params = self._large_params(dataset, batch, precision, "eager", self.sizes.xl)
+                row = self.attempt(f"xl_model throughput {precision}", lambda: throughput(
+                    self.args.input / dataset, params, self.accelerator, self.sizes.throughput_steps // 2,
+                    self.sizes.warmup_steps))
+                if row:
+                    rows[precision] = row
+        if all(p in rows for p in PRECISIONS):
+            rows["bf16_speedup"] = round(rows["bf16-mixed"]["sequences_per_second"]
+                                         / rows["32-true"]["sequences_per_second"], 2)
+
+    def _large_dataset(self) -> str:
+        return LARGE_DATASET if LARGE_DATASET in self.datasets else self.datasets[-1]
+
+    def _train_model(self, key: str, settings: tuple[str, ...]) -> None:
+        """Fine-tune a model the CPU cannot afford, both precisions (`--seeds` seeds each)."""
+        dataset = self._large_dataset()
+        out = self.out[key] = {"dataset": dataset, "overrides": list(settings)}
         for precision in self.precisions:
             runs = []
-            for seed in seeds:
+            for seed in range(self.args.seeds):
                 if self.time_left():
-                    row = self.attempt(f"large_model {precision} seed {seed}", lambda: train_once(
+                    row = self.attempt(f"{key} {precision} seed {seed}", lambda: train_once(
                         self.args.input, dataset, self.accelerator, precision,
-                        [*self.overrides, *self.sizes.large, f"seed={42 + seed}"], self.work, f"large-{precision}-{seed}"))
+                        [*self.overrides, *settings, f"seed={42 + seed}"], self.work, f"{key}-{precision}-{seed}"))
                     if row:
                         runs.append(row)
             if runs:
@@ -479,46 +557,57 @@ class Run:
             out["bf16_speedup"] = round(bf16["sequences_per_second"] / fp32["sequences_per_second"], 2)
             out["bf16_test_ndcg10_relative_difference"] = round(
                 (bf16["test_ndcg10"] - fp32["test_ndcg10"]) / fp32["test_ndcg10"], 4)
-        # Throughput by batch size: where the step stops being bound by launching kernels.
-        sweep = out["throughput_by_batch"] = {}
+
+    def sweep(self) -> None:
+        """The large model's throughput by batch size and by how its encoder runs: where the step
+        stops being bound by the host, and what compiling does to that."""
+        dataset = self._large_dataset()
+        sweep = self.out["sweep"] = {"dataset": dataset, "overrides": list(self.sizes.large)}
         for batch in self.sweep_batches:
-            for precision in self.precisions:
-                if not self.time_left():
-                    break
-                params = _params(self.args.input / dataset, [
-                    *self.overrides, *self.sizes.large, f"bert.batch_size={batch}",
-                    f"bert.trainer.accelerator={self.accelerator}", f"bert.trainer.precision={precision}"])
-                row = self.attempt(f"sweep batch {batch} {precision}", lambda: throughput(
-                    self.args.input / dataset, params, self.accelerator, self.sizes.throughput_steps // 2,
-                    self.sizes.warmup_steps))
-                if row:
-                    sweep.setdefault(str(batch), {})[precision] = row
-            row = sweep.get(str(batch), {})
-            if all(p in row for p in PRECISIONS):
-                row["bf16_speedup"] = round(row["bf16-mixed"]["sequences_per_second"]
-                                            / row["32-true"]["sequences_per_second"], 2)
-            self.save()
+            for variant in self.variants:
+                rows = sweep.setdefault(str(batch), {}).setdefault(variant, {})
+                for precision in self.precisions:
+                    if not self.time_left():
+                        break
+                    params = self._large_params(dataset, batch, precision, variant)
+                    row = self.attempt(f"sweep batch {batch} {variant} {precision}", lambda: throughput(
+                        self.args.input / dataset, params, self.accelerator, self.sizes.throughput_steps // 2,
+                        self.sizes.warmup_steps))
+                    if row:
+                        rows[precision] = row
+                        log.info("large model, batch %d, %s, %s: %.0f sequences/s", batch, variant, precision,
+                                 row["sequences_per_second"])
+                if all(p in rows for p in PRECISIONS):
+                    rows["bf16_speedup"] = round(rows["bf16-mixed"]["sequences_per_second"]
+                                                 / rows["32-true"]["sequences_per_second"], 2)
+                self.save()
+
+    def _large_params(self, dataset: str, batch: int, precision: str, variant: str, settings=None):
+        return _params(self.args.input / dataset, [
+            *self.overrides, *(settings or self.sizes.large), f"bert.batch_size={batch}", *COMPILE_VARIANTS[variant],
+            f"bert.trainer.accelerator={self.accelerator}", f"bert.trainer.precision={precision}"])
 
     # ---- where a large-model step's time goes -------------------------------------------------
 
     def profile(self) -> None:
-        dataset = LARGE_DATASET if LARGE_DATASET in self.datasets else self.datasets[-1]
+        dataset = self._large_dataset()
         out = self.out["profile"] = {"dataset": dataset, "overrides": list(self.sizes.large)}
+        # Eager and compiled (a profile of replayed CUDA graphs shows the graphs, not their kernels).
+        variants = [v for v in self.variants if v in ("eager", "compiled")]
         for batch in sorted({*self.sweep_batches[:1], *self.sweep_batches[-1:]}):  # the smallest and the largest
-            for precision in self.precisions:
-                if not self.time_left():
-                    break
-                params = _params(self.args.input / dataset, [
-                    *self.overrides, *self.sizes.large, f"bert.batch_size={batch}",
-                    f"bert.trainer.accelerator={self.accelerator}", f"bert.trainer.precision={precision}"])
-                row = self.attempt(f"profile batch {batch} {precision}", lambda: throughput(
-                    self.args.input / dataset, params, self.accelerator, max(2, self.sizes.throughput_steps // 8),
-                    self.sizes.warmup_steps, profile=True))
-                if row:
-                    out.setdefault(str(batch), {})[precision] = row
-                    log.info("profile, batch %d %s: %s", batch, precision,
-                             {k: v for k, v in row["profile"].items() if k != "top_kernels_ms_per_step"})
-            self.save()
+            for variant in variants:
+                for precision in self.precisions:
+                    if not self.time_left():
+                        break
+                    params = self._large_params(dataset, batch, precision, variant)
+                    row = self.attempt(f"profile batch {batch} {variant} {precision}", lambda: throughput(
+                        self.args.input / dataset, params, self.accelerator, max(2, self.sizes.throughput_steps // 8),
+                        self.sizes.warmup_steps, profile=True))
+                    if row:
+                        out.setdefault(str(batch), {}).setdefault(variant, {})[precision] = row
+                        log.info("profile, batch %d %s %s: %s", batch, variant, precision,
+                                 {k: v for k, v in row["profile"].items() if k != "top_kernels_ms_per_step"})
+                self.save()
 
     # ---- sampled softmax on a 1M-item catalogue -------------------------------------------
 
@@ -590,7 +679,7 @@ class Run:
     # ---- DDP ------------------------------------------------------------------------------
 
     def ddp(self) -> None:
-        dataset = LARGE_DATASET if LARGE_DATASET in self.datasets else self.datasets[-1]
+        dataset = self._large_dataset()
         precision = self.precisions[-1]
         short = [*self.overrides, f"bert.finetune.max_epochs={self.sizes.ddp_epochs}", "bert.refit=continue",
                  "bert.refit_epochs=0"]
@@ -608,13 +697,17 @@ class Run:
         }
 
 
+def _setting(overrides: tuple[str, ...], key: str) -> str:
+    return [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")][-1]
+
+
 def _mean_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("sequences_per_second", "test_ndcg10", "best_val_ndcg10", "peak_memory_mb", "seconds_to_best")
     return {k: statistics.mean(r[k] for r in runs) for k in keys if all(r.get(k) is not None for r in runs)}
 
 
 # Most needed first: a run cut short by its budget keeps what matters most.
-SECTIONS = ("large_model", "profile", "train", "sampled_softmax", "text_encoder", "ddp")
+SECTIONS = ("large_model", "sweep", "xl_model", "profile", "train", "sampled_softmax", "text_encoder", "ddp")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -635,18 +728,19 @@ CPU = "cpu 32-true"
 
 
 def compare_to_default(out: dict[str, Any]) -> None:
-    """Does scale improve quality? The large model's test NDCG@10 against the dataset's own."""
-    large = _rows(out.get("large_model"))
-    default = _rows(_rows(out.get("train")).get(large.get("dataset")))
-    for precision in PRECISIONS:
-        if "test_ndcg10" in large.get(precision, {}) and "test_ndcg10" in default.get(precision, {}):
-            large.setdefault("vs_default_model", {})[precision] = {
-                "test_ndcg10_default": default[precision]["test_ndcg10"],
-                "test_ndcg10_large": large[precision]["test_ndcg10"],
-                "best_val_ndcg10_default": default[precision]["best_val_ndcg10"],
-                "best_val_ndcg10_large": large[precision]["best_val_ndcg10"],
-                "relative": round(large[precision]["test_ndcg10"] / default[precision]["test_ndcg10"] - 1, 4),
-            }
+    """Does scale improve quality? The larger models' test NDCG@10 against the dataset's own."""
+    for key in ("large_model", "xl_model"):
+        large = _rows(out.get(key))
+        default = _rows(_rows(out.get("train")).get(large.get("dataset")))
+        for precision in PRECISIONS:
+            if "test_ndcg10" in _rows(large.get(precision)) and "test_ndcg10" in _rows(default.get(precision)):
+                large.setdefault("vs_default_model", {})[precision] = {
+                    "test_ndcg10_default": default[precision]["test_ndcg10"],
+                    f"test_ndcg10_{key}": large[precision]["test_ndcg10"],
+                    "best_val_ndcg10_default": default[precision]["best_val_ndcg10"],
+                    f"best_val_ndcg10_{key}": large[precision]["best_val_ndcg10"],
+                    "relative": round(large[precision]["test_ndcg10"] / default[precision]["test_ndcg10"] - 1, 4),
+                }
 
 
 def _rows(value: Any) -> dict[str, Any]:
@@ -692,13 +786,18 @@ def plot(out: dict[str, Any], path: Path) -> None:
         for precision, row in _rows(rows).items():
             if "sequences_per_second" in _rows(row):
                 bars.append((f"{dataset}\n{precision}", row["sequences_per_second"], row.get("test_ndcg10")))
-    for precision in (CPU, *PRECISIONS):
-        row = _rows(out.get("large_model")).get(precision)
-        if "sequences_per_second" in _rows(row):
-            bars.append((f"large model\n{precision}", row["sequences_per_second"], row.get("test_ndcg10")))
-    if not bars:
+    for key in ("large_model", "xl_model"):
+        for precision in (CPU, *PRECISIONS):
+            row = _rows(out.get(key)).get(precision)
+            if "sequences_per_second" in _rows(row):
+                bars.append((f"{key.replace('_', ' ')}\n{precision}", row["sequences_per_second"], row.get("test_ndcg10")))
+    sweep = [(f"batch {batch}\n{variant}", rows) for batch, by_variant in _rows(out.get("sweep")).items()
+             if batch.isdigit() for variant, rows in _rows(by_variant).items()]
+    if "bf16_speedup" in _rows(_rows(out.get("xl_model")).get("throughput")):
+        sweep.append(("xl model\neager", out["xl_model"]["throughput"]))
+    if not bars and not sweep:
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 4.8))
     labels = [b[0] for b in bars]
     colors = ["tab:gray" if "cpu" in label else "tab:blue" if "32-true" in label else "tab:orange" for label in labels]
     ax1.bar(labels, [b[1] or 0 for b in bars], color=colors)
@@ -706,7 +805,19 @@ def plot(out: dict[str, Any], path: Path) -> None:
             title=f"Fine-tuning throughput (grey: CPU, blue: fp32/TF32, orange: bf16)\n{out['device']}")
     ax2.bar(labels, [b[2] or 0 for b in bars], color=colors)
     ax2.set(ylabel="test NDCG@10", title="Test NDCG@10 (CPU rows: epochs capped, throughput only)")
-    for ax in (ax1, ax2):
+    # The large model's throughput by batch size and by how its encoder runs, both precisions.
+    x = np.arange(len(sweep))
+    for offset, precision, color in ((-0.2, "32-true", "tab:blue"), (0.2, "bf16-mixed", "tab:orange")):
+        ax3.bar(x + offset, [_rows(rows.get(precision)).get("sequences_per_second", 0) for _, rows in sweep],
+                width=0.4, color=color, label=precision)
+    for i, (_, rows) in enumerate(sweep):
+        if "bf16_speedup" in rows:
+            ax3.annotate(f"{rows['bf16_speedup']:.2f}x", (i, 0), xytext=(0, 3), textcoords="offset points",
+                         ha="center", fontsize=8)
+    ax3.set_xticks(x, [label for label, _ in sweep])
+    ax3.set(ylabel="training sequences / s", title="Large model: bf16 / fp32 by batch and encoder (x: bf16 speed-up)")
+    ax3.legend(fontsize=8)
+    for ax in (ax1, ax2, ax3):
         ax.tick_params(axis="x", labelsize=7, rotation=45)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -740,6 +851,10 @@ def main() -> int:
     r.add_argument("--sweep-batches", help="batch sizes of the large model's throughput sweep, comma-separated "
                    "('' for none; default: 256 to 2048)")
     r.add_argument("--seeds", type=int, default=1, help="seeds per precision for the large model")
+    r.add_argument("--variants", help=f"how the encoder runs in the sweep and profile, comma-separated, of "
+                   f"{', '.join(COMPILE_VARIANTS)} (default: all)")
+    r.add_argument("--update", action="store_true",
+                   help="add the sections run now to --out's earlier run (same device) instead of starting anew")
     r.add_argument("--budget-seconds", type=float, default=420.0,
                    help="start no run after this many seconds (what ran is kept)")
     r.add_argument("--cpu-reference", type=Path, help="a CPU run's JSON, to stand beside this one")

@@ -169,7 +169,7 @@ def recover(model: SeqRecModel, features_dir: Path, cfg: CompressConfig, bert: B
 
     pl_.seed_everything(seed, workers=True, verbose=False)
     dm = SequenceDataModule(features_dir, model.cfg.max_len, bert.batch_size, "next", train_until=train_until,
-                            validate=False)
+                            validate=False, bucket_batches=bert.bucket_batches)
     dm.setup()
     module = SeqRecModule(
         dataclasses.asdict(model.cfg), objective="next", lr=cfg.prune.recovery_lr,

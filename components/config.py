@@ -161,6 +161,13 @@ class TrainerConfig:
     num_threads: int
     # Compare parameter hashes across DDP ranks after the first step.
     check_replicas: bool
+    # torch.compile of the sequence encoder in training (dynamic shapes: one graph for every
+    # batch width). Off by default: on an H100 it cost ~40 s per run and gained nothing at the
+    # sizes RecForge trains (benchmarks/README.md "GPU").
+    compile: bool
+    # torch.compile's mode: reduce-overhead also replays each batch shape's kernels as one CUDA
+    # graph (GPU only; a graph is recorded per distinct batch width).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,9 @@ class BertRecConfig:
     num_negatives: int
     negative_sampling: Literal["uniform", "popularity"]
     batch_size: int
+    # Training batches of similar-length histories: pools of this many batches sorted by length
+    # (0: a plain shuffle). Batches are padded to their longest history, so this skips padding.
+    bucket_batches: int
     weight_decay: float
     warmup_fraction: float
     grad_clip: float

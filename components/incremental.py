@@ -274,8 +274,7 @@ def train_steps(model: SeqRecModel, sequences: list[np.ndarray], steps: int, lr:
         if len(order) < min(batch_size, len(usable)):
             order += rng.permutation(len(usable)).tolist()
         batch, order = order[:batch_size], order[batch_size:]
-        inputs, targets = collate([usable[i] for i in batch])
-        loss = module._loss(inputs, targets)
+        loss = module._loss(*collate([usable[i] for i in batch]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if bert.grad_clip:

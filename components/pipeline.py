@@ -146,9 +146,10 @@ class Stage:
         return getattr(importlib.import_module(module), name)
 
 
-# Where the text embeddings are computed: the same fp32 vectors on either device, so changing it
-# makes nothing stale.
-DEVICE_ONLY = "bert.text_encoder.device"
+# How kernels run, not what they compute: where the text embeddings are computed (the same fp32
+# vectors on either device) and whether training compiles its encoder (the same network and
+# steps, fused kernels). Changing them makes nothing stale.
+DEVICE_ONLY = ("bert.text_encoder.device", "bert.trainer.compile", "bert.trainer.compile_mode")
 
 STAGES: tuple[Stage, ...] = (
     Stage(
@@ -171,7 +172,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "item_text_embeddings", "components.bert.text_embeddings:embed_item_texts",
         params={"cfg": "bert.text_encoder"},
-        unkeyed=(DEVICE_ONLY,),
+        unkeyed=DEVICE_ONLY,
         inputs={"features_dir": "features"}, outputs={"out_dir": "text_embeddings"},
         retries=1,
     ),
@@ -179,7 +180,7 @@ STAGES: tuple[Stage, ...] = (
         "pretrain_bert", "components.bert.train:pretrain", cli="components.bert.pretrain",
         params={"cfg": "bert", "seed": "seed", "eval_batch_size": "evaluation.batch_size"},
         # What happens after pre-training does not change it.
-        unkeyed=("bert.finetune", "bert.refit", "bert.refit_epochs", DEVICE_ONLY),
+        unkeyed=("bert.finetune", "bert.refit", "bert.refit_epochs", *DEVICE_ONLY),
         inputs={"features_dir": "features", "text_dir": "text_embeddings"},
         outputs={"out_dir": "pretrain", "epochs_file": "pretrain_epochs"},
         state={"checkpoint_dir": "pretrain_checkpoints"},
@@ -188,7 +189,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "finetune_bert", "components.bert.train:finetune", cli="components.bert.finetune",
         params={"cfg": "bert", "seed": "seed", "eval_batch_size": "evaluation.batch_size"},
-        unkeyed=(DEVICE_ONLY,),
+        unkeyed=DEVICE_ONLY,
         inputs={"features_dir": "features", "text_dir": "text_embeddings", "pretrain_dir": "pretrain",
                 "pretrain_curve": "pretrain_epochs"},
         outputs={"out_dir": "bert", "epochs_file": "finetune_epochs"},
@@ -198,7 +199,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "compress", "components.compress:compress",
         params={"cfg": "compress", "export": "export", "bert": "bert", "seed": "seed"},
-        unkeyed=(DEVICE_ONLY,),
+        unkeyed=DEVICE_ONLY,
         inputs={"features_dir": "features", "bert_dir": "bert"}, outputs={"out_dir": "compress"},
     ),
     Stage(

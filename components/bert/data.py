@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from components.bert.model import MASK, PAD, left_pad, padded_length
 from components.sequences import load_sequences
@@ -38,14 +38,56 @@ class _ListDataset(Dataset):
         return self.rows[i]
 
 
+def target_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Flat (row-major) indices of the positions of `targets` [B, L] that hold an item. Worked
+    out here, on the CPU, and carried with the batch: the loss gathers these rows instead of
+    boolean-indexing on the device, a device-to-host sync that left a GPU idle while the host
+    queued the rest of the step."""
+    return (targets.reshape(-1) != PAD).nonzero().squeeze(1)
+
+
+class LengthBucketSampler(Sampler[int]):
+    """A shuffled order in which every `batch_size` consecutive sequences have similar lengths.
+
+    Batches are padded to their longest history, so a random batch is as wide as its longest
+    member. Here the shuffled sequences are cut into pools of `pool_batches` batches, each pool
+    is sorted by length and cut into batches, and the batches are shuffled; the one short batch
+    (of the last pool) comes last, so a DataLoader's batches fall on the same boundaries. Pools
+    keep batches random across epochs: a pool of the whole dataset would fix each batch's
+    members. Draws from torch's global generator, which the stages seed."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, pool_batches: int):
+        if batch_size < 1 or pool_batches < 1:
+            raise ValueError("batch_size and pool_batches must be >= 1")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.pool = batch_size, batch_size * pool_batches
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths)).numpy()
+        full, short = [], []
+        for lo in range(0, order.size, self.pool):
+            pool = order[lo : lo + self.pool]
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+            for i in range(0, pool.size, self.batch_size):
+                (full if pool.size - i >= self.batch_size else short).append(pool[i : i + self.batch_size])
+        for b in torch.randperm(len(full)).tolist():
+            yield from full[b].tolist()
+        for batch in short:
+            yield from batch.tolist()
+
+
 @dataclass
 class NextItemCollate:
     max_len: int
 
-    def __call__(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         inputs, targets = [s[:-1] for s in seqs], [s[1:] for s in seqs]
         width = padded_length(inputs, self.max_len)
-        return left_pad(inputs, width), left_pad(targets, width)
+        targets = left_pad(targets, width)
+        return left_pad(inputs, width), targets, target_positions(targets)
 
 
 @dataclass
@@ -53,7 +95,7 @@ class ClozeCollate:
     max_len: int
     mask_prob: float
 
-    def __call__(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         items = left_pad(seqs, padded_length(seqs, self.max_len))
         real = items != PAD
         masked = (torch.rand(items.shape) < self.mask_prob) & real
@@ -63,7 +105,7 @@ class ClozeCollate:
         masked[none, -1] = True
         targets = torch.where(masked, items, torch.full_like(items, PAD))
         inputs = torch.where(masked, torch.full_like(items, MASK), items)
-        return inputs, targets
+        return inputs, targets, target_positions(targets)
 
 
 @dataclass
@@ -104,7 +146,10 @@ class SequenceDataModule(pl.LightningDataModule):
         train_until: str = "valid",
         eval_batch_size: int = 512,
         validate: bool = True,
+        bucket_batches: int = 0,
     ):
+        """`bucket_batches` > 0: training batches drawn by `LengthBucketSampler` with pools of
+        that many batches (0: a plain shuffle)."""
         super().__init__()
         if objective not in ("next", "cloze"):
             raise ValueError("objective must be 'next' or 'cloze'")
@@ -116,6 +161,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.train_until = train_until
         self.eval_batch_size = eval_batch_size
         self.validate = validate
+        self.bucket_batches = bucket_batches
 
     def setup(self, stage: str | None = None) -> None:
         seqs = load_sequences(self.features_dir)
@@ -137,8 +183,13 @@ class SequenceDataModule(pl.LightningDataModule):
         collate = (
             NextItemCollate(self.max_len) if self.objective == "next" else ClozeCollate(self.max_len, self.mask_prob)
         )
-        return DataLoader(_ListDataset(self.train_sequences), batch_size=self.batch_size, shuffle=True, collate_fn=collate,
-                          pin_memory=self._pin())
+        sampler = None
+        if self.bucket_batches > 0:
+            # The width a sequence needs in its batch (the next-item collate drops its last item).
+            lengths = np.fromiter((len(s) for s in self.train_sequences), dtype=np.int64, count=len(self.train_sequences))
+            sampler = LengthBucketSampler(lengths, self.batch_size, self.bucket_batches)
+        return DataLoader(_ListDataset(self.train_sequences), batch_size=self.batch_size, shuffle=sampler is None,
+                          sampler=sampler, collate_fn=collate, pin_memory=self._pin())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_ListDataset(self.eval_users), batch_size=self.eval_batch_size, shuffle=False,

@@ -13,6 +13,15 @@ Losses:
   items involved get representations computed, so it scales to catalogues where the full softmax
   does not.
 
+No step waits on the GPU: training batches carry the flat indices of their target positions
+(`components.bert.data.target_positions`, computed by the collate on the CPU), so the loss gathers
+a known number of rows instead of boolean-indexing on the device.
+
+Compilation (`compile_encoder`, `bert.trainer.compile`): the training steps' encoder call through
+`torch.compile` with dynamic shapes, so batches padded to different widths share one graph. The
+module keeps the compiled function beside the network, never inside it: the weights, their
+checkpoints and the copies the stage keeps for export stay plain eager modules.
+
 Validation: full ranking over every item with the user's history excluded (the foundation's
 protocol and metric code), NDCG@10 and Recall@10, summed over all ranks under DDP.
 """
@@ -28,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from components import metrics
-from components.bert.model import PAD, SeqRecConfig, SeqRecModel
+from components.bert.data import target_positions
+from components.bert.model import SeqRecConfig, SeqRecModel
 
 EVAL_K = 10
 
@@ -62,17 +72,38 @@ class SeqRecModule(pl.LightningModule):
         proposal = (counts + 1.0) ** 0.75 if negative_sampling == "popularity" else torch.ones(n_items)
         self.register_buffer("proposal", proposal / proposal.sum(), persistent=False)
         self._eval_sums = torch.zeros(3, dtype=torch.float64)
+        # `bert.trainer.compile` and `compile_mode` (set by `build_module`).
+        self.compile_setting = False
+        self.compile_mode = "default"
+        self._compiled_encode = None
+
+    def compile_encoder(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Train through a compiled `SeqRecModel.encode` (see the module docstring)."""
+        options = {"mode": mode} if mode and mode != "default" else {}
+        self._compiled_encode = torch.compile(self.model.encode, dynamic=True, backend=backend, **options)
+
+    def on_fit_start(self) -> None:
+        if self.compile_setting and self._compiled_encode is None:
+            self.compile_encoder(mode=self.compile_mode)
 
     # ---- training ------------------------------------------------------------------------
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss over the target positions; `positions` = `target_positions(targets)` as the
+        collate made them (computed from `targets` when omitted: a device sync on a GPU)."""
         causal = self.objective == "next"
-        selected = targets != PAD
-        positives = targets[selected]
+        if positions is None:
+            positions = target_positions(targets)
+        positives = targets.reshape(-1).index_select(0, positions)
         m = self.model
+        encode = self._compiled_encode or m.encode
+
+        def at_targets(hidden: torch.Tensor) -> torch.Tensor:
+            return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+
         if self.hparams.loss == "full":
             table = m.item_representations()
-            hidden = m.output_users(m.encode(inputs, table, causal=causal)[selected])
+            hidden = m.output_users(at_targets(encode(inputs, table, causal=causal)))
             return F.cross_entropy(hidden @ m.output_items(table).T, positives)
 
         negatives = torch.multinomial(self.proposal, self.hparams.num_negatives, replacement=True)
@@ -81,7 +112,7 @@ class SeqRecModule(pl.LightningModule):
         lookup[needed] = torch.arange(needed.numel(), device=inputs.device)
         table = m.item_representations(needed)
         local_inputs = torch.where(inputs >= 0, lookup[inputs.clamp(min=0)], inputs)
-        hidden = m.output_users(m.encode(local_inputs, table, causal=causal)[selected])
+        hidden = m.output_users(at_targets(encode(local_inputs, table, causal=causal)))
         out = m.output_items(table)
         log_q = torch.log(self.proposal)
         pos_logit = (hidden * out[lookup[positives]]).sum(-1, keepdim=True) - log_q[positives, None]
@@ -90,9 +121,9 @@ class SeqRecModule(pl.LightningModule):
         logits = torch.cat([pos_logit, neg_logit], dim=1)
         return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        inputs, targets = batch
-        loss = self._loss(inputs, targets)
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        inputs, targets, *positions = batch
+        loss = self._loss(inputs, targets, *positions)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=inputs.shape[0], sync_dist=True)
         return loss
 

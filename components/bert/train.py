@@ -248,12 +248,14 @@ def build_module(
     cfg: BertRecConfig, stage: StageConfig, objective: str, mcfg: SeqRecConfig,
     text_features: torch.Tensor | None, texts: list[str] | None, item_counts: np.ndarray,
 ) -> SeqRecModule:
-    return SeqRecModule(
+    module = SeqRecModule(
         dataclasses.asdict(mcfg), objective=objective, lr=stage.lr, weight_decay=cfg.weight_decay,
         warmup_fraction=cfg.warmup_fraction, loss=cfg.loss, num_negatives=cfg.num_negatives,
         negative_sampling=cfg.negative_sampling, item_counts=item_counts,
         text_features=text_features, texts=texts,
     )
+    module.compile_setting, module.compile_mode = cfg.trainer.compile, cfg.trainer.compile_mode
+    return module
 
 
 @torch.no_grad()
@@ -346,7 +348,7 @@ def run_stage(
     pl_.seed_everything(seed, workers=True, verbose=False)
     text_features, texts, text_dim = _load_inputs(features_dir, text_dir, cfg)
     dm = SequenceDataModule(features_dir, cfg.max_len, cfg.batch_size, objective, cfg.mask_prob,
-                            eval_batch_size=eval_batch_size)
+                            eval_batch_size=eval_batch_size, bucket_batches=cfg.bucket_batches)
     dm.setup()
     mcfg = model_config(cfg, dm.n_items, text_dim, inference="cloze" if objective == "cloze" else "causal")
     module = build_module(cfg, stage, objective, mcfg, text_features, texts, dm.item_counts)
@@ -482,7 +484,8 @@ def _write_skipped(stage_name: str, out_dir: Path, epochs_file: Path) -> None:
 
 def _refit(module: SeqRecModule, epochs: int, features_dir: Path, cfg: BertRecConfig) -> SeqRecModel:
     """Train `module` `epochs` epochs on training + validation sequences."""
-    dm = SequenceDataModule(features_dir, cfg.max_len, cfg.batch_size, "next", train_until="test", validate=False)
+    dm = SequenceDataModule(features_dir, cfg.max_len, cfg.batch_size, "next", train_until="test", validate=False,
+                            bucket_batches=cfg.bucket_batches)
     trainer = pl_.Trainer(
         max_epochs=epochs, gradient_clip_val=cfg.grad_clip or None, logger=False,
         enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,

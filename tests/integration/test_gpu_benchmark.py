@@ -62,7 +62,10 @@ def test_export_then_smoke_run_without_what_the_gpu_machine_lacks(exported, tmp_
         assert row["peak_memory_mb"] is None  # no GPU: no per-run memory peak to report
     large = result["large_model"]
     assert large["32-true"]["model"]["hidden_size"] == 32 and math.isfinite(large["bf16_speedup"])
-    assert set(large["throughput_by_batch"]) == {"32", "64"}
+    assert {k for k in result["sweep"] if k.isdigit()} == {"32", "64"}
+    for variant in ("eager", "compiled"):  # the compiled encoder (inductor, on this CPU) runs too
+        row = result["sweep"]["64"][variant]["bf16-mixed"]
+        assert row["sequences_per_second"] > 0 and row["graphs"] == (variant == "compiled") and not row["graph_breaks"]
     sampled = result["sampled_softmax"]
     assert sampled["catalogue"]["items"] == 5000
     assert sampled["sampled 32-true"]["steps"] == 4 and "full bf16-mixed" in sampled
@@ -70,8 +73,15 @@ def test_export_then_smoke_run_without_what_the_gpu_machine_lacks(exported, tmp_
     ddp = result["ddp"]["ddp"]
     assert ddp["replica_check"]["world_size"] == 1 and ddp["replica_check"]["identical"]
     assert ddp["replica_check"]["backend"] == "gloo"
-    assert set(result["seconds"]) >= {"train", "large_model", "profile", "sampled_softmax", "text_encoder", "ddp", "total"}
-    assert result["profile"]["64"]["bf16-mixed"]["profile"]["aten_ops_per_step"] > 0
+    xl = result["xl_model"]
+    assert xl["32-true"]["model"]["num_layers"] == 3 and math.isfinite(xl["throughput"]["bf16_speedup"])
+    assert set(xl["vs_default_model"]) == {"32-true", "bf16-mixed"}
+    assert set(result["seconds"]) >= {"train", "large_model", "sweep", "xl_model", "profile", "sampled_softmax", "text_encoder", "ddp",
+                                    "total, call 1"}
+    profiled = result["profile"]["64"]
+    # Compiled, the host dispatches a fraction of the eager step's operators.
+    assert 0 < profiled["compiled"]["32-true"]["profile"]["aten_ops_per_step"] \
+        < profiled["eager"]["32-true"]["profile"]["aten_ops_per_step"]
     assert set(large["vs_default_model"]) == {"32-true", "bf16-mixed"}
     assert out.with_suffix(".png").stat().st_size > 0
     # Progress while it runs: one line per training run and per section.
@@ -85,6 +95,12 @@ def test_run_skips_what_the_time_budget_leaves_out(exported, tmp_path):
           "--device", "cpu", "--smoke", "--sections", "text_encoder,ddp", "--budget-seconds", "0"])
     result = json.loads(out.read_text())
     assert "time budget" in result["text_encoder"]["skipped"] and "time budget" in result["ddp"]["skipped"]
+    # --update adds sections to that run's file and says which call measured each.
+    _run(["run", "--input", str(exported), "--out", str(out), "--work", str(tmp_path / "run"),
+          "--device", "cpu", "--smoke", "--sections", "text_encoder", "--update"])
+    result = json.loads(out.read_text())
+    assert result["text_encoder"]["texts"] == 300 and "time budget" in result["ddp"]["skipped"]
+    assert result["section_call"] == {"text_encoder": 2, "ddp": 1} and len(result["calls"]) == 2
 
 
 def test_merge_and_plot_take_skipped_sections(tmp_path):

@@ -137,16 +137,16 @@ def test_config_validation():
 
 
 def test_next_item_collate_shifts_by_one():
-    x, y = NextItemCollate(4)([np.array([1, 2, 3]), np.array([5, 6, 7, 8, 9, 10])])
+    x, y, _ = NextItemCollate(4)([np.array([1, 2, 3]), np.array([5, 6, 7, 8, 9, 10])])
     assert x.tolist() == [[PAD, PAD, 1, 2], [6, 7, 8, 9]]
     assert y.tolist() == [[PAD, PAD, 2, 3], [7, 8, 9, 10]]
 
 
 def test_cloze_collate_masks_at_least_one_position():
     torch.manual_seed(0)
-    x, y = ClozeCollate(5, mask_prob=0.0)([np.array([1, 2, 3])])
+    x, y, _ = ClozeCollate(5, mask_prob=0.0)([np.array([1, 2, 3])])
     assert x.tolist() == [[PAD, PAD, 1, 2, MASK]] and y.tolist() == [[PAD, PAD, PAD, PAD, 3]]
-    x, y = ClozeCollate(5, mask_prob=1.0)([np.array([1, 2, 3])])
+    x, y, _ = ClozeCollate(5, mask_prob=1.0)([np.array([1, 2, 3])])
     assert x.tolist() == [[PAD, PAD, MASK, MASK, MASK]] and y.tolist() == [[PAD, PAD, 1, 2, 3]]
 
 
@@ -160,7 +160,7 @@ def test_losses_train_a_memorisable_sequence(loss):
         loss=loss, num_negatives=10, negative_sampling="popularity", item_counts=np.arange(30) + 1,
     )
     seqs = [np.arange(s, s + 7) % 30 for s in range(30)]
-    x, y = NextItemCollate(6)(seqs)
+    x, y, _ = NextItemCollate(6)(seqs)
     opt = torch.optim.Adam(module.parameters(), lr=0.01)
     first = None
     for _ in range(150):
@@ -184,7 +184,7 @@ def test_sampled_loss_applies_log_q_and_masks_accidental_hits():
     with torch.no_grad():
         module.model.id_embedding.weight.zero_()
         module.model.special.weight.zero_()
-    x, y = NextItemCollate(6)([np.array([0, 1, 2])])
+    x, y, _ = NextItemCollate(6)([np.array([0, 1, 2])])
     # All scores equal and Q uniform: the loss is log(1 + #negatives that are not the positive).
     value = module._loss(x, y).item()
     assert np.isfinite(value)
@@ -258,7 +258,7 @@ def test_padded_length_leaves_room_for_a_mask_in_multiples_of_eight():
 
 def test_batches_are_padded_to_their_longest_history_and_encode_as_at_max_len():
     seqs = [np.arange(1, 5), np.arange(2, 12)]
-    x, y = NextItemCollate(40)(seqs)
+    x, y, _ = NextItemCollate(40)(seqs)
     assert x.shape == y.shape == (2, 16)
     assert ClozeCollate(40, 0.5)(seqs)[0].shape == (2, 16)
     for inference in ("causal", "cloze"):
@@ -305,3 +305,103 @@ def test_gradients_are_clipped_by_norm_outside_fp16_scaling():
     module.configure_gradient_clipping(optimizer, gradient_clip_val=None)  # no clipping asked: unchanged
     assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in module.parameters()])) \
         == pytest.approx(1.0, rel=1e-4)
+
+
+def _next_item_batch(batch: int, width: int, n_items: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(0, n_items, (batch, width), generator=g)
+    items[:, : width // 3] = PAD
+    targets = torch.roll(items, -1, dims=1)
+    targets[:, -1] = PAD
+    targets[items == PAD] = PAD
+    return items, targets
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_compiled_encoder_trains_as_the_eager_one_at_every_batch_width(loss):
+    """One graph for several widths and batch sizes (dynamic shapes), with the eager module's
+    loss and gradients; aot_eager traces exactly what inductor compiles, without its codegen."""
+    # hidden 12: a width equal to a dimension of the item table would share its symbol (duck
+    # sizing) and cost one recompilation when the width changes.
+    c = cfg(mode="id", text_dim=0, max_len=24, hidden_size=12)
+    torch.manual_seed(0)
+    module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
+                          loss=loss, num_negatives=8)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    module.compile_encoder(backend="aot_eager")
+    compiled = module._compiled_encode
+    for i, (batch, width) in enumerate([(6, 16), (3, 8), (6, 24)]):
+        items, targets = _next_item_batch(batch, width, c.n_items, seed=i)
+        grads = []
+        for encode in (compiled, None):
+            module._compiled_encode = encode
+            module.zero_grad()
+            torch.manual_seed(i)  # the same negatives for both
+            value = module._loss(items, targets)
+            value.backward()
+            grads.append((value.item(), [p.grad.clone() for p in module.model.parameters() if p.grad is not None]))
+        (compiled_loss, compiled_grads), (eager_loss, eager_grads) = grads
+        assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+        assert len(compiled_grads) == len(eager_grads) > 0
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(compiled_grads, eager_grads))
+    # One compiled graph served every shape: no recompilation per width.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("setting", "compiled"), [(False, False), (True, True)])
+def test_compile_setting_compiles_when_training_starts(setting, compiled, monkeypatch):
+    c = cfg(mode="id", text_dim=0)
+    module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0)
+    module.compile_setting = setting
+    calls = []
+    monkeypatch.setattr(module, "compile_encoder", lambda backend="inductor", mode=None: calls.append(mode))
+    module.on_fit_start()
+    assert bool(calls) == compiled
+
+
+def test_target_positions_come_with_the_batch_and_give_the_masked_loss():
+    """Training batches carry their target positions (no boolean indexing on the device); the
+    loss over them equals the loss over the boolean-masked positions."""
+    from components.bert.data import target_positions
+
+    c = cfg(mode="id", text_dim=0, max_len=10)
+    torch.manual_seed(0)
+    module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0)
+    seqs = [np.array([3, 4, 5, 6]), np.arange(1, 12), np.array([7, 8])]
+    for collate in (NextItemCollate(10), ClozeCollate(10, mask_prob=0.5)):
+        items, targets, positions = collate(seqs)
+        assert positions.tolist() == torch.nonzero((targets != PAD).flatten()).flatten().tolist()
+        assert positions.tolist() == target_positions(targets).tolist()
+    items, targets, positions = NextItemCollate(10)(seqs)
+    hidden = module.model.encode(items, causal=True)
+    table = module.model.item_representations()
+    expected = torch.nn.functional.cross_entropy(hidden[targets != PAD] @ table.T, targets[targets != PAD])
+    assert module._loss(items, targets, positions).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert module._loss(items, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_length_buckets_batch_similar_lengths_and_reshuffle_every_epoch():
+    from torch.utils.data import DataLoader
+
+    from components.bert.data import LengthBucketSampler
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 200, size=1000)
+    sampler = LengthBucketSampler(lengths, batch_size=32, pool_batches=4)
+    torch.manual_seed(0)
+    first = list(sampler)
+    assert sorted(first) == list(range(1000))  # every sequence once
+    batches = [b.tolist() for b in DataLoader(range(1000), batch_size=32, sampler=sampler)]
+    assert sum(len(b) for b in batches) == 1000 and all(len(b) == 32 for b in batches[:-1])
+    # Each batch is a run of one pool sorted by length: its widest member sets its padding.
+    bucketed = sum(len(b) * lengths[b].max() for b in batches)
+    plain = sum(len(b) * lengths[b].max() for b in np.array_split(rng.permutation(1000), 32))
+    assert bucketed < 0.7 * plain
+    assert all(np.all(np.diff(lengths[b]) >= 0) for b in batches)
+    torch.manual_seed(0)
+    assert list(sampler) == first  # seeded by torch's generator
+    assert list(sampler) != first  # and a new order every epoch
+    with pytest.raises(ValueError):
+        LengthBucketSampler(lengths, batch_size=0, pool_batches=4)

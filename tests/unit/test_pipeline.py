@@ -76,10 +76,16 @@ def test_the_key_follows_declared_settings_only(tmp_path):
     assert pipeline.stage_key(STAGE["pretrain_bert"], tiny_params("bert.hidden_size=8"), art).value != key
     assert pipeline.stage_key(STAGE["finetune_bert"], tiny_params("bert.finetune.lr=0.1"), art).value != \
         pipeline.stage_key(STAGE["finetune_bert"], params, art).value
-    # Where the text embeddings are computed changes none of them (the same fp32 vectors).
+    # Where the text embeddings are computed, and whether training compiles its encoder, change
+    # none of them (the same vectors, the same network and steps).
     for name in ("item_text_embeddings", "pretrain_bert", "finetune_bert", "compress"):
-        assert pipeline.stage_key(STAGE[name], tiny_params("bert.text_encoder.device=cpu"), art).value == \
-            pipeline.stage_key(STAGE[name], params, art).value, name
+        for setting in ("bert.text_encoder.device=cpu", "bert.trainer.compile=true",
+                        "bert.trainer.compile_mode=reduce-overhead"):
+            assert pipeline.stage_key(STAGE[name], tiny_params(setting), art).value == \
+                pipeline.stage_key(STAGE[name], params, art).value, (name, setting)
+    # How batches are drawn is part of training.
+    assert pipeline.stage_key(STAGE["finetune_bert"], tiny_params("bert.bucket_batches=4"), art).value != \
+        pipeline.stage_key(STAGE["finetune_bert"], params, art).value
     assert pipeline.stage_key(STAGE["item_text_embeddings"], tiny_params("bert.text_encoder.max_length=9"), art).value \
         != pipeline.stage_key(STAGE["item_text_embeddings"], params, art).value
     # An input's content is part of the key.
