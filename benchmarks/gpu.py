@@ -20,9 +20,12 @@ What `run` measures, each through the product's own code (`components.bert.train
   throughput (median over epochs after the first, validation excluded), peak GPU memory, epochs
   and wall time to the best validation NDCG@10, test NDCG@10 of the refitted model;
 - large_model: a model the CPU cannot afford (hidden 256, 4 layers, max_len 200, full softmax,
-  batch 512) on Amazon, both precisions (`--seeds` seeds each), against the default model, and
-  training throughput by batch size with the encoder eager, compiled (`bert.trainer.compile`,
-  what `auto` does on a GPU) and compiled with CUDA graphs (`compile_mode=reduce-overhead`);
+  batch 512) on Amazon, both precisions (`--seeds` seeds each), against the default model;
+- sweep: the large model's training throughput (fixed steps) by batch size, with the encoder
+  eager, compiled (`bert.trainer.compile`) and compiled with CUDA graphs
+  (`compile_mode=reduce-overhead`), both precisions (`--variants`, `--sweep-batches`);
+- xl_model: a model with 8x the large one's work per token (hidden 512, 8 layers), trained in
+  both precisions, and its fixed-step throughput;
 - profile: torch.profiler over a few of the large model's steps at the smallest and largest of
   those batch sizes, eager and compiled: host operators, kernels and GPU-busy time per step, the
   costliest kernels;
@@ -36,7 +39,10 @@ What `run` measures, each through the product's own code (`components.bert.train
 Everything goes into one JSON, written again after each section (a run cut short still leaves
 what it measured; no run starts after `--budget-seconds`; a failing path is recorded with its
 traceback and the others go on), with a plot beside it. `--update` adds the sections run now to
-an earlier run's JSON (a machine lent for minutes at a time: the sections split over two calls). `merge` puts a CPU run beside a GPU run.
+an earlier run's JSON of the same device (a machine lent for minutes at a time: the sections
+split over calls); a section this call skips or fails keeps the earlier call's result.
+`merge` puts a CPU run beside a GPU run. The input folder holds resolved settings: export it
+again after the settings' schema changes.
 `--smoke` shrinks every section to seconds on a CPU.
 """
 
@@ -452,18 +458,21 @@ class Run:
         self.datasets = manifest["datasets"]
         self.work = args.work
         self.started = time.perf_counter()
-        fresh = {"device": _device_name(self.accelerator), "multi_gpu": "not available: one GPU",
-                 "smoke": args.smoke, "overrides": self.overrides}
-        earlier = json.loads(args.out.read_text()) if args.update and args.out.exists() else {}
-        if earlier and earlier.get("device") != fresh["device"]:
-            raise ValueError(f"--update: {args.out} was measured on {earlier.get('device')!r}, not here "
-                             f"({fresh['device']!r}); write a new file and `merge` instead")
-        self.out: dict[str, Any] = {**earlier, **fresh}
+        fresh = {"device": _device_name(self.accelerator), "multi_gpu": "not available: one GPU", "smoke": args.smoke}
+        self.earlier = json.loads(args.out.read_text()) if args.update and args.out.exists() else {}
+        for key in ("device", "smoke"):
+            if self.earlier and self.earlier.get(key) != fresh[key]:
+                raise ValueError(f"--update: {args.out} has {key} {self.earlier.get(key)!r}, this run "
+                                 f"{fresh[key]!r}; write a new file (and `merge` a CPU run beside a GPU run)")
+        self.out: dict[str, Any] = {**self.earlier, **fresh}
         self.out.setdefault("train", {})
         self.out.setdefault("seconds", {})
-        # Which call measured each section (a run, and the `--update` runs added to it).
+        # Each call (a run, and the `--update` runs added to it) with its settings and failures;
+        # `errors` at the top are this call's, `section_call` says which call measured a section.
         self.call = len(self.out.get("calls", [])) + 1
-        self.out.setdefault("calls", []).append({"sections": args.sections.split(","),
+        if self.out.get("errors"):
+            self.out["calls"][-1]["errors"] = self.out.pop("errors")
+        self.out.setdefault("calls", []).append({"sections": args.sections.split(","), "overrides": self.overrides,
                                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def time_left(self) -> bool:
@@ -475,15 +484,22 @@ class Run:
         write_json(self.args.out, self.out)
 
     def section(self, name: str, fn) -> None:
-        self.out.setdefault("section_call", {})[name] = self.call
+        # Under --update, what an earlier call measured stays unless this call measures it anew.
+        kept = self.earlier.get(name) if "skipped" not in _rows(self.earlier.get(name)) else None
         if not self.time_left():
-            self.out[name] = {"skipped": f"time budget of {self.args.budget_seconds:.0f} s spent"}
-            log.warning("%s: skipped (time budget spent)", name)
+            if kept is None:
+                self.out[name] = {"skipped": f"time budget of {self.args.budget_seconds:.0f} s spent"}
+                self.out.setdefault("section_call", {})[name] = self.call
+            log.warning("%s: skipped (time budget spent)%s", name, "; the earlier call's result stays" if kept else "")
             return
         start = time.perf_counter()
         log.info("== %s (%.0f s in)", name, start - self.started)
-        self.attempt(name, fn)
-        self.out["seconds"][name] = round(time.perf_counter() - start, 1)
+        if self.attempt(name, lambda: fn() or True) is None and kept is not None:
+            self.out[name] = kept
+            log.warning("%s failed; the earlier call's result stays", name)
+        else:
+            self.out.setdefault("section_call", {})[name] = self.call
+            self.out["seconds"][name] = round(time.perf_counter() - start, 1)
         self.save()
 
     def attempt(self, label: str, fn):
@@ -849,7 +865,7 @@ def main() -> int:
     r.add_argument("--sections", default=",".join(SECTIONS))
     r.add_argument("--epochs", type=int, default=0, help="cap fine-tuning epochs (0: the datasets' own settings)")
     r.add_argument("--sweep-batches", help="batch sizes of the large model's throughput sweep, comma-separated "
-                   "('' for none; default: 256 to 2048)")
+                   "('' for none; default: 512,2048)")
     r.add_argument("--seeds", type=int, default=1, help="seeds per precision for the large model")
     r.add_argument("--variants", help=f"how the encoder runs in the sweep and profile, comma-separated, of "
                    f"{', '.join(COMPILE_VARIANTS)} (default: all)")

@@ -162,8 +162,8 @@ class TrainerConfig:
     # Compare parameter hashes across DDP ranks after the first step.
     check_replicas: bool
     # torch.compile of the sequence encoder in training (dynamic shapes: one graph for every
-    # batch width). Off by default: on an H100 it cost ~40 s per run and gained nothing at the
-    # sizes RecForge trains (benchmarks/README.md "GPU").
+    # batch width). Off by default: on an H100 it cost ~40 s per run for 7-18 % more fp32
+    # throughput over fixed steps (benchmarks/README.md "GPU").
     compile: bool
     # torch.compile's mode: reduce-overhead also replays each batch shape's kernels as one CUDA
     # graph (GPU only; a graph is recorded per distinct batch width).

@@ -54,26 +54,35 @@ class LengthBucketSampler(Sampler[int]):
     is sorted by length and cut into batches, and the batches are shuffled; the one short batch
     (of the last pool) comes last, so a DataLoader's batches fall on the same boundaries. Pools
     keep batches random across epochs: a pool of the whole dataset would fix each batch's
-    members. Draws from torch's global generator, which the stages seed."""
+    members.
+
+    The order comes from the sampler's own generator, seeded once from torch's (which the stages
+    seed) and advanced by one per epoch: under DDP every rank draws the same order whatever else
+    its training consumed from the global generator, and Lightning's sampler wrapper hands each
+    rank every world-size-th index of it (neighbours in a sorted pool: still similar lengths)."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, pool_batches: int):
         if batch_size < 1 or pool_batches < 1:
             raise ValueError("batch_size and pool_batches must be >= 1")
         self.lengths = np.asarray(lengths)
         self.batch_size, self.pool = batch_size, batch_size * pool_batches
+        self.seed = int(torch.randint(0, 2**62, (1,)))
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self):
-        order = torch.randperm(len(self.lengths)).numpy()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()
         full, short = [], []
         for lo in range(0, order.size, self.pool):
             pool = order[lo : lo + self.pool]
             pool = pool[np.argsort(self.lengths[pool], kind="stable")]
             for i in range(0, pool.size, self.batch_size):
                 (full if pool.size - i >= self.batch_size else short).append(pool[i : i + self.batch_size])
-        for b in torch.randperm(len(full)).tolist():
+        for b in torch.randperm(len(full), generator=generator).tolist():
             yield from full[b].tolist()
         for batch in short:
             yield from batch.tolist()

@@ -13,7 +13,8 @@ Losses:
   items involved get representations computed, so it scales to catalogues where the full softmax
   does not.
 
-No step waits on the GPU: training batches carry the flat indices of their target positions
+No full-softmax step waits on the GPU (the sampled loss still does, in `torch.unique`): training
+batches carry the flat indices of their target positions
 (`components.bert.data.target_positions`, computed by the collate on the CPU), so the loss gathers
 a known number of rows instead of boolean-indexing on the device.
 

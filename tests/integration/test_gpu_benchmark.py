@@ -101,6 +101,12 @@ def test_run_skips_what_the_time_budget_leaves_out(exported, tmp_path):
     result = json.loads(out.read_text())
     assert result["text_encoder"]["texts"] == 300 and "time budget" in result["ddp"]["skipped"]
     assert result["section_call"] == {"text_encoder": 2, "ddp": 1} and len(result["calls"]) == 2
+    # A later call that skips the section keeps what call 2 measured.
+    _run(["run", "--input", str(exported), "--out", str(out), "--work", str(tmp_path / "run"),
+          "--device", "cpu", "--smoke", "--sections", "text_encoder", "--update", "--budget-seconds", "0"])
+    result = json.loads(out.read_text())
+    assert result["text_encoder"]["texts"] == 300 and result["section_call"]["text_encoder"] == 2
+    assert len(result["calls"]) == 3
 
 
 def test_merge_and_plot_take_skipped_sections(tmp_path):

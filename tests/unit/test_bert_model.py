@@ -350,22 +350,26 @@ def test_compiled_encoder_trains_as_the_eager_one_at_every_batch_width(loss):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize(("setting", "compiled"), [(False, False), (True, True)])
-def test_compile_setting_compiles_when_training_starts(setting, compiled, monkeypatch):
+@pytest.mark.parametrize(("setting", "mode"), [(False, "default"), (True, "default"), (True, "reduce-overhead")])
+def test_compile_settings_reach_the_module_and_compile_when_training_starts(setting, mode, monkeypatch):
+    """`build_module` hands `bert.trainer.compile` / `compile_mode` over; fit start compiles."""
+    from components.bert.train import build_module
+    from components.config import load_params
+
+    params = load_params(overrides=[f"bert.trainer.compile={str(setting).lower()}",
+                                    f"bert.trainer.compile_mode={mode}", "bert.mode=id"])
     c = cfg(mode="id", text_dim=0)
-    module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0)
-    module.compile_setting = setting
+    module = build_module(params.bert, params.bert.finetune, "next", c, None, None, np.ones(c.n_items))
+    assert (module.compile_setting, module.compile_mode) == (setting, mode)
     calls = []
     monkeypatch.setattr(module, "compile_encoder", lambda backend="inductor", mode=None: calls.append(mode))
     module.on_fit_start()
-    assert bool(calls) == compiled
+    assert calls == ([mode] if setting else [])
 
 
 def test_target_positions_come_with_the_batch_and_give_the_masked_loss():
     """Training batches carry their target positions (no boolean indexing on the device); the
     loss over them equals the loss over the boolean-masked positions."""
-    from components.bert.data import target_positions
-
     c = cfg(mode="id", text_dim=0, max_len=10)
     torch.manual_seed(0)
     module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0)
@@ -373,7 +377,6 @@ def test_target_positions_come_with_the_batch_and_give_the_masked_loss():
     for collate in (NextItemCollate(10), ClozeCollate(10, mask_prob=0.5)):
         items, targets, positions = collate(seqs)
         assert positions.tolist() == torch.nonzero((targets != PAD).flatten()).flatten().tolist()
-        assert positions.tolist() == target_positions(targets).tolist()
     items, targets, positions = NextItemCollate(10)(seqs)
     hidden = module.model.encode(items, causal=True)
     table = module.model.item_representations()
@@ -390,7 +393,6 @@ def test_length_buckets_batch_similar_lengths_and_reshuffle_every_epoch():
     rng = np.random.default_rng(0)
     lengths = rng.integers(2, 200, size=1000)
     sampler = LengthBucketSampler(lengths, batch_size=32, pool_batches=4)
-    torch.manual_seed(0)
     first = list(sampler)
     assert sorted(first) == list(range(1000))  # every sequence once
     batches = [b.tolist() for b in DataLoader(range(1000), batch_size=32, sampler=sampler)]
@@ -400,8 +402,17 @@ def test_length_buckets_batch_similar_lengths_and_reshuffle_every_epoch():
     plain = sum(len(b) * lengths[b].max() for b in np.array_split(rng.permutation(1000), 32))
     assert bucketed < 0.7 * plain
     assert all(np.all(np.diff(lengths[b]) >= 0) for b in batches)
+    assert list(sampler) != first  # a new order every epoch
+    # Seeded from torch's generator when built, then its own: two ranks built alike draw the same
+    # orders whatever else they take from the global generator meanwhile (dropout, cloze masks).
     torch.manual_seed(0)
-    assert list(sampler) == first  # seeded by torch's generator
-    assert list(sampler) != first  # and a new order every epoch
+    rank0 = LengthBucketSampler(lengths, batch_size=32, pool_batches=4)
+    torch.manual_seed(0)
+    rank1 = LengthBucketSampler(lengths, batch_size=32, pool_batches=4)
+    for epoch in range(3):
+        torch.rand(epoch * 7 + 1)  # each rank's training used the global generator differently
+        order0 = list(rank0)
+        torch.rand(epoch * 3 + 5)
+        assert list(rank1) == order0
     with pytest.raises(ValueError):
         LengthBucketSampler(lengths, batch_size=0, pool_batches=4)
