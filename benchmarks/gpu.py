@@ -545,9 +545,7 @@ class Run:
                     self.sizes.warmup_steps))
                 if row:
                     rows[precision] = row
-        if all(p in rows for p in PRECISIONS):
-            rows["bf16_speedup"] = round(rows["bf16-mixed"]["sequences_per_second"]
-                                         / rows["32-true"]["sequences_per_second"], 2)
+        _bf16_speedup(rows)
 
     def _large_dataset(self) -> str:
         return LARGE_DATASET if LARGE_DATASET in self.datasets else self.datasets[-1]
@@ -568,9 +566,8 @@ class Run:
             if runs:
                 out[precision] = runs[0] if len(runs) == 1 else {"runs": runs, **_mean_runs(runs)}
             self.save()
-        if all(p in out for p in PRECISIONS):
+        if _bf16_speedup(out):
             fp32, bf16 = out["32-true"], out["bf16-mixed"]
-            out["bf16_speedup"] = round(bf16["sequences_per_second"] / fp32["sequences_per_second"], 2)
             out["bf16_test_ndcg10_relative_difference"] = round(
                 (bf16["test_ndcg10"] - fp32["test_ndcg10"]) / fp32["test_ndcg10"], 4)
 
@@ -593,9 +590,7 @@ class Run:
                         rows[precision] = row
                         log.info("large model, batch %d, %s, %s: %.0f sequences/s", batch, variant, precision,
                                  row["sequences_per_second"])
-                if all(p in rows for p in PRECISIONS):
-                    rows["bf16_speedup"] = round(rows["bf16-mixed"]["sequences_per_second"]
-                                                 / rows["32-true"]["sequences_per_second"], 2)
+                _bf16_speedup(rows)
                 self.save()
 
     def _large_params(self, dataset: str, batch: int, precision: str, variant: str, settings=None):
@@ -711,6 +706,14 @@ class Run:
             "single_device": plain, "ddp": ddp,
             "ddp_over_single": round(ddp["sequences_per_second"] / plain["sequences_per_second"], 2),
         }
+
+
+def _bf16_speedup(rows: dict[str, Any]) -> bool:
+    """rows["bf16_speedup"] (bf16-mixed over 32-true throughput) when both precisions ran."""
+    if not all(p in rows for p in PRECISIONS):
+        return False
+    rows["bf16_speedup"] = round(rows["bf16-mixed"]["sequences_per_second"] / rows["32-true"]["sequences_per_second"], 2)
+    return True
 
 
 def _setting(overrides: tuple[str, ...], key: str) -> str:

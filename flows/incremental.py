@@ -204,11 +204,6 @@ def write_source(state: ChampionState, window: Window, params: Params, out: Path
 
 
 @task(cache_policy=NO_CACHE)
-def run_stage(name: str, params: Params, root: str) -> pipeline.Outcome:
-    return pipeline.run_stage(pipeline.STAGE[name], params, Artifacts(root), emit=get_run_logger().info)
-
-
-@task(cache_policy=NO_CACHE)
 def update_models(params: Params, state: ChampionState, window: Window, root: str) -> dict[str, Any]:
     """The champion's MF and sequence model carried to the new catalogue and updated."""
     from components.incremental import update_bert, update_mf
@@ -301,7 +296,7 @@ def incremental(overrides: list[str] | None = None, params_file: str = "params.y
     import polars as pl
 
     from components.cli import quiet_libraries
-    from flows.training import flow_run_tags, forward_component_logs, training
+    from flows.training import flow_run_tags, forward_component_logs, run_stage, training
 
     overrides, params_overrides = list(overrides or []), list(params_overrides or [])
     params = load_params(params_file, overrides, [Path(f) for f in params_overrides])
@@ -345,10 +340,10 @@ def incremental(overrides: list[str] | None = None, params_file: str = "params.y
         log_window(params, result["run_id"], drift, decision, window, {})
     else:
         run_params = load_params(params_file, overrides + source, [Path(f) for f in params_overrides])
-        results = {name: run_stage.with_options(name=name)(name, run_params, str(root)).result
+        results = {name: run_stage.with_options(name=name)(name, run_params, str(root), False).result
                    for name in BEFORE_UPDATE}
         results.update(update_models(run_params, state, window, str(root)))
-        results.update({name: run_stage.with_options(name=name)(name, run_params, str(root)).result
+        results.update({name: run_stage.with_options(name=name)(name, run_params, str(root), False).result
                         for name in AFTER_UPDATE})
         result = register(results, run_params, str(root), f"incremental {run_name}", tags, version_tags)
         log_window(params, result["run_id"], drift, decision, window,
