@@ -1,11 +1,22 @@
-"""Feature building at scale: wall time and peak memory on 1M and 10M synthetic interactions.
+"""The data stages at scale: validate, features, train_mf and evaluate on synthetic data of
+growing size, each stage in its own process, wall time and peak memory.
 
-    python -m benchmarks.scaling --out scaling.json [--sizes 1000000,10000000]
+    python -m benchmarks.scaling --sizes 1000000,10000000 --engine default --out s.json
 
-Each size is generated once (not timed) into a snapshot, then feature building runs in a fresh
-Python process so that its peak RSS is its own. Output:
-`{"features": {"1000000": {"seconds": ..., "peak_rss_mb": ...}, "10000000": {...}},
-  "generation": {"1000000": {"seconds": ...}, ...}}`.
+For each size N, synthetic interactions are generated once (timed apart, not a stage) with 5 %
+as many users as interactions and 1 % as many items (100M -> 5M users, 1M items), and written as
+a Parquet `files` source. Then the pipeline's own stages run on it, each in a fresh Python
+process so that its peak RSS (`VmHWM`) is its own: `validate` (Great Expectations, the snapshot),
+`features`, `train_mf` and `evaluate` (popularity and MF, full ranking, `--max-users` users per
+split). Output:
+
+    {"ENGINE": {"N": {"STAGE": {"seconds": ..., "peak_rss_mb": ...}}},
+     "generation": {"N": {"seconds": ..., "users": ..., "items": ...}}, "growth": {...}}
+
+`growth` is each stage's seconds at a size over its seconds at the previous size (near-linear
+cost: the ratio stays near the ratio of the sizes). The plot beside the JSON shows seconds and
+memory against N. A stage that fails or exceeds `--stage-timeout` is recorded with its error and
+the stages after it are skipped at that size.
 """
 
 from __future__ import annotations
@@ -17,86 +28,177 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from benchmarks.common import peak_rss_mb, write_json
-from components.cli import add_params_arguments, run_main
-from components.config import load_params
+from benchmarks.common import peak_rss_mb, save
+from components.cli import add_params_arguments, params_from_args, run_main
+from components.config import Params
 from components.pipeline import Artifacts
+
+STAGES = ("validate", "features", "train_mf", "evaluate")
+ENGINES = ("default",)
 
 
 def synthetic_config(params, n_interactions: int):
-    """Scale users, items and topics with the interaction count (about 33 per user)."""
-    n_items = max(1_000, n_interactions // 100)
+    """Users 5 % and items 1 % of the interactions (at least 100 and 50). An hour between a
+    user's events: at a day, the longest histories of the heavy tail run past today and
+    validation refuses them as future timestamps."""
+    n_items = max(50, n_interactions // 100)
     return dataclasses.replace(
         params.data.synthetic,
-        n_users=max(2_000, n_interactions // 33),
+        n_users=max(100, n_interactions // 20),
         n_items=n_items,
         n_interactions=n_interactions,
-        n_topics=max(20, n_items // 500),
+        n_topics=max(5, n_items // 500),
+        mean_gap_seconds=3600.0,
     )
 
 
-def generate_snapshot(params_path: Path, overrides: list[str], n: int, data_dir: Path) -> float:
+def source_settings(source: Path, max_users: int) -> list[str]:
+    """The settings that read the generated Parquet source and score popularity and MF."""
+    return ["data.source=files", f"data.path={source}", "data.files.interactions=interactions.parquet",
+            "data.files.items=items.parquet", "data.files.columns.user_id=user_id",
+            "data.files.columns.item_id=item_id", "data.files.columns.timestamp=timestamp",
+            "data.files.columns.weight=null", "data.files.columns.split=null", "data.files.item_id_column=item_id",
+            "data.files.text_columns=[text]", "evaluation.models=[popularity, mf]",
+            f"evaluation.max_users={max_users}"]
+
+
+def generate_source(params: Params, n: int, source: Path) -> dict[str, Any]:
     from components.datasets import RawDataset, normalize
     from components.synthetic import generate
 
-    params = load_params(params_path, overrides)
+    cfg = synthetic_config(params, n)
     start = time.perf_counter()
-    inter, items = generate(synthetic_config(params, n), params.seed)
+    inter, items = generate(cfg, params.seed)
     seconds = time.perf_counter() - start
-    data_dir.mkdir(parents=True, exist_ok=True)
+    source.mkdir(parents=True, exist_ok=True)
     inter, items = normalize(RawDataset(inter, items, "synthetic", f"{n} synthetic"))
-    inter.write_parquet(data_dir / "interactions.parquet")
-    items.write_parquet(data_dir / "items.parquet")
-    return seconds
+    inter.select("user_id", "item_id", "timestamp").write_parquet(source / "interactions.parquet")
+    items.select("item_id", "text").write_parquet(source / "items.parquet")
+    return {"seconds": seconds, "interactions": inter.height, "users": cfg.n_users, "items": cfg.n_items}
 
 
-def child(params_path: Path, overrides: list[str], root: Path) -> None:
-    """Runs in its own process: the features stage on the snapshot under `root`, then time and
-    peak RSS as JSON."""
+def child(params: Params, root: Path, stage: str) -> None:
+    """Runs in its own process: one stage on `root`, then its time and peak RSS as JSON."""
     from components import pipeline
 
-    params = load_params(params_path, overrides)
     start = time.perf_counter()
-    result = pipeline.execute(pipeline.STAGE["features"], params, pipeline.Artifacts(root))
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "n_interactions": result.n_interactions}))
+    pipeline.execute(pipeline.STAGE[stage], params, Artifacts(root))
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}))
+
+
+def run_stage(args: argparse.Namespace, overrides: list[str], root: Path, stage: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.scaling", "--params", str(args.params), "--child", str(root),
+           "--stage", stage]
+    for f in args.override_files:
+        cmd += ["--params-overrides", str(f)]
+    for o in overrides:
+        cmd += ["--set", o]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.stage_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within --stage-timeout {args.stage_timeout} s",
+                "wall_seconds": time.perf_counter() - start}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1],
+                "wall_seconds": time.perf_counter() - start}
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": f"the stage's process printed no result: {lines[-1] if lines else '(nothing)'}",
+                "wall_seconds": time.perf_counter() - start}
+
+
+def growth(per_size: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """{"N0->N1": {stage: seconds(N1) / seconds(N0)}} for consecutive sizes both measured."""
+    sizes = sorted(per_size, key=int)
+    out: dict[str, dict[str, float]] = {}
+    for lo, hi in zip(sizes, sizes[1:]):
+        row = {s: per_size[hi][s]["seconds"] / per_size[lo][s]["seconds"] for s in STAGES
+               if "seconds" in per_size[lo].get(s, {}) and "seconds" in per_size[hi].get(s, {})}
+        out[f"{lo}->{hi}"] = {"size_ratio": int(hi) / int(lo), **row}
+    return out
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for engine in [e for e in ENGINES if e in out]:
+        for stage in STAGES:
+            points = sorted((int(n), row[stage]) for n, row in out[engine].items() if "seconds" in row.get(stage, {}))
+            if not points:
+                continue
+            xs = [n for n, _ in points]
+            axes[0].plot(xs, [r["seconds"] for _, r in points], marker="o", label=f"{stage} ({engine})")
+            axes[1].plot(xs, [r["peak_rss_mb"] / 1024 for _, r in points], marker="o", label=f"{stage} ({engine})")
+    for ax, label in zip(axes, ("seconds", "peak RSS (GB)")):
+        ax.set(xscale="log", yscale="log", xlabel="interactions", ylabel=label)
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("Data stages at scale, each in its own process")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_params_arguments(parser, artifacts=False)
-    parser.add_argument("--sizes", default="1000000,10000000")
+    parser.add_argument("--sizes", default="1000000,10000000", help="comma-separated interaction counts")
+    parser.add_argument("--engine", choices=ENGINES, default="default",
+                        help="the data engine (the Spark engine of issue 15 is not built yet)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    parser.add_argument("--max-users", type=int, default=100_000, help="users scored per split by evaluate")
+    parser.add_argument("--stage-timeout", type=float, default=3600.0)
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/scaling"))
     parser.add_argument("--out", type=Path, required=False)
     parser.add_argument("--child", type=Path, metavar="ROOT", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.params, args.overrides, args.child)
+        child(params_from_args(args), args.child, args.stage)
         return 0
     if args.out is None:
         parser.error("--out is required")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if unknown := sorted(set(stages) - set(STAGES)):
+        parser.error(f"unknown stages: {', '.join(unknown)} (of {', '.join(STAGES)})")
+    try:
+        sizes = sorted(int(s) for s in args.sizes.split(","))
+    except ValueError:
+        parser.error(f"--sizes must be integers, got {args.sizes!r}")
+    if not sizes or sizes[0] < 1000:
+        parser.error("--sizes must be at least 1000 interactions each")
 
-    results: dict[str, dict[str, dict[str, float]]] = {"features": {}, "generation": {}}
-    for n in [int(s) for s in args.sizes.split(",")]:
-        data_dir = Artifacts(args.workdir / str(n)).data
-        gen_seconds = generate_snapshot(args.params, args.overrides, n, data_dir)
-        results["generation"][str(n)] = {"seconds": gen_seconds}
-        cmd = [sys.executable, "-m", "benchmarks.scaling", "--params", str(args.params)]
-        for o in args.overrides:
-            cmd += ["--set", o]
-        cmd += ["--child", str(args.workdir / str(n))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-            return proc.returncode
-        measured = json.loads(proc.stdout.strip().splitlines()[-1])
-        results["features"][str(n)] = measured
-        print(
-            f"{n:>11,} interactions: generated in {gen_seconds:.1f} s; features in "
-            f"{measured['seconds']:.1f} s, peak RSS {measured['peak_rss_mb']:.0f} MB"
-        )
-    write_json(args.out, results)
+    out: dict[str, Any] = {args.engine: {}, "generation": {}}
+    for n in sizes:
+        root = args.workdir / args.engine / str(n)
+        source = args.workdir / "source" / str(n)
+        out["generation"][str(n)] = generate_source(params_from_args(args), n, source)
+        print(f"{n:>12,} interactions generated in {out['generation'][str(n)]['seconds']:.1f} s", flush=True)
+        overrides = [*args.overrides, *source_settings(source, args.max_users)]
+        row: dict[str, Any] = {}
+        for stage in stages:
+            if any("error" in row.get(s, {}) for s in stages[:stages.index(stage)]):
+                row[stage] = {"error": "skipped: an earlier stage failed"}
+                continue
+            row[stage] = run_stage(args, overrides, root, stage)
+            got = row[stage]
+            print(f"{n:>12,} {stage:<9} " + (f"{got['seconds']:8.1f} s  peak RSS {got['peak_rss_mb']:8.0f} MB"
+                                             if "seconds" in got else f"FAILED: {got['error']}"), flush=True)
+        out[args.engine][str(n)] = row
+        out["growth"] = growth(out[args.engine])
+        save(out, args.out, plot)  # after every size: a long run keeps what it measured
+    for span, ratios in out["growth"].items():
+        print(f"{span}: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
     return 0
 
 

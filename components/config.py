@@ -320,6 +320,25 @@ class IncrementalConfig:
     # Older sequences (of users not in the window) trained beside each changed one, against
     # forgetting.
     replay_ratio: float
+    # Events are taken once received at least this long ago: with several service replicas on
+    # PostgreSQL, event numbers can commit out of order, and a watermark must not pass an event
+    # still being written.
+    settle_seconds: float
+    # Update roots (`<artifacts>/incremental/<time>/`) kept: the newest this many, plus those of
+    # the versions holding an alias and of the champion's rollback target (null: keep every one).
+    keep_roots: int | None
+    # How long the training flow waits for an incremental run holding the artifacts folder
+    # before it fails (the incremental flow never waits: it skips its hour). An incremental run
+    # that decided on a full retrain holds it as long as a nightly run takes.
+    lock_wait_seconds: float
+
+    def __post_init__(self) -> None:
+        # `not >= 0` also refuses NaN (no settling, a wait that never ends).
+        if not (self.settle_seconds >= 0 and self.lock_wait_seconds >= 0):
+            raise ParamsError("incremental.settle_seconds and incremental.lock_wait_seconds must be numbers >= 0, got "
+                              f"{self.settle_seconds} and {self.lock_wait_seconds}")
+        if self.keep_roots is not None and self.keep_roots < 1:
+            raise ParamsError(f"incremental.keep_roots must be at least 1 (null: keep every root), got {self.keep_roots}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ instead of a loader crashing on it. `normalize` casts after validation has passe
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import io
 import logging
@@ -260,18 +261,101 @@ def load_unisrec(path: Path, name: str | None) -> RawDataset:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_table(file: Path, encoding: str, id_columns: tuple[str, ...]) -> pl.DataFrame:
-    """A CSV/TSV/Parquet table as read; `id_columns` as strings exactly as written (no type
-    inference: "007" and "7" stay two ids, "0001" stays "0001")."""
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+WILDCARDS = "*?["
+
+
+def _parquet_files(path: Path, name: str) -> tuple[Path, list[Path]]:
+    """The files a folder or glob `name` under `path` names, and the folder they lie below.
+
+    Anything under a hidden folder or with a hidden name (`_` or `.` first, below that folder)
+    is the writer's bookkeeping, not data: Spark's `_SUCCESS`, `.crc` checksums, `_temporary/`
+    and `.spark-staging-*` folders of a job still running or failed, Delta's `_delta_log/`."""
+    target = path / name
+    if target.is_dir():
+        base, candidates = target, target.rglob("*")
+    else:
+        parts = Path(name).parts
+        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in WILDCARDS))
+        base = path.joinpath(*parts[:fixed])  # an absolute `name` starts from its own root
+        # Folder names are taken as written (`data/[2026]` is no pattern): only what follows is.
+        pattern = glob.escape(str(base)) + "/" + "/".join(parts[fixed:])
+        candidates = map(Path, glob.glob(pattern, recursive=True))
+    found = sorted(f for f in candidates
+                   if f.is_file() and not any(part.startswith(("_", ".")) for part in f.relative_to(base).parts))
+    return base, found
+
+
+def _read_parquet_dataset(path: Path, name: str, id_columns: tuple[str, ...],
+                          columns: list[str] | None) -> pl.DataFrame:
+    """Parquet files as one table: a folder (every `*.parquet` below it, as Spark and Hive write
+    them: `date=2026-11-01/part-0.parquet` adds a `date` column) or a glob of Parquet files
+    (`events/*/*.parquet`, `**` for any depth). Read lazily: only `columns` (None: all) leave the
+    files. Files may differ in columns (a column added later is null in the older files; one
+    dropped is null in the newer) and in integer width; a column that is text in one file and a
+    number in another is an error naming both."""
+    target = path / name
+    base, found = _parquet_files(path, name)
+    if target.is_dir():
+        found = [f for f in found if f.suffix.lower() in PARQUET_SUFFIXES]
+        if not found:
+            raise DataSourceError(f"{target} is a folder, not a data file: point data.files at a CSV, TSV or Parquet "
+                                  f"file, or at a folder of Parquet files (this one holds no *.parquet file)")
+    elif not found:
+        raise DataSourceError(f"no file matches {target}")
+    wrong = [str(f) for f in found if f.suffix.lower() not in PARQUET_SUFFIXES]
+    if wrong:
+        raise DataSourceError(f"{target}: a pattern reads Parquet files only; it matches {wrong[0]}"
+                              + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""))
+    try:
+        # The footers only; the paths are files already found (`glob=False`: `[eu]` is a name).
+        schemas = {f: pl.scan_parquet(f, glob=False).collect_schema() for f in found}
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataSourceError(f"{target}: not a Parquet file: {str(exc).splitlines()[0]}") from exc
+    kinds: dict[str, dict[str, Path]] = {}
+    for f, schema in schemas.items():
+        for col, dtype in schema.items():
+            if columns is None or col in columns:
+                kinds.setdefault(col, {}).setdefault("number" if dtype.is_numeric() else str(dtype), f)
+    for col, seen in kinds.items():
+        if len(seen) > 1:
+            (k1, f1), (k2, f2) = list(seen.items())[:2]
+            raise DataSourceError(f"{target}: column {col!r} is {k1} in {f1} but {k2} in {f2}: the files must agree")
+    union = pl.concat([pl.DataFrame(schema=s) for s in schemas.values()], how="diagonal_relaxed").schema
+    wanted = {c: t for c, t in union.items() if columns is None or c in columns}
+    try:
+        df = pl.scan_parquet(found, glob=False, hive_partitioning=True, schema=wanted, missing_columns="insert",
+                             extra_columns="ignore",
+                             cast_options=pl.ScanCastOptions(integer_cast="upcast", float_cast="upcast")).collect()
+    except pl.exceptions.PolarsError as exc:
+        raise DataSourceError(f"{target}: cannot read as one Parquet table: {str(exc).splitlines()[0]}") from exc
+    if columns is not None:
+        df = df.select([c for c in df.columns if c in columns])
+    return _ids_as_strings(df, tuple(c for c in id_columns if c in df.columns))
+
+
+def _read_table(path: Path, name: str, encoding: str, id_columns: tuple[str, ...],
+                columns: list[str] | None = None) -> pl.DataFrame:
+    """The table `name` under `path`: a CSV/TSV/Parquet file, or a folder or glob of Parquet
+    files read as one table; `id_columns` as strings exactly as written (no type inference:
+    "007" and "7" stay two ids, "0001" stays "0001"). `columns`: what the caller keeps (Parquet
+    reads only those)."""
+    file = path / name
+    if file.is_dir() or (not file.exists() and any(c in name for c in WILDCARDS)):
+        return _read_parquet_dataset(path, name, id_columns, columns)
     if not file.exists():
         raise DataSourceError(f"file not found: {file}")
     if not file.is_file():
-        raise DataSourceError(f"{file} is a {'folder' if file.is_dir() else 'special file'}, not a data file: "
-                              f"point data.files at a CSV, TSV or Parquet file")
+        raise DataSourceError(f"{file} is a special file, not a data file: point data.files at a CSV, TSV or "
+                              f"Parquet file, or a folder of Parquet files")
     suffix = file.suffix.lower()
-    if suffix in (".parquet", ".pq"):
+    if suffix in PARQUET_SUFFIXES:
         # Parquet keeps its types: integer ids become their decimal text.
-        df = pl.read_parquet(file)
+        # glob=False: a file name is no pattern (`shop[eu]/events.parquet`).
+        present = pl.scan_parquet(file, glob=False).collect_schema().names()
+        df = pl.read_parquet(file, glob=False, columns=columns and [c for c in present if c in columns])
         return _ids_as_strings(df, tuple(c for c in id_columns if c in df.columns))
     if suffix not in (".csv", ".tsv", ".txt"):
         raise DataSourceError(f"{file}: unsupported format (use .csv, .tsv or .parquet)")
@@ -294,9 +378,6 @@ def _read_table(file: Path, encoding: str, id_columns: tuple[str, ...]) -> pl.Da
 
 def load_files(path: Path, cfg: DataConfig) -> RawDataset:
     fc = cfg.files
-    inter = _read_table(path / fc.interactions, fc.encoding, (fc.columns.user_id, fc.columns.item_id))
-    items = _read_table(path / fc.items, fc.encoding, (fc.item_id_column,))
-
     mapping = {
         "user_id": fc.columns.user_id,
         "item_id": fc.columns.item_id,
@@ -304,6 +385,10 @@ def load_files(path: Path, cfg: DataConfig) -> RawDataset:
         "weight": fc.columns.weight,
         "split": fc.columns.split,
     }
+    inter = _read_table(path, fc.interactions, fc.encoding, (fc.columns.user_id, fc.columns.item_id),
+                        columns=[c for c in mapping.values() if c is not None])
+    items = _read_table(path, fc.items, fc.encoding, (fc.item_id_column,))
+
     renamed = {src: dst for dst, src in mapping.items() if src is not None and src in inter.columns}
     inter = inter.select([pl.col(src).alias(dst) for src, dst in renamed.items()])
     inter = _ids_as_strings(inter, ("user_id", "item_id"))

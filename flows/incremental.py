@@ -24,7 +24,12 @@ service recorded since its watermark, or retrained in full when they drifted too
 4. The new version is registered with its lineage tags, before the gate can promote it:
    `parent_version`, `events_watermark`, the window (`window_first_seq`..`window_last_seq`,
    its time range, counts), `artifacts_root`, `update_kind` and `updates_since_full` (which
-   sends the next update to a full retrain).
+   sends the next update to a full retrain). Old update roots are then removed
+   (`incremental.keep_roots`; the roots the flow may start from again are kept).
+
+The run holds the artifacts folder's lock (`flows/lock.py`) throughout: while the training flow
+holds it, this hour is skipped. Only events received `incremental.settle_seconds` ago are taken,
+so that the watermark never passes an event another service replica is still writing.
 
     python -m flows.incremental                  # once, without Prefect's scheduler
     prefect deploy --name hourly-incremental     # on its schedule
@@ -36,7 +41,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,10 +57,13 @@ from components import pipeline
 from components.config import Params, load_params
 from components.incremental import FULL, INCREMENTAL, NOTHING, Decision, Drift, decide, window_drift
 from components.pipeline import Artifacts
+from flows.lock import FolderBusy, folder_lock
 
 log = logging.getLogger(__name__)
 
 INCREMENTAL_DIR = "incremental"
+# An update root's name: its start time, `%Y%m%dT%H%M%S%f` (UTC).
+ROOT_NAME = re.compile(r"\d{8}T\d{12}")
 # Lineage tags of a registry version.
 ROOT, WATERMARK, UPDATES, PARENT, KIND = (
     "artifacts_root", "events_watermark", "updates_since_full", "parent_version", "update_kind")
@@ -78,6 +88,8 @@ class Window:
     quarantined: int
     first_seq: int
     last_seq: int
+    # Events after the window, received too recently to be taken (incremental.settle_seconds).
+    waiting: int = 0
 
 
 class ChampionElsewhere(RuntimeError):
@@ -96,6 +108,11 @@ def champion_state(params: Params, artifacts: Path) -> ChampionState | None:
     if champion is None:
         return None
     root = Path(champion.tags.get(ROOT, str(artifacts)))
+    if not root.is_dir():
+        raise ChampionElsewhere(
+            f"the champion (version {champion.version}) was trained in {root}, which no longer exists (removed by "
+            f"incremental.keep_roots after a rollback past it, or by hand). Run the training flow to register a "
+            f"champion to update from.")
     try:
         sha = pipeline.load_result("export", Artifacts(root)).bundle_sha256
     except FileNotFoundError:
@@ -130,7 +147,7 @@ def export_window(params: Params, state: ChampionState, out: Path) -> Window:
     store = EventStore(params.online.db)
     try:
         exported = store.export_csv(out / "exported.csv", out / "quarantine.csv", after_seq=state.watermark,
-                                    rules=rules)
+                                    rules=rules, received_before=time.time() - params.incremental.settle_seconds)
         added = dict(store.items())
     finally:
         store.close()
@@ -159,7 +176,7 @@ def export_window(params: Params, state: ChampionState, out: Path) -> Window:
     events = events.filter(pl.col("reason").is_null()).drop("reason")
     events.write_parquet(out / "events.parquet")
     return Window(out / "events.parquet", out / "quarantine.csv", events.height,
-                  exported.quarantined + bad.height, state.watermark + 1, exported.last_seq)
+                  exported.quarantined + bad.height, state.watermark + 1, exported.last_seq, exported.waiting)
 
 
 @task(cache_policy=NO_CACHE)
@@ -291,17 +308,34 @@ def cannot_update(root: Path, params: Params) -> str | None:
 @flow(name="incremental")
 def incremental(overrides: list[str] | None = None, params_file: str = "params.yaml", artifacts: str = "artifacts",
                 params_overrides: list[str] | None = None) -> dict[str, Any]:
-    import shutil
-
-    import polars as pl
-
     from components.cli import quiet_libraries
-    from flows.training import flow_run_tags, forward_component_logs, run_stage, training
+    from flows.training import forward_component_logs
 
     overrides, params_overrides = list(overrides or []), list(params_overrides or [])
     params = load_params(params_file, overrides, [Path(f) for f in params_overrides])
     quiet_libraries()
     forward_component_logs()
+    logger = get_run_logger()
+    with ExitStack() as held:
+        try:
+            # The training flow may be rewriting this folder: this hour is skipped, not queued
+            # (the next run takes the same events, from the champion the retrain may replace).
+            held.enter_context(folder_lock(artifacts, "incremental", 0, logger))
+        except FolderBusy as busy:
+            reason = f"skipped: {busy}; the next run takes these events"
+            logger.info(reason)
+            return {"action": NOTHING, "reason": reason, "busy": busy.holder}
+        return _update(params, overrides, params_file, artifacts, params_overrides)
+
+
+def _update(params: Params, overrides: list[str], params_file: str, artifacts: str,
+            params_overrides: list[str]) -> dict[str, Any]:
+    import shutil
+
+    import polars as pl
+
+    from flows.training import flow_run_tags, run_stage, training
+
     logger = get_run_logger()
     state = champion_state(params, Path(artifacts))
     if state is None:
@@ -329,7 +363,9 @@ def incremental(overrides: list[str] | None = None, params_file: str = "params.y
                 window.first_seq, window.last_seq, window.exported, window.quarantined, decision.action, decision.reason)
     if decision.action == NOTHING:
         shutil.rmtree(root)
-        return {"action": NOTHING, "reason": decision.reason, "champion_version": state.version}
+        reason = decision.reason + (f"; {window.waiting} more received in the last "
+                                    f"{params.incremental.settle_seconds:g} s wait for the next run" if window.waiting else "")
+        return {"action": NOTHING, "reason": reason, "champion_version": state.version}
 
     source = write_source(state, window, params, root / "source")
     run_name, tags = flow_run_tags()
@@ -349,9 +385,71 @@ def incremental(overrides: list[str] | None = None, params_file: str = "params.y
         log_window(params, result["run_id"], drift, decision, window,
                    {"bert": results["update_bert"].metrics(), "mf": results["update_mf"].metrics()})
     logger.info("version %s (%s): %s", result["version"], decision.action, result["reason"])
+    try:
+        pruned = prune_roots(params, Path(artifacts), keep=root)
+    except Exception as exc:  # the version is registered: housekeeping must not fail the run
+        logger.warning("old update roots were not removed (%s: %s); the next run tries again",
+                       type(exc).__name__, exc)
+        pruned = []
+    if pruned:
+        logger.info("removed %d old update roots (incremental.keep_roots=%s): %s", len(pruned),
+                    params.incremental.keep_roots, ", ".join(p.name for p in pruned))
     return {"action": decision.action, "reason": decision.reason, "champion_version": state.version,
             "version": result["version"], "promoted": result["promoted"], "gate": result["reason"],
-            "root": str(root), "drift": drift.metrics(), "flow_run": tags.get("prefect.flow_run_id")}
+            "root": str(root), "drift": drift.metrics(), "flow_run": tags.get("prefect.flow_run_id"),
+            "pruned": [str(p) for p in pruned]}
+
+
+def roots_to_remove(roots: list[Path], keep_newest: int | None, protected: set[Path]) -> list[Path]:
+    """Of the update roots (named by their start time, so names sort by age), those beyond the
+    newest `keep_newest` (None: none) that are not `protected`. Folders named otherwise are not
+    the flow's: never counted, never removed."""
+    if keep_newest is None:
+        return []
+    ours = [p for p in roots if ROOT_NAME.fullmatch(p.name)]
+    older = sorted(ours, key=lambda p: p.name, reverse=True)[keep_newest:]
+    return sorted(p for p in older if p.resolve() not in protected)
+
+
+def protected_roots(params: Params) -> set[Path]:
+    """The roots of the versions holding an alias (champion, challenger) and of the champion's
+    rollback target (`previous_champion`): the incremental flow may start from any of them."""
+    from flows.promotion import CHAMPION
+    from flows.tracking import client
+
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(params.tracking)
+    name = params.tracking.model_name
+
+    def tags_of(version: str) -> dict[str, str]:
+        try:
+            return mlflow_client.get_model_version(name, version).tags
+        except MlflowException:  # deleted from the registry since it was tagged
+            return {}
+
+    aliases = mlflow_client.get_registered_model(name).aliases
+    versions = {str(v) for v in aliases.values()}
+    if CHAMPION in aliases:
+        previous = tags_of(str(aliases[CHAMPION])).get("previous_champion")
+        versions |= {previous} if previous else set()
+    tags = [tags_of(v) for v in sorted(versions)]
+    return {Path(t[ROOT]).resolve() for t in tags if ROOT in t}
+
+
+def prune_roots(params: Params, artifacts: Path, keep: Path) -> list[Path]:
+    """Remove the update roots `incremental.keep_roots` does not keep (never `keep`, the root
+    just built, nor a protected one); returns them."""
+    import shutil
+
+    folder = artifacts / INCREMENTAL_DIR
+    if params.incremental.keep_roots is None or not folder.is_dir():
+        return []
+    roots = [p for p in folder.iterdir() if p.is_dir()]
+    doomed = roots_to_remove(roots, params.incremental.keep_roots, protected_roots(params) | {keep.resolve()})
+    for root in doomed:
+        shutil.rmtree(root)
+    return doomed
 
 
 def main() -> int:

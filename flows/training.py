@@ -31,6 +31,7 @@ from components import pipeline
 from components.cli import quiet_libraries
 from components.config import DEFAULT_PARAMS, Params, load_params
 from components.pipeline import Artifacts
+from flows.lock import folder_lock
 
 REPO = pipeline.REPO
 
@@ -114,11 +115,16 @@ def training(overrides: list[str] | None = None, params_file: str = "params.yaml
     """`version_tags`: set on the registered version when it is registered (the incremental
     flow's lineage)."""
     overrides, params_overrides = list(overrides or []), list(params_overrides or [])
-    logger = get_run_logger()
     params = load_params(params_file, overrides, [Path(f) for f in params_overrides])  # fails here, before any work
     quiet_libraries()
     forward_component_logs()
+    # An incremental update in this folder finishes first (flows/lock.py).
+    with folder_lock(artifacts, "training", params.incremental.lock_wait_seconds, get_run_logger()):
+        return _train(params, overrides, params_file, artifacts, force, run_name, params_overrides, version_tags)
 
+
+def _train(params: Params, overrides: list[str], params_file: str, artifacts: str, force: bool, run_name: str | None,
+           params_overrides: list[str], version_tags: dict[str, str] | None) -> dict[str, Any]:
     futures: dict[str, Any] = {}
     for stage in pipeline.STAGES:
         futures[stage.name] = run_stage.with_options(
@@ -131,6 +137,7 @@ def training(overrides: list[str] | None = None, params_file: str = "params.yaml
 
     flow_run_name, tags = flow_run_tags()
     result = register(results, params, artifacts, run_name or flow_run_name, tags, version_tags)
+    logger = get_run_logger()
     if _in_dvc_workspace(artifacts, params_file, overrides, params_overrides):
         logger.info(record_in_dvc(artifacts))
     summary = summary_markdown(results["evaluate"].test, result, skipped)

@@ -60,6 +60,8 @@ class Export:
     quarantined: int
     # The last event number read: the next export starts after it.
     last_seq: int
+    # Events after it left for a later export (received too recently to be settled).
+    waiting: int = 0
 
 
 @dataclass(frozen=True)
@@ -282,14 +284,26 @@ class EventStore:
         rows = self._read("SELECT value FROM meta WHERE key = 'data_rules'")
         return DataRules(**json.loads(rows[0][0])) if rows else None
 
-    def export_csv(self, path: Path, quarantine: Path, after_seq: int = 0, rules: DataRules | None = None) -> "Export":
+    def export_csv(self, path: Path, quarantine: Path, after_seq: int = 0, rules: DataRules | None = None,
+                   received_before: float | None = None) -> "Export":
         """Interactions as CSV (user_id, item_id, timestamp, weight), those received after the
         event numbered `after_seq` (0: all); rows training validation would refuse (`rules`,
         default: the rules the service last recorded) go to `quarantine` with the reason. The
-        returned `last_seq` is the watermark of the next export."""
+        returned `last_seq` is the watermark of the next export.
+
+        `received_before`: the export stops at the first event received at or after this time
+        (epoch seconds), so a watermark never passes an event that another replica numbered
+        earlier but has not committed yet; `Export.waiting` counts the events left for later."""
         rules = rules or self.rules() or DataRules()
-        rows = self._read("SELECT seq, user_id, item_id, timestamp, weight FROM events WHERE seq > ? ORDER BY seq",
-                          (after_seq,))
+        rows = self._read("SELECT seq, user_id, item_id, timestamp, weight, received_at FROM events WHERE seq > ?"
+                          " ORDER BY seq", (after_seq,))
+        waiting = 0
+        if received_before is not None:
+            # Rows from before arrival times were recorded count as settled.
+            fresh = next((i for i, r in enumerate(rows) if r[5] is not None and r[5] >= received_before), None)
+            if fresh is not None:
+                waiting, rows = len(rows) - fresh, rows[:fresh]
+        rows = [r[:5] for r in rows]
         now = time.time()
         good, bad = [], []
         for _, user, item, ts, weight in rows:
@@ -307,7 +321,7 @@ class EventStore:
             w = csv.writer(f)
             w.writerow(["user_id", "item_id", "timestamp", "weight", "reason"])
             w.writerows(bad)
-        return Export(len(good), len(bad), int(rows[-1][0]) if rows else after_seq)
+        return Export(len(good), len(bad), int(rows[-1][0]) if rows else after_seq, waiting)
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:
@@ -349,15 +363,22 @@ def main() -> int:
     parser.add_argument("--quarantine", type=Path, default=None)
     parser.add_argument("--after-seq", type=int, default=0,
                         help="only events received after this event number (a previous export's watermark)")
+    parser.add_argument("--settle-seconds", type=float, default=0.0,
+                        help="stop at the first event received less than this long ago (replicas on PostgreSQL "
+                             "commit event numbers out of order; the watermark must not pass one still being written)")
     args = parser.parse_args()
+    if not args.settle_seconds >= 0:
+        parser.error("--settle-seconds must be a number >= 0")
     if not is_url(args.db) and not args.db.exists():
         parser.error(f"{args.db} does not exist")
     quarantine = args.quarantine or args.out.with_name(args.out.stem + ".quarantine.csv")
     store = EventStore(args.db)
-    result = store.export_csv(args.out, quarantine, args.after_seq)
+    result = store.export_csv(args.out, quarantine, args.after_seq,
+                              received_before=time.time() - args.settle_seconds if args.settle_seconds else None)
     store.close()
     print(f"{result.exported} events -> {args.out}; {result.quarantined} quarantined -> {quarantine}; "
-          f"watermark {result.last_seq}")
+          f"watermark {result.last_seq}" + (f"; {result.waiting} received too recently, left for the next export"
+                                            if result.waiting else ""))
     return 0
 
 

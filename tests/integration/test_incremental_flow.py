@@ -4,7 +4,9 @@ registers a child version with its lineage, then a run with nothing new that doe
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +21,9 @@ def test_update_registers_a_child_nothing_new_does_nothing_and_drift_retrains(se
     import polars as pl
     from mlflow import MlflowClient
 
+    from components.config import load_params
     from flows.incremental import incremental
+    from flows.lock import FolderBusy, folder_lock
     from flows.training import training
     from serving.store import EventStore
 
@@ -58,6 +62,20 @@ def test_update_registers_a_child_nothing_new_does_nothing_and_drift_retrains(se
     store.add_many(rows)
     last_seq = store.last_seq()
     store.close()
+
+    # The events were received a moment ago: they wait out incremental.settle_seconds (60 s).
+    settling = incremental(settings, params_file, str(art))
+    assert settling["action"] == "nothing", settling
+    assert f"{len(rows)} more received in the last 60 s wait for the next run" in settling["reason"]
+    settings.append("incremental.settle_seconds=0")
+
+    # While the training flow holds the folder, this hour is skipped; the training flow itself
+    # waits (incremental.lock_wait_seconds) and then fails naming the holder.
+    with folder_lock(art, "training", 0):
+        busy = incremental(settings, params_file, str(art))
+        with pytest.raises(FolderBusy, match="in use by the training run .*; waited 1 s"):
+            training([*settings, "incremental.lock_wait_seconds=1"], params_file, str(art))
+    assert busy["action"] == "nothing" and "in use by the training run" in busy["reason"], busy
 
     result = incremental(settings, params_file, str(art))
     assert result["action"] == "incremental", result["reason"]
@@ -101,13 +119,29 @@ def test_update_registers_a_child_nothing_new_does_nothing_and_drift_retrains(se
     block = [(u, f"i-block-{i % 10}", now + 1000 + i, 5.0) for i, u in enumerate(users * 2)]
     store.add_many(block + [(u, items[0], now + 2000 + i, 2.0) for i, u in enumerate(users[:10])])
     store.close()
-    full = incremental(settings, params_file, str(art))
+    # A root a failed run left behind goes once keep_roots is reached; the roots the flow may
+    # start from again (the champion's, its rollback target's) stay.
+    leftover = art / "incremental" / "20000101T000000000000"
+    (leftover / "window").mkdir(parents=True)
+    full = incremental([*settings, "incremental.keep_roots=1"], params_file, str(art))
     assert full["action"] == "full_retrain" and "never seen" in full["reason"], full
+    assert full["pruned"] == [str(leftover)] and not leftover.exists()
+    assert Path(result["root"]).is_dir() and Path(full["root"]).is_dir()
     v3 = client.get_model_version("incremental-model", str(full["version"]))
     assert v3.tags["update_kind"] == "full_retrain" and v3.tags["updates_since_full"] == "0"
     assert v3.tags["parent_version"] == "2"
     retrained = pl.read_parquet(f"{full['root']}/features/items.parquet")["item_id"].to_list()
     assert {"i-new", "i-block-0"} <= set(retrained)
+
+    # A champion whose root is gone (rolled back past what keep_roots kept, or removed by hand):
+    # one clear error before any work, not a traceback from deep inside the update.
+    from flows.incremental import ChampionElsewhere
+    from flows.promotion import rollback
+
+    rollback(load_params(params_file, settings), 2)
+    shutil.rmtree(result["root"])
+    with pytest.raises(ChampionElsewhere, match=r"version 2\) was trained in .*, which no longer exists"):
+        incremental(settings, params_file, str(art))
 
 
 def test_replay_benchmark_command(tmp_path):

@@ -513,6 +513,12 @@ def test_events_and_items_follow_the_training_rules_and_bad_rows_are_quarantined
     assert proc.returncode == 0 and "1 quarantined" in proc.stdout, proc.stdout + proc.stderr
     assert len(out.read_text().splitlines()) == 2 and "carol" in out.read_text()
     assert "dave" in quarantine.read_text() and f"above {rules['weight_max']}" in quarantine.read_text()
+    # Carol's event arrived a moment ago: an export that waits an hour for events to settle
+    # stops before it, and its watermark stays below it.
+    proc = subprocess.run([sys.executable, "-m", "serving.store", "export", "--db", str(db), "--out", str(out),
+                           "--settle-seconds", "3600"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "0 events" in proc.stdout and "watermark 0; 2 received too recently" in proc.stdout, (
+        proc.stdout + proc.stderr)
 
 
 def add_on_one_seen_by_other(a: Server, b: Server, item_id: str) -> None:

@@ -144,3 +144,96 @@ def test_files_source_missing_file(tmp_path):
     params = tiny_params("data.source=files", f"data.path={tmp_path}")
     with pytest.raises(DataSourceError, match="file not found"):
         load_files(tmp_path, params.data)
+
+
+def write_partitions(root, parts: dict[str, pl.DataFrame]) -> None:
+    """A Hive-partitioned folder as Spark writes it: `date=.../part-0.parquet`, a `_SUCCESS`
+    marker and `.crc` checksums beside the data."""
+    for date, frame in parts.items():
+        folder = root / f"date={date}"
+        folder.mkdir(parents=True)
+        frame.write_parquet(folder / "part-0.parquet")
+        (folder / ".part-0.parquet.crc").write_bytes(b"\x00crc")
+    (root / "_SUCCESS").write_text("")
+
+
+def partitioned_source(tmp_path):
+    parts = {"2026-11-01": pl.DataFrame({"uid": [7, 8], "sku": ["p1", "p2"], "ts": [100, 101], "extra": [1.0, 2.0]}),
+             "2026-11-02": pl.DataFrame({"uid": [7, 9], "sku": ["p2", "p1"], "ts": [200, 201], "extra": [3.0, 4.0]})}
+    write_partitions(tmp_path / "events", parts)
+    pl.DataFrame({"item_id": ["p1", "p2"], "title": ["Mug", "Cup"]}).write_parquet(tmp_path / "items.parquet")
+    return ("data.source=files", f"data.path={tmp_path}", "data.files.items=items.parquet",
+            "data.files.columns.user_id=uid", "data.files.columns.item_id=sku", "data.files.columns.timestamp=ts")
+
+
+@pytest.mark.parametrize("spec", ["events", "events/*/*.parquet", "events/**/*.parquet"])
+def test_files_source_reads_a_hive_partitioned_folder_or_glob(tmp_path, spec):
+    settings = partitioned_source(tmp_path)
+    ds = load_files(tmp_path, tiny_params(*settings, f"data.files.interactions={spec}").data)
+    got = ds.interactions.sort("timestamp")
+    # Only the mapped columns are read; integer ids become their text.
+    assert got.columns == ["user_id", "item_id", "timestamp"]
+    assert got.rows() == [("7", "p1", 100), ("8", "p2", 101), ("7", "p2", 200), ("9", "p1", 201)]
+
+
+def test_a_partition_key_can_be_a_mapped_column(tmp_path):
+    """`date=2026-11-01` folders carry the day: mapped as the timestamp, it becomes epoch seconds."""
+    settings = partitioned_source(tmp_path)
+    ds = load_files(tmp_path, tiny_params(*settings, "data.files.interactions=events",
+                                          "data.files.columns.timestamp=date").data)
+    assert sorted(set(ds.interactions["timestamp"].to_list())) == [1793491200, 1793491200 + 86400]
+
+
+@pytest.mark.parametrize("spec", ["events", "events/**/*.parquet"])
+def test_a_spark_jobs_working_files_are_not_data(tmp_path, spec):
+    """A Spark job still running (or failed) leaves `_temporary/` and `.spark-staging-*` folders
+    of Parquet parts beside the partitions; Delta keeps `_delta_log/`: none of it is read."""
+    settings = partitioned_source(tmp_path)
+    stray = pl.DataFrame({"uid": [99], "sku": ["p1"], "ts": [999], "extra": [0.0]})
+    for folder in ("_temporary/0/date=2026-11-03", ".spark-staging-1/date=2026-11-03", "_delta_log"):
+        (tmp_path / "events" / folder).mkdir(parents=True)
+        stray.write_parquet(tmp_path / "events" / folder / "part-9.parquet")
+    ds = load_files(tmp_path, tiny_params(*settings, f"data.files.interactions={spec}").data)
+    assert 999 not in ds.interactions["timestamp"].to_list() and ds.interactions.height == 4
+
+
+def test_partitions_may_add_drop_and_widen_columns(tmp_path):
+    """Schemas evolve: a later partition adds a column (null before it), drops one, or writes
+    an integer column wider; the mapped columns are read from every file."""
+    folder = tmp_path / "events"
+    write_partitions(folder, {
+        "1": pl.DataFrame({"uid": pl.Series([1], dtype=pl.Int32), "sku": ["p1"], "ts": [10]}),
+        "2": pl.DataFrame({"uid": [2], "sku": ["p2"], "ts": [20], "rating": [4.0], "unmapped": ["x"]}),
+        "3": pl.DataFrame({"uid": [3], "sku": ["p1"], "rating": [5.0]})})
+    pl.DataFrame({"item_id": ["p1", "p2"], "title": ["Mug", "Cup"]}).write_parquet(tmp_path / "items.parquet")
+    params = tiny_params("data.source=files", f"data.path={tmp_path}", "data.files.interactions=events",
+                         "data.files.items=items.parquet", "data.files.columns.user_id=uid",
+                         "data.files.columns.item_id=sku", "data.files.columns.timestamp=ts",
+                         "data.files.columns.weight=rating")
+    got = load_files(tmp_path, params.data).interactions.sort("user_id")
+    assert got.columns == ["user_id", "item_id", "timestamp", "weight"]
+    assert got.rows() == [("1", "p1", 10, None), ("2", "p2", 20, 4.0), ("3", "p1", None, 5.0)]
+
+
+def test_a_data_path_with_brackets_is_a_folder_not_a_pattern(tmp_path):
+    root = tmp_path / "shop[eu]"
+    settings = partitioned_source(root)
+    for spec in ("events", "events/*/*.parquet"):
+        ds = load_files(root, tiny_params(*settings, f"data.path={root}", f"data.files.interactions={spec}").data)
+        assert ds.interactions.height == 4
+
+
+def test_parquet_folders_and_globs_fail_clearly(tmp_path):
+    settings = partitioned_source(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "events" / "notes.csv").write_text("a,b\n1,2\n")
+    cases = {"empty": "holds no \\*.parquet file", "events/nothing-*.parquet": "no file matches",
+             "events/*": "reads Parquet files only; it matches .*notes.csv"}
+    for spec, message in cases.items():
+        with pytest.raises(DataSourceError, match=message):
+            load_files(tmp_path, tiny_params(*settings, f"data.files.interactions={spec}").data)
+    # A column that is a number in one file and text in another: one error naming both files.
+    write_partitions(tmp_path / "mixed", {"1": pl.DataFrame({"uid": [1]}), "2": pl.DataFrame({"uid": ["x"]})})
+    with pytest.raises(DataSourceError, match="column 'uid' is number in .*uid=1|column 'uid' is number in .*1/part-0"
+                                              ".parquet but String in .*2/part-0.parquet"):
+        load_files(tmp_path, tiny_params(*settings, "data.files.interactions=mixed").data)

@@ -22,6 +22,31 @@ def test_rank_excludes_history():
     assert rank(users, items, exclude, 2, batch_size=1).tolist() == [[1, 2], [0, 1]]
 
 
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_the_fast_block_top_k_gives_the_exact_answer(k):
+    """Blocks past FAST_TOP_K_MIN_SIZE go through torch.topk: the same items in the same order
+    as `metrics.top_k`, ties at the k-th place, rows with fewer than k finite scores (history
+    excluded) and integer-valued scores (popularity counts) included."""
+    from components import metrics
+    from components.evaluate import FAST_TOP_K_MIN_SIZE, block_top_k
+
+    rng = np.random.default_rng(k)
+    n_rows, n_items = 256, FAST_TOP_K_MIN_SIZE // 256 + 7
+    scores = rng.standard_normal((n_rows, n_items)).astype(np.float32)
+    scores[:32] = np.round(scores[:32] * 4) / 4  # heavy ties everywhere in these rows
+    scores[32:40] = rng.integers(0, 50, size=(8, n_items))  # counts
+    scores[40:44, 3:] = -np.inf  # only three items left to rank
+    row = scores[44]
+    row[np.argsort(-row)[k - 1:k + 2]] = row.max() + 1  # k+1 items tied for the top places
+    assert scores.size >= FAST_TOP_K_MIN_SIZE
+    got = block_top_k(scores, k)
+    assert np.array_equal(got, metrics.top_k(scores, k))
+    assert got.shape == (n_rows, k) and got.dtype == np.int64
+    # Below the size threshold, or asking for the whole row, `metrics.top_k` answers.
+    assert np.array_equal(block_top_k(scores[:2, :100], k), metrics.top_k(scores[:2, :100], k))
+    assert np.array_equal(block_top_k(scores[:, :k], k), metrics.top_k(scores[:, :k], k))
+
+
 def test_factor_model_roundtrip(tmp_path):
     m = FactorModel(items={"valid": np.eye(3), "test": 2 * np.eye(3)}, users={"valid": np.ones((2, 3)), "test": np.zeros((2, 3))})
     m.save(tmp_path / "f.npz")

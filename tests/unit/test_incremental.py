@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -189,6 +190,55 @@ def test_store_exports_after_a_watermark(tmp_path):
     nothing = store.export_csv(out, quarantine, after_seq=export.last_seq)
     assert (nothing.exported, nothing.quarantined, nothing.last_seq) == (0, 0, 4)
     store.close()
+
+
+def test_store_export_stops_at_an_event_still_settling(tmp_path):
+    """Replicas on PostgreSQL number events when they start writing them, so event 4 can commit
+    after event 5: an export stops at the first event received too recently, and its watermark
+    stays below it, so that the next export takes it."""
+    import sqlite3
+
+    from serving.store import EventStore
+
+    db = tmp_path / "events.db"
+    store = EventStore(db)
+    store.add_many([("u1", "a", 100, None), ("u1", "b", 101, None), ("u2", "c", 102, None),
+                    ("u2", "d", 103, None), ("u3", "e", 104, None)])
+    now = time.time()
+    with sqlite3.connect(db) as conn:  # arrival times: 4 is recent, 5 (another replica) is not
+        conn.executemany("UPDATE events SET received_at = ? WHERE seq = ?",
+                         [(now - 600, 1), (now - 600, 2), (now - 600, 3), (now - 5, 4), (now - 600, 5)])
+    out, quarantine = tmp_path / "out.csv", tmp_path / "q.csv"
+    first = store.export_csv(out, quarantine, after_seq=1, received_before=now - 60)
+    assert (first.exported, first.last_seq, first.waiting) == (2, 3, 2)
+    later = store.export_csv(out, quarantine, after_seq=first.last_seq, received_before=now + 60)
+    assert (later.exported, later.last_seq, later.waiting) == (2, 5, 0)
+    store.close()
+
+
+def test_old_update_roots_go_except_the_newest_and_protected(tmp_path):
+    from flows.incremental import roots_to_remove
+
+    roots = [tmp_path / f"2026112{d}T000000000000" for d in range(7)]
+    protected = {roots[1].resolve(), roots[6].resolve()}
+    assert roots_to_remove(roots, 3, protected) == [roots[0], roots[2], roots[3]]
+    assert roots_to_remove(list(reversed(roots)), 3, protected) == [roots[0], roots[2], roots[3]]
+    assert roots_to_remove(roots, None, set()) == [] and roots_to_remove(roots, 10, set()) == []
+    # A folder the flow did not name is neither counted nor removed.
+    assert roots_to_remove([*roots, tmp_path / "manual-copy"], 3, protected) == [roots[0], roots[2], roots[3]]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("incremental.keep_roots=0", "keep_roots must be at least 1"),
+    ("incremental.settle_seconds=-1", "must be numbers >= 0"),
+    ("incremental.lock_wait_seconds=-5", "must be numbers >= 0"),
+    ("incremental.settle_seconds=.nan", "must be numbers >= 0"),
+])
+def test_incremental_settings_out_of_range_are_refused_by_name(setting, message):
+    from components.config import ParamsError
+
+    with pytest.raises(ParamsError, match=message):
+        load_params(overrides=[setting])
 
 
 def test_window_drift_maps_ids_to_the_champion_features(tmp_path):

@@ -1,0 +1,43 @@
+"""`python -m benchmarks.scaling` on two tiny sizes: every data stage in its own process on a
+Parquet `files` source, its time and own peak memory, the growth between sizes, and the plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_scaling_benchmark_measures_every_stage_per_size(tmp_path):
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, "-m", "benchmarks.scaling", "--sizes", "4000,8000", "--engine", "default",
+           "--max-users", "50", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["default"]) == {"4000", "8000"}
+    for n, row in result["default"].items():
+        assert list(row) == ["validate", "features", "train_mf", "evaluate"]
+        for stage, measured in row.items():
+            assert measured["seconds"] > 0 and measured["peak_rss_mb"] > 50, (n, stage, measured)
+        assert result["generation"][n]["users"] == max(100, int(n) // 20)
+        assert result["generation"][n]["items"] == max(50, int(n) // 100)
+    assert result["growth"]["4000->8000"]["size_ratio"] == 2.0 and "evaluate" in result["growth"]["4000->8000"]
+    # The evaluation scored the requested sample of users, from the generated source.
+    metrics = json.loads((tmp_path / "work" / "default" / "8000" / "eval" / "metrics.json").read_text())
+    assert metrics["mf"]["n_users"] == 50 and metrics["mf"]["n_users_eligible"] > 300
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_scaling_benchmark_refuses_bad_arguments(tmp_path):
+    for args, message in ((["--sizes", "10"], "at least 1000"), (["--stages", "validate,train"], "unknown stages: train"),
+                          (["--engine", "spark"], "invalid choice")):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.scaling", *args, "--out", str(tmp_path / "x.json")],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
