@@ -16,6 +16,7 @@ import glob
 import hashlib
 import io
 import logging
+import re
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -272,8 +273,13 @@ def _parquet_files(path: Path, name: str) -> tuple[Path, list[Path]]:
 
     Anything under a hidden folder or with a hidden name (`_` or `.` first, below that folder)
     is the writer's bookkeeping, not data: Spark's `_SUCCESS`, `.crc` checksums, `_temporary/`
-    and `.spark-staging-*` folders of a job still running or failed, Delta's `_delta_log/`."""
+    and `.spark-staging-*` folders of a job still running or failed. A Delta table is refused:
+    its folder keeps the Parquet files of versions its log has removed."""
     target = path / name
+    if target.is_dir() and (target / "_delta_log").is_dir():
+        raise DataSourceError(f"{target} is a Delta table: its Parquet files include rows its log has removed "
+                              f"(overwrites, deletes). Export the current version to Parquet (for example with "
+                              f"Spark or `deltalake`) and point data.files there")
     if target.is_dir():
         base, candidates = target, target.rglob("*")
     else:
@@ -314,23 +320,32 @@ def _read_parquet_dataset(path: Path, name: str, id_columns: tuple[str, ...],
         schemas = {f: pl.scan_parquet(f, glob=False).collect_schema() for f in found}
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise DataSourceError(f"{target}: not a Parquet file: {str(exc).splitlines()[0]}") from exc
+    # Only the columns the caller keeps; an all-null column (Parquet's null type) agrees with any.
+    schemas = {f: {c: t for c, t in schema.items() if (columns is None or c in columns) and t != pl.Null}
+               for f, schema in schemas.items()}
     kinds: dict[str, dict[str, Path]] = {}
     for f, schema in schemas.items():
         for col, dtype in schema.items():
-            if columns is None or col in columns:
-                kinds.setdefault(col, {}).setdefault("number" if dtype.is_numeric() else str(dtype), f)
+            kinds.setdefault(col, {}).setdefault("number" if dtype.is_numeric() else str(dtype), f)
     for col, seen in kinds.items():
         if len(seen) > 1:
             (k1, f1), (k2, f2) = list(seen.items())[:2]
             raise DataSourceError(f"{target}: column {col!r} is {k1} in {f1} but {k2} in {f2}: the files must agree")
-    union = pl.concat([pl.DataFrame(schema=s) for s in schemas.values()], how="diagonal_relaxed").schema
-    wanted = {c: t for c, t in union.items() if columns is None or c in columns}
+    # Hive partition values are typed by guess ("007" -> 7): an id read from a folder name is
+    # taken from the path as written instead.
+    keys = {part.split("=", 1)[0] for f in found for part in f.relative_to(base).parts[:-1] if "=" in part}
+    id_keys = [c for c in id_columns if c in keys and (columns is None or c in columns)]
     try:
-        df = pl.scan_parquet(found, glob=False, hive_partitioning=True, schema=wanted, missing_columns="insert",
-                             extra_columns="ignore",
-                             cast_options=pl.ScanCastOptions(integer_cast="upcast", float_cast="upcast")).collect()
+        wanted = pl.concat([pl.DataFrame(schema=s) for s in schemas.values()], how="diagonal_relaxed").schema
+        df = pl.scan_parquet(found, glob=False, hive_partitioning=True, schema=dict(wanted), missing_columns="insert",
+                             extra_columns="ignore", include_file_paths="__source_file" if id_keys else None,
+                             cast_options=pl.ScanCastOptions(integer_cast=["upcast", "allow-float"],
+                                                             float_cast="upcast")).collect()
     except pl.exceptions.PolarsError as exc:
         raise DataSourceError(f"{target}: cannot read as one Parquet table: {str(exc).splitlines()[0]}") from exc
+    if id_keys:
+        df = df.with_columns([pl.col("__source_file").str.extract(rf"(?:^|/){re.escape(k)}=([^/]+)/", 1).alias(k)
+                              for k in id_keys]).drop("__source_file")
     if columns is not None:
         df = df.select([c for c in df.columns if c in columns])
     return _ids_as_strings(df, tuple(c for c in id_columns if c in df.columns))

@@ -63,17 +63,17 @@ FAST_TOP_K_MIN_SIZE = 1 << 20
 def block_top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """`metrics.top_k` of a block of scores, the same answer faster on large float32 blocks:
     torch.topk picks among scores tied at the k-th place in no fixed way, so the rows whose
-    (k+1)-th score equals their k-th (a tie across the cut, or fewer than k scores above -inf)
-    are ranked by `metrics.top_k`; in the other rows the k items torch found are the set, ordered
+    (k+1)-th score equals their k-th (a tie across the cut, or fewer than k scores above -inf),
+    and rows holding NaN, are ranked by `metrics.top_k`; in the other rows the k items torch found are the set, ordered
     by score then index as `metrics.top_k` orders them."""
-    k = min(k, scores.shape[1])
-    if k <= 0 or k == scores.shape[1] or scores.size < FAST_TOP_K_MIN_SIZE or scores.dtype != np.float32:
+    if k <= 0 or k >= scores.shape[1] or scores.size < FAST_TOP_K_MIN_SIZE or scores.dtype != np.float32:
         return metrics.top_k(scores, k)
     import torch
 
     values, index = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k + 1, dim=1)
     values, part = values.numpy(), index.numpy()
-    tied = np.flatnonzero(values[:, k - 1] == values[:, k])
+    # torch ranks NaN first and numpy last: a row with one (first place here) goes to numpy too.
+    tied = np.flatnonzero((values[:, k - 1] == values[:, k]) | np.isnan(values[:, 0]))
     values, part = values[:, :k], part[:, :k]
     out = np.take_along_axis(part, np.lexsort((part, -values), axis=1), axis=1)
     if tied.size:

@@ -292,8 +292,10 @@ class EventStore:
         returned `last_seq` is the watermark of the next export.
 
         `received_before`: the export stops at the first event received at or after this time
-        (epoch seconds), so a watermark never passes an event that another replica numbered
-        earlier but has not committed yet; `Export.waiting` counts the events left for later."""
+        (epoch seconds, the caller's clock; `received_at` is the writing replica's), so the
+        watermark does not pass an event another replica numbered earlier but has not committed
+        yet, provided every write commits within the margin the caller left and the clocks agree;
+        `Export.waiting` counts the events left for later."""
         rules = rules or self.rules() or DataRules()
         rows = self._read("SELECT seq, user_id, item_id, timestamp, weight, received_at FROM events WHERE seq > ?"
                           " ORDER BY seq", (after_seq,))

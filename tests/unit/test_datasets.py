@@ -187,10 +187,10 @@ def test_a_partition_key_can_be_a_mapped_column(tmp_path):
 @pytest.mark.parametrize("spec", ["events", "events/**/*.parquet"])
 def test_a_spark_jobs_working_files_are_not_data(tmp_path, spec):
     """A Spark job still running (or failed) leaves `_temporary/` and `.spark-staging-*` folders
-    of Parquet parts beside the partitions; Delta keeps `_delta_log/`: none of it is read."""
+    of Parquet parts beside the partitions, at any depth: none of it is read."""
     settings = partitioned_source(tmp_path)
     stray = pl.DataFrame({"uid": [99], "sku": ["p1"], "ts": [999], "extra": [0.0]})
-    for folder in ("_temporary/0/date=2026-11-03", ".spark-staging-1/date=2026-11-03", "_delta_log"):
+    for folder in ("_temporary/0/date=2026-11-03", ".spark-staging-1/date=2026-11-03", "date=2026-11-01/_tmp"):
         (tmp_path / "events" / folder).mkdir(parents=True)
         stray.write_parquet(tmp_path / "events" / folder / "part-9.parquet")
     ds = load_files(tmp_path, tiny_params(*settings, f"data.files.interactions={spec}").data)
@@ -213,6 +213,36 @@ def test_partitions_may_add_drop_and_widen_columns(tmp_path):
     got = load_files(tmp_path, params.data).interactions.sort("user_id")
     assert got.columns == ["user_id", "item_id", "timestamp", "weight"]
     assert got.rows() == [("1", "p1", 10, None), ("2", "p2", 20, 4.0), ("3", "p1", None, 5.0)]
+
+
+def test_partitions_agree_on_numbers_nulls_and_ids_in_folder_names(tmp_path):
+    """An integer weight one day and a float the next is one number column; an all-null column
+    (Parquet's null type) agrees with any type; an id that is a partition key keeps its text
+    ("007" stays "007", not 7); a column nobody maps may be anything."""
+    folder = tmp_path / "events"
+    for uid, frame in {"007": pl.DataFrame({"sku": ["p1"], "ts": [10], "w": [4], "odd": [[1]]}),
+                       "010": pl.DataFrame({"sku": ["p2"], "ts": [20], "w": [2.5], "odd": [{"a": 1}]}),
+                       "011": pl.DataFrame({"sku": [None, "p1"], "ts": [30, 31], "w": [1.0, 2.0],
+                                            "odd": ["x", "y"]})}.items():
+        (folder / f"uid={uid}").mkdir(parents=True)
+        frame.write_parquet(folder / f"uid={uid}" / "part-0.parquet")
+    pl.DataFrame({"sku": pl.Series([None], dtype=pl.Null), "ts": [40], "w": [3.0]}).write_parquet(
+        folder / "uid=011" / "part-1.parquet")
+    pl.DataFrame({"item_id": ["p1", "p2"], "title": ["Mug", "Cup"]}).write_parquet(tmp_path / "items.parquet")
+    params = tiny_params("data.source=files", f"data.path={tmp_path}", "data.files.interactions=events",
+                         "data.files.items=items.parquet", "data.files.columns.user_id=uid",
+                         "data.files.columns.item_id=sku", "data.files.columns.timestamp=ts",
+                         "data.files.columns.weight=w")
+    got = load_files(tmp_path, params.data).interactions.sort("timestamp")
+    assert got.rows() == [("007", "p1", 10, 4.0), ("010", "p2", 20, 2.5), ("011", None, 30, 1.0),
+                          ("011", "p1", 31, 2.0), ("011", None, 40, 3.0)]
+
+
+def test_a_delta_table_is_refused_with_what_to_do(tmp_path):
+    settings = partitioned_source(tmp_path)
+    (tmp_path / "events" / "_delta_log").mkdir()
+    with pytest.raises(DataSourceError, match="is a Delta table.*Export the current version to Parquet"):
+        load_files(tmp_path, tiny_params(*settings, "data.files.interactions=events").data)
 
 
 def test_a_data_path_with_brackets_is_a_folder_not_a_pattern(tmp_path):

@@ -38,13 +38,15 @@ def test_the_fast_block_top_k_gives_the_exact_answer(k):
     scores[40:44, 3:] = -np.inf  # only three items left to rank
     row = scores[44]
     row[np.argsort(-row)[k - 1:k + 2]] = row.max() + 1  # k+1 items tied for the top places
+    scores[45, [5, 17]] = np.nan  # a broken vector: numpy ranks NaN last, torch first
     assert scores.size >= FAST_TOP_K_MIN_SIZE
     got = block_top_k(scores, k)
     assert np.array_equal(got, metrics.top_k(scores, k))
     assert got.shape == (n_rows, k) and got.dtype == np.int64
-    # Below the size threshold, or asking for the whole row, `metrics.top_k` answers.
+    # Below the size threshold, or asking for the whole row (or more), `metrics.top_k` answers.
     assert np.array_equal(block_top_k(scores[:2, :100], k), metrics.top_k(scores[:2, :100], k))
     assert np.array_equal(block_top_k(scores[:, :k], k), metrics.top_k(scores[:, :k], k))
+    assert block_top_k(scores[:, :0], k).shape == (n_rows, 0)
 
 
 def test_factor_model_roundtrip(tmp_path):
