@@ -197,6 +197,17 @@ def test_a_spark_jobs_working_files_are_not_data(tmp_path, spec):
     assert 999 not in ds.interactions["timestamp"].to_list() and ds.interactions.height == 4
 
 
+def read_events_folder(tmp_path, weight: str) -> pl.DataFrame:
+    """The interactions of the Parquet folder `events/` under `tmp_path` (columns uid, sku, ts
+    and `weight`), beside a two-item catalogue."""
+    pl.DataFrame({"item_id": ["p1", "p2"], "title": ["Mug", "Cup"]}).write_parquet(tmp_path / "items.parquet")
+    params = tiny_params("data.source=files", f"data.path={tmp_path}", "data.files.interactions=events",
+                         "data.files.items=items.parquet", "data.files.columns.user_id=uid",
+                         "data.files.columns.item_id=sku", "data.files.columns.timestamp=ts",
+                         f"data.files.columns.weight={weight}")
+    return load_files(tmp_path, params.data).interactions
+
+
 def test_partitions_may_add_drop_and_widen_columns(tmp_path):
     """Schemas evolve: a later partition adds a column (null before it), drops one, or writes
     an integer column wider; the mapped columns are read from every file."""
@@ -205,12 +216,7 @@ def test_partitions_may_add_drop_and_widen_columns(tmp_path):
         "1": pl.DataFrame({"uid": pl.Series([1], dtype=pl.Int32), "sku": ["p1"], "ts": [10]}),
         "2": pl.DataFrame({"uid": [2], "sku": ["p2"], "ts": [20], "rating": [4.0], "unmapped": ["x"]}),
         "3": pl.DataFrame({"uid": [3], "sku": ["p1"], "rating": [5.0]})})
-    pl.DataFrame({"item_id": ["p1", "p2"], "title": ["Mug", "Cup"]}).write_parquet(tmp_path / "items.parquet")
-    params = tiny_params("data.source=files", f"data.path={tmp_path}", "data.files.interactions=events",
-                         "data.files.items=items.parquet", "data.files.columns.user_id=uid",
-                         "data.files.columns.item_id=sku", "data.files.columns.timestamp=ts",
-                         "data.files.columns.weight=rating")
-    got = load_files(tmp_path, params.data).interactions.sort("user_id")
+    got = read_events_folder(tmp_path, weight="rating").sort("user_id")
     assert got.columns == ["user_id", "item_id", "timestamp", "weight"]
     assert got.rows() == [("1", "p1", 10, None), ("2", "p2", 20, 4.0), ("3", "p1", None, 5.0)]
 
@@ -228,12 +234,7 @@ def test_partitions_agree_on_numbers_nulls_and_ids_in_folder_names(tmp_path):
         frame.write_parquet(folder / f"uid={uid}" / "part-0.parquet")
     pl.DataFrame({"sku": pl.Series([None], dtype=pl.Null), "ts": [40], "w": [3.0]}).write_parquet(
         folder / "uid=011" / "part-1.parquet")
-    pl.DataFrame({"item_id": ["p1", "p2"], "title": ["Mug", "Cup"]}).write_parquet(tmp_path / "items.parquet")
-    params = tiny_params("data.source=files", f"data.path={tmp_path}", "data.files.interactions=events",
-                         "data.files.items=items.parquet", "data.files.columns.user_id=uid",
-                         "data.files.columns.item_id=sku", "data.files.columns.timestamp=ts",
-                         "data.files.columns.weight=w")
-    got = load_files(tmp_path, params.data).interactions.sort("timestamp")
+    got = read_events_folder(tmp_path, weight="w").sort("timestamp")
     assert got.rows() == [("007", "p1", 10, 4.0), ("010", "p2", 20, 2.5), ("011", None, 30, 1.0),
                           ("011", "p1", 31, 2.0), ("011", None, 40, 3.0)]
 
