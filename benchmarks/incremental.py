@@ -20,19 +20,30 @@ The drift rule's decision for each window is recorded beside it (the policies ab
 it, so that they stay comparable), and one window is made to drift on purpose (a block of new
 items taking most of its events) to show the rule sends it to a full retrain.
 
-Output: `{DATASET: {"windows": [...], "total": {...}, "drift_check": {...}}}` and a plot of
-NDCG@10 per window for the three policies beside it.
+`--tune` first chooses the update's settings (steps, learning rate, batch size, replay ratio:
+`--tune-grid`) on the base period alone, so that no window the policies are scored on is read:
+the base period is replayed in turn (its first `--base-fraction` trains an inner base model,
+the rest is cut into `--tune-windows` + 1 windows), every combination updates that model window
+after window, and the best pooled NDCG@10 among those whose updates stay within
+`--tune-max-share` of the base model's training time is used for the replay. The trials are
+recorded under "tuning"; the chosen settings belong in the dataset's preset.
+
+Output: `{DATASET: {"windows": [...], "total": {...}, "drift_check": {...}}}` (and "tuning")
+and a plot of NDCG@10 per window for the three policies beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,10 +51,13 @@ import scipy.sparse as sp
 from benchmarks.common import dataset_params, datasets, save
 from components import metrics
 from components.cli import add_params_arguments, run_main
-from components.config import Params
+from components.config import IncrementalConfig, Params
 from components.incremental import (
-    Events, decide, extend_items, incremental_update, measure_drift, rank_users, train_steps,
+    Events, UpdateResult, decide, extend_items, incremental_update, measure_drift, rank_users, train_steps,
 )
+
+if TYPE_CHECKING:
+    from components.bert.model import SeqRecModel
 
 log = logging.getLogger("benchmarks.incremental")
 
@@ -229,8 +243,124 @@ def drifted_window(ev: Events, window: slice, n_known: int, share: float, seed: 
 # --------------------------------------------------------------------------------------------
 
 
+def extend(model: SeqRecModel, n_known: int, text: np.ndarray | None) -> SeqRecModel:
+    """A copy of `model` over the first `n_known` items, the new ones from their text."""
+    return extend_items(model, n_known, text[model.cfg.n_items:n_known] if text is not None else None)
+
+
+def update_on(model: SeqRecModel, ev: Events, window: slice, n_known: int, text: np.ndarray | None, n_users: int,
+              cfg: IncrementalConfig, params: Params, seed: int) -> tuple[SeqRecModel, UpdateResult]:
+    """A copy of `model` extended to the `n_known` items and updated on `window`: fine-tuned on
+    the sequences so far of the users with events in it, plus a replay sample of the others'.
+    Returns the model and the update's record."""
+    model = extend(model, n_known, text)
+    so_far = sequences(subset(ev, 0, window.stop), n_users)
+    changed = sorted(set(ev.users[window].tolist()))
+    changed_set = set(changed)
+    others = [so_far[u] for u in range(n_users) if u not in changed_set and so_far[u].size >= 2]
+    update = incremental_update(model, [so_far[u] for u in changed], others, cfg, params.bert, seed,
+                                item_counts=np.bincount(ev.items[:window.stop], minlength=n_known))
+    return model, update
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning the update on the base period alone
+# --------------------------------------------------------------------------------------------
+
+
+# The update settings `--tune` may search, with their types.
+TUNABLE = {"steps": int, "lr": float, "batch_size": int, "replay_ratio": float}
+# What `--tune` searches unless `--tune-grid` says otherwise: around the committed settings (60
+# steps at 5e-4, one replayed sequence per changed one), a longer update, a rate as low as the
+# end of a full training's schedule (a tenth of 1e-3) and a higher one, more replay.
+DEFAULT_GRID = "steps=60,300 lr=0.0001,0.0005,0.002 replay_ratio=1,4"
+
+
+class TuningError(RuntimeError):
+    exit_code = 1  # a CLI prints the message and exits with this, no traceback
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    grid: dict[str, tuple]
+    windows: int
+    # An update may take at most this share of the base model's training time.
+    max_share: float
+
+
+def parse_grid(text: str) -> dict[str, tuple]:
+    """`"steps=60,300 lr=0.0005,0.002"` -> {"steps": (60, 300), "lr": (0.0005, 0.002)}."""
+    grid: dict[str, tuple] = {}
+    for part in text.replace(";", " ").split():
+        key, sep, values = part.partition("=")
+        if not sep or key not in TUNABLE:
+            raise ValueError(f"tune grid entry {part!r}: expected KEY=V1,V2,... with KEY one of {', '.join(TUNABLE)}")
+        try:
+            grid[key] = tuple(TUNABLE[key](v) for v in values.split(",") if v)
+        except ValueError:
+            raise ValueError(f"tune grid entry {part!r}: values must be {TUNABLE[key].__name__}s") from None
+        if not grid[key] or any(v <= 0 for v in grid[key]):
+            raise ValueError(f"tune grid entry {part!r}: give one or more positive values")
+    if not grid:
+        raise ValueError("the tune grid is empty")
+    return grid
+
+
+def tune_update(params: Params, ev: Events, text: np.ndarray | None, base_end: int, base_fraction: float,
+                epochs: int, n_users: int, known_at: np.ndarray, spec: TuneSpec, max_seconds: float) -> dict[str, Any]:
+    """The update's settings chosen on the base period alone (the replay's windows are never
+    read): the base period is itself replayed, its first `base_fraction` training an inner base
+    model (as many epochs as the replay's), the rest cut into `spec.windows` + 1 windows. Every
+    combination in `spec.grid` updates a copy of the inner base model window after window, scored
+    on the next window as in the replay. The best pooled NDCG@10 among the combinations whose mean
+    update took at most `max_seconds` wins (ties: the first in grid order). The budget is wall
+    time, measured here: on a machine busy with other work the choice can change."""
+    inner_end = int(base_end * base_fraction)
+    if inner_end < 1 or base_end - inner_end < spec.windows + 1:
+        raise TuningError(f"the base period ({base_end} events) is too small for an inner replay of "
+                          f"{spec.windows} windows")
+    bounds = np.linspace(inner_end, base_end, spec.windows + 2).astype(int)
+    windows = [slice(int(bounds[i]), int(bounds[i + 1])) for i in range(spec.windows + 1)]
+    inner_model = train_full(params, subset(ev, 0, inner_end), int(known_at[inner_end - 1]), text, epochs, params.seed)
+    known = [int(known_at[windows[w].stop - 1]) for w in range(spec.windows)]
+    evals = [eval_set(ev, windows[w + 1].start, windows[w + 1], known[w], n_users) for w in range(spec.windows)]
+    stale = np.concatenate([score(extend(inner_model, known[w], text), h, t, known[w])[0]
+                            for w, (h, t, _) in enumerate(evals)])
+    if stale.size == 0:
+        raise TuningError("no user of the inner replay's windows can be scored (none has earlier events)")
+    trials: list[dict[str, Any]] = []
+    combos = list(itertools.product(*spec.grid.values()))
+    for i, values in enumerate(combos):
+        settings = dict(zip(spec.grid, values))
+        cfg = dataclasses.replace(params.incremental, **settings)
+        model, ndcg, recall, seconds = inner_model, [], [], []
+        for w, (histories, targets, _) in enumerate(evals):
+            model, update = update_on(model, ev, windows[w], known[w], text, n_users, cfg, params, params.seed + w)
+            n, r = score(model, histories, targets, known[w])
+            ndcg.append(n)
+            recall.append(r)
+            seconds.append(update.seconds)
+        trial = {"settings": settings, "ndcg@10": float(np.concatenate(ndcg).mean()),
+                 "recall@10": float(np.concatenate(recall).mean()), "seconds_per_update": float(np.mean(seconds))}
+        trial["within_budget"] = trial["seconds_per_update"] <= max_seconds
+        trials.append(trial)
+        log.info("tuning %d/%d %s: inner NDCG@10 %.4f (no update %.4f), %.1f s per update%s", i + 1, len(combos),
+                 settings, trial["ndcg@10"], stale.mean(), trial["seconds_per_update"],
+                 "" if trial["within_budget"] else f" (over the {max_seconds:.1f} s budget)")
+    allowed = [t for t in trials if t["within_budget"]]
+    if not allowed:
+        raise TuningError(f"no update settings in the grid took at most {max_seconds:.1f} s per update: "
+                          "give --tune-grid cheaper settings or a larger --tune-max-share")
+    best = max(allowed, key=lambda t: t["ndcg@10"])  # max keeps the first of equals
+    log.info("tuning chose %s", best["settings"])
+    return {"inner_events": inner_end, "base_events": base_end, "window_bounds": bounds.tolist(),
+            "windows": spec.windows, "epochs": epochs,
+            "max_seconds_per_update": max_seconds, "scored_users": int(stale.size),
+            "no_update_ndcg@10": float(stale.mean()), "trials": trials, "chosen": best["settings"]}
+
+
 def run_dataset(params: Params, work: Path, base_fraction: float, n_windows: int,
-                order: str = "time") -> dict[str, Any]:
+                order: str = "time", tune: TuneSpec | None = None) -> dict[str, Any]:
     ev, texts = load_events(params, order)
     n = len(ev)
     n_users = int(ev.users.max()) + 1
@@ -249,6 +379,11 @@ def run_dataset(params: Params, work: Path, base_fraction: float, n_windows: int
     base_seconds = time.perf_counter() - start
 
     cfg = params.incremental
+    tuning = None
+    if tune is not None:
+        tuning = tune_update(params, ev, text, base_end, base_fraction, epochs, n_users, known_at, tune,
+                             max_seconds=tune.max_share * base_seconds)
+        cfg = dataclasses.replace(cfg, **tuning["chosen"])
     incremental = base_model
     trained_on = base  # the events the incremental model has seen (the drift reference)
     rows: list[dict[str, Any]] = []
@@ -257,7 +392,6 @@ def run_dataset(params: Params, work: Path, base_fraction: float, n_windows: int
     for w in range(n_windows):
         current, following = windows[w], windows[w + 1]
         n_known = int(known_at[current.stop - 1])
-        new_text = text[incremental.cfg.n_items:n_known] if text is not None else None
         window_events = subset(ev, current.start, current.stop)
         drift = measure_drift(trained_on, window_events, incremental.cfg.n_items, seed=params.seed + w)
         decision = decide(drift, updates_since_full, cfg)
@@ -268,16 +402,9 @@ def run_dataset(params: Params, work: Path, base_fraction: float, n_windows: int
                                "new_items": n_known - incremental.cfg.n_items, "decision": decision.action,
                                "reason": decision.reason, "drift": drift.metrics()}
 
-        stale = extend_items(base_model, n_known, text[base_model.cfg.n_items:n_known] if text is not None else None)
-        scores = {"no_update": score(stale, histories, targets, n_known)}
-
-        incremental = extend_items(incremental, n_known, new_text)
-        so_far = sequences(subset(ev, 0, current.stop), n_users)
-        changed = sorted(set(window_events.users.tolist()))
-        changed_set = set(changed)
-        others = [so_far[u] for u in range(n_users) if u not in changed_set and so_far[u].size >= 2]
-        update = incremental_update(incremental, [so_far[u] for u in changed], others, cfg, params.bert,
-                                    params.seed + w, item_counts=np.bincount(ev.items[:current.stop], minlength=n_known))
+        scores = {"no_update": score(extend(base_model, n_known, text), histories, targets, n_known)}
+        incremental, update = update_on(incremental, ev, current, n_known, text, n_users, cfg, params,
+                                        params.seed + w)
         scores["incremental"] = score(incremental, histories, targets, n_known)
 
         start = time.perf_counter()
@@ -324,6 +451,7 @@ def run_dataset(params: Params, work: Path, base_fraction: float, n_windows: int
                      "base_training_seconds": base_seconds, "incremental": dict(vars(cfg)),
                      "bert": {k: getattr(params.bert, k) for k in ("mode", "max_len", "hidden_size", "num_layers",
                                                                     "batch_size", "loss")}},
+        **({"tuning": tuning} if tuning is not None else {}),
         "windows": rows, "total": total,
         "drift_check": {"moved_share": 0.8, "new_items": n_drift_items - int(known_at[windows[0].stop - 1]),
                         "drift": drift.metrics(), "decision": decision.action, "reason": decision.reason},
@@ -363,11 +491,27 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=10, help="windows updated on (each scored on the next)")
     parser.add_argument("--order", choices=["time", "position"], default="time",
                         help="replay by timestamp, or (data without timestamps) by each user's relative position")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose the update's settings on the base period first (its own inner replay) "
+                             "and run the replay with them")
+    parser.add_argument("--tune-grid", default=DEFAULT_GRID,
+                        help=f"settings --tune searches, every combination (default: {DEFAULT_GRID!r})")
+    parser.add_argument("--tune-windows", type=int, default=5, help="windows of the inner replay")
+    parser.add_argument("--tune-max-share", type=float, default=0.2,
+                        help="the most an update may take, as a share of the base model's training time")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not 0 < args.base_fraction < 1 or args.windows < 1:
         parser.error("--base-fraction must be in (0, 1) and --windows at least 1")
+    tune = None
+    if args.tune:
+        if args.tune_windows < 1 or not args.tune_max_share > 0:
+            parser.error("--tune-windows must be at least 1 and --tune-max-share above 0")
+        try:
+            tune = TuneSpec(parse_grid(args.tune_grid), args.tune_windows, args.tune_max_share)
+        except ValueError as e:
+            parser.error(str(e))
     names = [d.strip() for d in args.dataset.split(",") if d.strip()]
     if args.data_dir and len(names) > 1:
         parser.error("--data-dir needs a single --dataset")
@@ -376,12 +520,13 @@ def main() -> int:
         for name in names:
             params = dataset_params(args.params, name, args.data_dir, args.overrides, args.override_files)
             out[name] = run_dataset(params, (args.workdir or Path(tmp)) / name, args.base_fraction, args.windows,
-                                    args.order)
+                                    args.order, tune)
             total = out[name]["total"]
             print(f"{name}: NDCG@10 no update {total['no_update']['ndcg@10']:.4f}, incremental "
                   f"{total['incremental']['ndcg@10']:.4f}, full retrain {total['full_retrain']['ndcg@10']:.4f}; "
                   f"update {total['update_seconds_over_full_retrain']:.1%} of a full retrain's time; "
-                  f"drifted window -> {out[name]['drift_check']['decision']}")
+                  f"drifted window -> {out[name]['drift_check']['decision']}"
+                  + (f"; tuned update settings {out[name]['tuning']['chosen']}" if tune else ""))
             save(out, args.out, plot)
     return 0
 

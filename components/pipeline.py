@@ -568,7 +568,8 @@ def resolved_params_file(stage: Stage, params: Params, art: Artifacts) -> Path:
 
 
 def _run_own_process(stage: Stage, params: Params, art: Artifacts, key: Key, emit: Callable[[str], None]) -> Any:
-    """`python -m <cli>` with the resolved settings; its output lines go to `emit` as they come."""
+    """`python -m <cli>` with the resolved settings; its output lines go to `emit` as they come
+    (an exception out of `emit` kills the process and propagates)."""
     cmd = [sys.executable, "-m", stage.command, "--params", str(resolved_params_file(stage, params, art).resolve()),
            "--artifacts", str(art.root.resolve())]
     from components.cli import PLAIN_LOGS
@@ -577,11 +578,18 @@ def _run_own_process(stage: Stage, params: Params, art: Artifacts, key: Key, emi
     tail: deque[str] = deque(maxlen=60)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                emit(line)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line:
+                    tail.append(line)
+                    emit(line)
+        except BaseException:
+            # `emit` stopped the run (a tuner pruning a trial) or this process is being
+            # interrupted: the stage's process must not go on training unwatched, nor the
+            # processes it started (Lightning's DDP ranks, which would hold their GPUs).
+            _kill_tree(proc.pid)
+            raise
         code = proc.wait()
     if code != 0:
         raise StageFailed(f"{stage.name} failed (`python -m {stage.command}` exit {code}):\n" + "\n".join(tail))
@@ -589,6 +597,23 @@ def _run_own_process(stage: Stage, params: Params, art: Artifacts, key: Key, emi
     if stamp["key"] != key.value:
         raise StageFailed(f"{stage.name}: its process ran with other inputs than planned (a file changed meanwhile?)")
     return load_result(stage, art)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it (children first found, then killed: a
+    child reparented meanwhile is still in the list)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def run_stage(stage: Stage, params: Params, art: Artifacts, force: bool = False,

@@ -145,9 +145,10 @@ def test_update_registers_a_child_nothing_new_does_nothing_and_drift_retrains(se
 
 
 def test_replay_benchmark_command(tmp_path):
-    """`python -m benchmarks.incremental` on a tiny synthetic replay: every policy scored on
-    every window, the totals with their intervals, the drifted window sent to a full retrain,
-    and the plot."""
+    """`python -m benchmarks.incremental --tune` on a tiny synthetic replay: the update's
+    settings chosen on the base period's own replay (every combination tried, the best within
+    the time budget used), every policy scored on every window, the totals with their
+    intervals, the drifted window sent to a full retrain, and the plot."""
     import json
     import subprocess
     import sys
@@ -158,10 +159,20 @@ def test_replay_benchmark_command(tmp_path):
                 "incremental.steps=5"]
     out = tmp_path / "i.json"
     cmd = [sys.executable, "-m", "benchmarks.incremental", "--dataset", "synthetic", "--windows", "2",
+           "--tune", "--tune-grid", "steps=2,6 lr=0.001", "--tune-windows", "2", "--tune-max-share", "100",
            "--out", str(out), *[a for s in settings for a in ("--set", s)]]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())["synthetic"]
+    tuning = result["tuning"]
+    assert [t["settings"] for t in tuning["trials"]] == [{"steps": 2, "lr": 0.001}, {"steps": 6, "lr": 0.001}]
+    best = max(tuning["trials"], key=lambda t: t["ndcg@10"])
+    assert tuning["chosen"] == best["settings"]
+    # The inner replay stays inside the base period: no event of the scored windows is read.
+    assert tuning["base_events"] == int(result["settings"]["events"] * 0.7)
+    assert tuning["window_bounds"][0] == tuning["inner_events"] and tuning["window_bounds"][-1] == tuning["base_events"]
+    assert result["settings"]["incremental"]["steps"] == best["settings"]["steps"]
+    assert {w["incremental"]["update"]["steps"] for w in result["windows"]} == {best["settings"]["steps"]}
     assert [w["window"] for w in result["windows"]] == [1, 2]
     for window in result["windows"]:
         assert window["eval_users"] > 0 and window["decision"] in ("incremental", "full_retrain", "nothing")
@@ -173,3 +184,8 @@ def test_replay_benchmark_command(tmp_path):
     assert low <= total["incremental_over_no_update"]["ndcg@10_ratio"] <= high
     assert result["drift_check"]["decision"] == "full_retrain"
     assert out.with_suffix(".png").stat().st_size > 0
+
+    # A grid naming a setting that is not the update's is refused by name, before any work.
+    bad = [*cmd[:cmd.index("--tune-grid") + 1], "steps=2 max_len=10", "--out", str(tmp_path / "x.json")]
+    proc = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "'max_len=10'" in proc.stderr and "replay_ratio" in proc.stderr

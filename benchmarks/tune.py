@@ -1,0 +1,399 @@
+"""Honest tuning: an Optuna study per model on the inner holdout, then the test split scored once.
+
+    python -m benchmarks.tune --dataset amazon-scientific --models mf,bert --minutes 60 --out t.json
+
+Every trial runs the pipeline (`components/pipeline.py`) on the dataset's preset with
+`features.holdout=inner`: each user's last training event is the validation split (early
+stopping) and the validation event is the test split, so the real test events are never read
+while tuning. A trial's value is that inner test NDCG@10 (full ranking, the evaluate stage's own
+code); the sequence model also reports its per-epoch validation NDCG@10, on which Optuna's median
+pruner stops runs that trail the median of earlier trials at the same epoch (the stage's
+process is killed, not left running).
+
+- The search: TPE over the space in `SPACES` (or `--space FILE`: YAML by model, each
+  `key: {log|float|int: [low, high]}` or `key: {choice: [...]}`; a model tunes its own section
+  only, `mf.*` or `bert.*`, so no space can reach the holdout, the data or the seed).
+- The budget is wall time, the same `--minutes` for every model of the call (trials are not
+  interrupted: the last one started before the budget ran out finishes). The study lives in
+  SQLite (`--study-db`), named by the dataset, the model and a hash of the settings and the
+  space, so a second call with the same ones resumes it with what is left of the budget (the
+  seconds every stored trial recorded; a trial cut off by a killed call counts nothing) and
+  other settings start a study of their own.
+- The best settings are written as a preset beside the output (`X.<model>.yaml`), to be laid
+  over the dataset's preset (`--params-overrides presets/<dataset>.yaml --params-overrides
+  X.<model>.yaml`).
+- `--score-test`: the best settings are then trained with `features.holdout=test` for
+  `--seeds` seeds (every model of a seed in one artifacts root, so they are scored on the same
+  users) and scored once on the test split: NDCG@10 mean and sd over the seeds, and with both
+  models, each seed's bert / mf ratio with its paired-bootstrap 95 % interval.
+
+Output: `{DATASET: {MODEL: {"study", "best": {...}, "best_value", "trials": [...], "test": {...}},
+"bert_over_mf": {...}}}` and a plot of every trial's value (the best so far as a line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from benchmarks.common import dataset_params, datasets, save
+from components import pipeline
+from components.cli import add_params_arguments, run_main
+from components.config import Params, params_from_dict
+from components.pipeline import Artifacts
+
+log = logging.getLogger("benchmarks.tune")
+
+K = 10
+# The stage that trains each model.
+TRAINED_BY = {"mf": "train_mf", "bert": "finetune_bert"}
+# The search spaces: dotted params key -> (kind, arguments). Ranges around the published
+# recipes' (SASRec / BERT4Rec sizes, ALS regularisation over decades).
+SPACES: dict[str, dict[str, dict[str, list]]] = {
+    "mf": {
+        "mf.factors": {"choice": [32, 64, 128, 256, 512]},
+        "mf.regularization": {"log": [0.01, 300.0]},
+        "mf.alpha": {"log": [0.5, 50.0]},
+        "mf.iterations": {"int": [5, 30]},
+    },
+    "bert": {
+        "bert.finetune.lr": {"log": [1e-4, 3e-3]},
+        "bert.hidden_size": {"choice": [64, 128, 256]},
+        "bert.num_layers": {"int": [1, 3]},
+        "bert.dropout": {"float": [0.1, 0.5]},
+        "bert.weight_decay": {"log": [1e-4, 0.3]},
+    },
+}
+KINDS = ("log", "float", "int", "choice")
+
+
+class TuningError(RuntimeError):
+    exit_code = 1  # a CLI prints the message and exits with this, no traceback
+
+
+def check_space(model: str, space: Any, params: Params) -> dict[str, dict[str, list]]:
+    """`space` if every entry is well formed, names a setting of `model`'s own section and
+    takes its bounds; a ValueError naming the entry otherwise."""
+    if not isinstance(space, dict) or not space:
+        raise ValueError(f"no search space for {model!r} (a mapping of its settings)")
+    for key, spec in space.items():
+        if not str(key).startswith(f"{model}."):
+            raise ValueError(f"search space entry {key!r}: {model} tunes its own settings only ({model}.*)")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise ValueError(f"search space entry {key!r}: expected one of {', '.join(KINDS)} with its values")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
+            raise ValueError(f"search space entry {key!r}: {kind} needs " +
+                             ("a list of values" if kind == "choice" else "[low, high]"))
+        if kind != "choice" and not values[0] < values[1]:
+            raise ValueError(f"search space entry {key!r}: low must be below high")
+        if kind == "log" and values[0] <= 0:
+            raise ValueError(f"search space entry {key!r}: a log range must be positive")
+        # An unknown key or a value of the wrong type fails here, by name (float kinds are
+        # drawn as floats whatever their bounds look like).
+        for value in (values if kind in ("choice", "int") else [float(v) for v in values]):
+            try:
+                with_settings(params, {key: value})
+            except Exception as e:
+                raise ValueError(f"search space entry {key!r}: {e}") from None
+    return space
+
+
+def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw[a][b][c] = value for key "a.b.c", an existing setting only."""
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node:
+        raise ValueError(f"{key!r} is not a setting of params.yaml")
+    node[leaf] = value
+
+
+def suggest(trial: Any, space: dict[str, dict[str, list]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        kind, values = next(iter(spec.items()))
+        if kind == "choice":
+            out[key] = trial.suggest_categorical(key, values)
+        elif kind == "int":
+            out[key] = trial.suggest_int(key, int(values[0]), int(values[1]))
+        else:
+            out[key] = trial.suggest_float(key, float(values[0]), float(values[1]), log=kind == "log")
+    return out
+
+
+def with_settings(params: Params, settings: dict[str, Any]) -> Params:
+    """`params` with dotted settings replaced (values as Python objects: no YAML round trip that
+    would read 1e-05 as a string)."""
+    raw = params.to_dict()
+    for key, value in settings.items():
+        _set(raw, key, value)
+    return params_from_dict(raw)
+
+
+def nested(settings: dict[str, Any]) -> dict[str, Any]:
+    """{"bert.finetune.lr": 1e-3} -> {"bert": {"finetune": {"lr": 1e-3}}} (a preset's shape)."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# One model trained and scored
+# --------------------------------------------------------------------------------------------
+
+
+# The fine-tuning stage's line for each epoch (components/bert/train.py, EpochLog).
+EPOCH_LINE = re.compile(r"\bfinetune epoch (\d+)/\d+: .*?validation NDCG@10 (\S+?),")
+
+
+def train_and_score(model: str, params: Params, art: Artifacts,
+                    on_epoch: Callable[[int, float], None] | None = None) -> tuple[float, np.ndarray]:
+    """Train `model` through the pipeline under `art` and score it on the features' test split:
+    mean NDCG@10 and the per-user values. `on_epoch(epoch, val_ndcg10)` is called as the sequence
+    model's fine-tuning epochs finish, read off the stage's own output (never a file an earlier
+    run left); it may raise to stop the run, and the stage's processes are killed."""
+    from components.evaluate import per_user_ndcg
+    from components.factors import FILE_NAME, FactorModel
+    from components.sequences import load_sequences
+
+    def emit(line: str) -> None:
+        log.info("  %s", line)
+        found = EPOCH_LINE.search(line) if on_epoch is not None else None
+        if found:
+            value = float(found.group(2))
+            if math.isfinite(value):  # an epoch without a validation score is not reported
+                on_epoch(int(found.group(1)), value)
+
+    pipeline.run(params, art, until=TRAINED_BY[model], emit=emit)
+    factors = FactorModel.load((art.mf if model == "mf" else art.bert) / FILE_NAME)
+    per_user = per_user_ndcg(factors, load_sequences(art.features), "test", K, params.evaluation.batch_size)
+    return float(per_user.mean()), per_user
+
+
+# --------------------------------------------------------------------------------------------
+# The study
+# --------------------------------------------------------------------------------------------
+
+
+def spent_seconds(study: Any) -> float:
+    """Seconds the trials stored in `study` recorded (each records its own when it ends, pruned
+    or failed too; one cut off by a killed call recorded nothing)."""
+    return sum(t.user_attrs.get("seconds", 0.0) for t in study.trials)
+
+
+def study_name(dataset: str, model: str, params: Params, space: dict[str, Any]) -> str:
+    """`<dataset>-<model>-<hash>`: the hash of the settings and the space, so that a study only
+    ever holds comparable trials."""
+    digest = hashlib.sha256(json.dumps([params.to_dict(), space], sort_keys=True, default=str).encode())
+    return f"{dataset}-{model}-{digest.hexdigest()[:10]}"
+
+
+def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], work: Path, storage: str,
+               name: str, minutes: float, max_trials: int | None) -> dict[str, Any]:
+    import optuna
+
+    from components.pipeline import StageFailed
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The heartbeat marks a trial whose process died (a killed call) as failed at the next call,
+    # instead of leaving it running in the study for ever.
+    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
+    study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3))
+    # Seeded by the trials already stored: a resumed study draws new points, not its first ones again.
+    study.sampler = optuna.samplers.TPESampler(seed=params.seed + len(study.trials))
+    inner = with_settings(params, {"features.holdout": "inner"})
+    art = Artifacts(work / f"{model}-inner")  # one root: data, features and text stay up to date across trials
+    left = minutes * 60 - spent_seconds(study)
+    done = len(study.trials)
+    log.info("%s: study %r holds %d trials (%.1f min); %.1f min of the %.0f-min budget left", model, name,
+             done, spent_seconds(study) / 60, max(left, 0) / 60, minutes)
+
+    def objective(trial: Any) -> float:
+        settings = suggest(trial, space)
+        log.info("%s trial %d: %s", model, trial.number, settings)
+        start = time.perf_counter()
+
+        def on_epoch(epoch: int, value: float) -> None:
+            trial.report(value, epoch)
+            if trial.should_prune():
+                log.info("%s trial %d pruned after epoch %d (validation NDCG@10 %.4f)", model, trial.number, epoch,
+                         value)
+                raise optuna.TrialPruned()
+
+        try:
+            value, _ = train_and_score(model, with_settings(inner, settings), art, on_epoch)
+        finally:
+            trial.set_user_attr("seconds", time.perf_counter() - start)
+        log.info("%s trial %d: inner-holdout NDCG@10 %.4f", model, trial.number, value)
+        return value
+
+    if left > 0 and (max_trials is None or done < max_trials):
+        study.optimize(objective, timeout=left, n_trials=None if max_trials is None else max_trials - done,
+                       catch=(StageFailed,))
+    else:
+        log.info("%s: the budget is spent (%.0f min or %s trials); reporting the stored study", model, minutes,
+                 max_trials)
+    trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+               "seconds": t.user_attrs.get("seconds"), "epochs_reported": len(t.intermediate_values)}
+              for t in study.trials]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise TuningError(f"{model}: no trial of study {name!r} completed; give it more --minutes")
+    return {"study": name, "budget_minutes": minutes, "spent_minutes": spent_seconds(study) / 60,
+            "trials": trials, "complete": len(complete),
+            "pruned": sum(t["state"] == "PRUNED" for t in trials), "failed": sum(t["state"] == "FAIL" for t in trials),
+            "best": study.best_trial.params, "best_value": study.best_value, "space": space}
+
+
+def write_preset(path: Path, dataset: str, model: str, result: dict[str, Any], db: Path) -> None:
+    header = (f"# {model} on {dataset}, tuned by `python -m benchmarks.tune` on the inner holdout\n"
+              f"# (features.holdout=inner; the test split unread): study {result['study']!r} in {db},\n"
+              f"# {len(result['trials'])} trials ({result['pruned']} pruned, {result['failed']} failed) in "
+              f"{result['spent_minutes']:.0f} of {result['budget_minutes']:.0f} min;\n"
+              f"# best inner-holdout NDCG@10 {result['best_value']:.4f}. Lay it over the dataset's settings:\n"
+              f"#   {'' if dataset == 'synthetic' else f'--params-overrides presets/{dataset}.yaml '}"
+              f"--params-overrides {path}\n")
+    path.write_text(header + yaml.safe_dump(nested(result["best"]), sort_keys=False))
+    print(f"wrote {path}")
+
+
+def score_test(models: dict[str, dict[str, Any]], params: Params, work: Path, seeds: int,
+               on_model: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
+    """Every model with its best settings, trained once per seed with `features.holdout=test`
+    (the models of one seed in one root: the same features, so the same users in the same order)
+    and scored on the test split. `on_model(model, result)` as each model's seeds are done."""
+    from components.metrics import paired_bootstrap_ratio
+
+    best = {k: v for result in models.values() for k, v in result["best"].items()}
+    per_user: dict[str, list[np.ndarray]] = {m: [] for m in models}
+    for i in range(seeds):
+        seed = params.seed + i
+        run = with_settings(params, {**best, "features.holdout": "test", "seed": seed})
+        art = Artifacts(work / f"test-seed{seed}")
+        for model in models:
+            value, users = train_and_score(model, run, art)
+            log.info("%s, seed %d: test NDCG@10 %.4f", model, seed, value)
+            per_user[model].append(users)
+    out: dict[str, Any] = {}
+    for model in models:
+        values = [float(u.mean()) for u in per_user[model]]
+        out[model] = {"seeds": [params.seed + i for i in range(seeds)], "ndcg@10": values,
+                      "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if seeds > 1 else math.nan}
+        on_model(model, out[model])
+    if {"mf", "bert"} <= models.keys():
+        ratios = [paired_bootstrap_ratio(b, m, seed=params.seed) for b, m in zip(per_user["bert"], per_user["mf"])]
+        out["bert_over_mf"] = {"per_seed": [{"ratio": r, "ci95": [lo, hi]} for r, lo, hi in ratios],
+                               "mean": float(np.mean([r[0] for r in ratios])),
+                               "sd": float(np.std([r[0] for r in ratios], ddof=1)) if seeds > 1 else math.nan}
+    return out
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(d, m) for d, models in out.items() if isinstance(models, dict)
+              for m, r in models.items() if isinstance(r, dict) and "trials" in r]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
+    for ax, (dataset, model) in zip(axes[0], panels):
+        trials = out[dataset][model]["trials"]
+        done = [(t["number"], t["value"]) for t in trials if t["state"] == "COMPLETE"]
+        pruned = [t["number"] for t in trials if t["state"] == "PRUNED"]
+        if done:
+            x, y = zip(*done)
+            ax.scatter(x, y, s=14, label="trial")
+            ax.step(x, np.maximum.accumulate(y), where="post", color="C1", label="best so far")
+        for n in pruned:
+            ax.axvline(n, color="grey", alpha=0.15)
+        ax.set(title=f"{dataset}, {model} ({len(pruned)} pruned: grey)", xlabel="trial",
+               ylabel="inner-holdout NDCG@10")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_params_arguments(parser, artifacts=False)
+    parser.add_argument("--dataset", default="movielens-100k", help=f"one of {', '.join(datasets())}")
+    parser.add_argument("--data-dir", type=Path, default=None, help="dataset folder")
+    parser.add_argument("--models", default="mf,bert", help=f"comma-separated: {', '.join(TRAINED_BY)}")
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-time budget of each model's study")
+    parser.add_argument("--max-trials", type=int, default=None, help="and at most this many trials per study")
+    parser.add_argument("--space", type=Path, default=None, help="YAML search spaces by model (default: SPACES)")
+    parser.add_argument("--study-db", type=Path, default=Path("artifacts/tune/studies.db"),
+                        help="SQLite file of the studies (resumed when it exists)")
+    parser.add_argument("--score-test", action="store_true", help="then train the best settings and score the test split")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the test scoring")
+    parser.add_argument("--workdir", type=Path, default=Path("artifacts/tune"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in TRAINED_BY]
+    if not models or unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(TRAINED_BY)}")
+    if not args.minutes > 0 or args.seeds < 1 or (args.max_trials is not None and args.max_trials < 1):
+        parser.error("--minutes must be above 0, --seeds and --max-trials at least 1")
+    params = dataset_params(args.params, args.dataset, args.data_dir, args.overrides, args.override_files)
+    spaces = yaml.safe_load(args.space.read_text()) if args.space else SPACES
+    if not isinstance(spaces, dict):
+        parser.error(f"{args.space}: expected a mapping of models to their search spaces")
+    try:
+        spaces = {m: check_space(m, spaces.get(m), params) for m in models}
+    except ValueError as e:
+        parser.error(f"{args.space or 'SPACES'}: {e}")
+    args.study_db.parent.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{args.study_db.resolve()}"
+    work = args.workdir / args.dataset
+    results: dict[str, Any] = {}
+    out = {args.dataset: results}
+    for model in models:
+        start = time.perf_counter()
+        results[model] = tune_model(model, params, spaces[model], work, storage,
+                                    study_name(args.dataset, model, params, spaces[model]), args.minutes,
+                                    args.max_trials)
+        write_preset(args.out.with_name(f"{args.out.stem}.{model}.yaml"), args.dataset, model, results[model],
+                     args.study_db)
+        print(f"{args.dataset} {model}: best inner-holdout NDCG@10 {results[model]['best_value']:.4f} "
+              f"({results[model]['complete']} complete, {results[model]['pruned']} pruned; "
+              f"{time.perf_counter() - start:.0f} s this call) with {results[model]['best']}")
+        save(out, args.out, plot)
+    if args.score_test:
+        def scored(model: str, test: dict[str, Any]) -> None:
+            results[model]["test"] = test
+            print(f"{args.dataset} {model}: test NDCG@10 {test['mean']:.4f} ± {test['sd']:.4f} over {args.seeds} seeds")
+            save(out, args.out, plot)
+
+        test = score_test(results, params, work, args.seeds, scored)
+        if "bert_over_mf" in test:
+            results["bert_over_mf"] = test["bert_over_mf"]
+            print(f"{args.dataset}: bert / mf {test['bert_over_mf']['mean']:.3f} ± {test['bert_over_mf']['sd']:.3f}")
+        save(out, args.out, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
