@@ -39,6 +39,8 @@ import json
 import logging
 import math
 import re
+import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,13 +98,19 @@ def check_space(model: str, space: Any, params: Params) -> dict[str, dict[str, l
         if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
             raise ValueError(f"search space entry {key!r}: {kind} needs " +
                              ("a list of values" if kind == "choice" else "[low, high]"))
+        if kind != "choice":
+            # YAML reads 1e-4 (no dot) as a string: bounds are numbers of the kind's type.
+            try:
+                values = [int(v) if kind == "int" else float(v) for v in values]
+            except (TypeError, ValueError):
+                raise ValueError(f"search space entry {key!r}: {kind} bounds must be numbers, not {values}") from None
+            spec[kind] = values
         if kind != "choice" and not values[0] < values[1]:
             raise ValueError(f"search space entry {key!r}: low must be below high")
         if kind == "log" and values[0] <= 0:
             raise ValueError(f"search space entry {key!r}: a log range must be positive")
-        # An unknown key or a value of the wrong type fails here, by name (float kinds are
-        # drawn as floats whatever their bounds look like).
-        for value in (values if kind in ("choice", "int") else [float(v) for v in values]):
+        # An unknown key or a value of the wrong type fails here, by name.
+        for value in values:
             try:
                 with_settings(params, {key: value})
             except Exception as e:
@@ -213,13 +221,16 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
     from components.pipeline import StageFailed
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # The heartbeat marks a trial whose process died (a killed call) as failed at the next call,
-    # instead of leaving it running in the study for ever.
+    # Trials beat every minute; one that has not beaten for 3 minutes (its call was killed) is
+    # marked failed when this call opens the study, instead of staying "running" for ever.
     rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
     study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3))
-    # Seeded by the trials already stored: a resumed study draws new points, not its first ones again.
-    study.sampler = optuna.samplers.TPESampler(seed=params.seed + len(study.trials))
+    optuna.storages.fail_stale_trials(study)
+    # Seeded by the trials already stored: a resumed study draws new points, not its first ones
+    # again. TPE models the results after 4 random trials (Optuna's default 10 would leave an
+    # hour's study of a sequence model, 5-9 minutes a trial here, random search).
+    study.sampler = optuna.samplers.TPESampler(seed=params.seed + len(study.trials), n_startup_trials=4)
     inner = with_settings(params, {"features.holdout": "inner"})
     art = Artifacts(work / f"{model}-inner")  # one root: data, features and text stay up to date across trials
     left = minutes * 60 - spent_seconds(study)
@@ -297,13 +308,13 @@ def score_test(models: dict[str, dict[str, Any]], params: Params, work: Path, se
     for model in models:
         values = [float(u.mean()) for u in per_user[model]]
         out[model] = {"seeds": [params.seed + i for i in range(seeds)], "ndcg@10": values,
-                      "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if seeds > 1 else math.nan}
+                      "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if seeds > 1 else None}
         on_model(model, out[model])
     if {"mf", "bert"} <= models.keys():
         ratios = [paired_bootstrap_ratio(b, m, seed=params.seed) for b, m in zip(per_user["bert"], per_user["mf"])]
         out["bert_over_mf"] = {"per_seed": [{"ratio": r, "ci95": [lo, hi]} for r, lo, hi in ratios],
                                "mean": float(np.mean([r[0] for r in ratios])),
-                               "sd": float(np.std([r[0] for r in ratios], ddof=1)) if seeds > 1 else math.nan}
+                               "sd": float(np.std([r[0] for r in ratios], ddof=1)) if seeds > 1 else None}
     return out
 
 
@@ -336,6 +347,9 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
 
 def main() -> int:
+    # A terminated call (a scheduler's timeout, `kill`) unwinds like an interrupted one, so the
+    # running trial's stage processes are killed with it (components/pipeline.py).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_params_arguments(parser, artifacts=False)
     parser.add_argument("--dataset", default="movielens-100k", help=f"one of {', '.join(datasets())}")
@@ -384,13 +398,15 @@ def main() -> int:
     if args.score_test:
         def scored(model: str, test: dict[str, Any]) -> None:
             results[model]["test"] = test
-            print(f"{args.dataset} {model}: test NDCG@10 {test['mean']:.4f} ± {test['sd']:.4f} over {args.seeds} seeds")
+            sd = f" ± {test['sd']:.4f}" if test["sd"] is not None else ""
+            print(f"{args.dataset} {model}: test NDCG@10 {test['mean']:.4f}{sd} over {args.seeds} seeds")
             save(out, args.out, plot)
 
         test = score_test(results, params, work, args.seeds, scored)
         if "bert_over_mf" in test:
             results["bert_over_mf"] = test["bert_over_mf"]
-            print(f"{args.dataset}: bert / mf {test['bert_over_mf']['mean']:.3f} ± {test['bert_over_mf']['sd']:.3f}")
+            per_seed = ", ".join(f"{r['ratio']:.3f}" for r in test["bert_over_mf"]["per_seed"])
+            print(f"{args.dataset}: bert / mf {test['bert_over_mf']['mean']:.3f} (per seed: {per_seed})")
         save(out, args.out, plot)
     return 0
 

@@ -576,7 +576,8 @@ def _run_own_process(stage: Stage, params: Params, art: Artifacts, key: Key, emi
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", PLAIN_LOGS: "1"}
     tail: deque[str] = deque(maxlen=60)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          preexec_fn=die_with_parent()) as proc:
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
@@ -597,6 +598,23 @@ def _run_own_process(stage: Stage, params: Params, art: Artifacts, key: Key, emi
     if stamp["key"] != key.value:
         raise StageFailed(f"{stage.name}: its process ran with other inputs than planned (a file changed meanwhile?)")
     return load_result(stage, art)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has Linux SIGKILL the child when the process that started it dies,
+    however it dies (`kill -9` included, where no handler runs), so that no stage trains on
+    unwatched; None elsewhere. libc is looked up here, before the fork: the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, int(signal.SIGKILL))
 
 
 def _kill_tree(pid: int) -> None:

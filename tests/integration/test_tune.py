@@ -94,6 +94,16 @@ def test_tune_resumes_writes_presets_and_scores_test_per_seed(tmp_path):
 
 
 def test_a_bad_search_space_is_refused_by_name(tmp_path):
+    from benchmarks.tune import check_space
+    from tests.conftest import tiny_params
+
+    # Bounds as YAML reads them without a dot (strings) are numbers of the kind's type.
+    space = check_space("bert", yaml.safe_load("{bert.finetune.lr: {log: [1e-4, 3e-3]}, bert.num_layers: {int: [1, 3]}}"),
+                        tiny_params())
+    assert space == {"bert.finetune.lr": {"log": [1e-4, 3e-3]}, "bert.num_layers": {"int": [1, 3]}}
+    with pytest.raises(ValueError, match="'bert.dropout': float bounds must be numbers"):
+        check_space("bert", {"bert.dropout": {"float": ["low", 0.3]}}, tiny_params())
+
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"mf": {"mf.factor": {"choice": [8, 16]}}}))
     proc = _tune(tmp_path, [], "--models", "mf", "--space", str(space))

@@ -6,6 +6,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,34 @@ def test_artifacts_layout():
     with pytest.raises(AttributeError):
         art.featurez  # noqa: B018
     assert dataclasses.replace(art, root=Path("y")).bert == Path("y/bert")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_stage_process_dies_with_the_process_that_started_it(tmp_path):
+    """`kill -9` of a flow or tuner runs no handler: Linux itself must stop its stage process,
+    or it trains on unwatched (and a second call would train beside it in the same folder)."""
+    import psutil
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys, time\n"
+         "from components.pipeline import die_with_parent\n"
+         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], preexec_fn=die_with_parent())\n"
+         "print(child.pid, flush=True)\n"
+         "time.sleep(120)\n"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    assert child.is_running()
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        child.kill()
+        pytest.fail("the stage process outlived the process that started it")
