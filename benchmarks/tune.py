@@ -42,6 +42,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -223,10 +224,12 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Trials beat every minute; one that has not beaten for 3 minutes (its call was killed) is
     # marked failed when this call opens the study, instead of staying "running" for ever.
-    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
-    study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3))
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():  # both "experimental" since Optuna 2.9: noise to a user
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
+        study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3))
+        optuna.storages.fail_stale_trials(study)
     # Seeded by the trials already stored: a resumed study draws new points, not its first ones
     # again. TPE models the results after 4 random trials (Optuna's default 10 would leave an
     # hour's study of a sequence model, 5-9 minutes a trial here, random search).
