@@ -79,6 +79,12 @@ def generate_source(params: Params, n: int, source: Path) -> dict[str, Any]:
     return {"seconds": seconds, "interactions": inter.height, "users": cfg.n_users, "items": cfg.n_items}
 
 
+def generate_child(params: Params, n: int, source: Path) -> None:
+    """Runs in its own process (100M interactions take ~GBs to generate; the parent must not keep
+    them while the stages run): writes the source, prints what it generated as JSON."""
+    print(json.dumps({**generate_source(params, n, source), "peak_rss_mb": peak_rss_mb()}))
+
+
 def child(params: Params, root: Path, stage: str) -> None:
     """Runs in its own process: one stage on `root`, then its time and peak RSS as JSON."""
     from components import pipeline
@@ -88,9 +94,11 @@ def child(params: Params, root: Path, stage: str) -> None:
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}))
 
 
-def run_stage(args: argparse.Namespace, overrides: list[str], root: Path, stage: str) -> dict[str, Any]:
+def run_stage(args: argparse.Namespace, overrides: list[str], root: Path, stage: str,
+              n: int | None = None) -> dict[str, Any]:
+    """`stage` on `root` in its own process; "generate" writes `n` interactions' source to `root`."""
     cmd = [sys.executable, "-m", "benchmarks.scaling", "--params", str(args.params), "--child", str(root),
-           "--stage", stage]
+           "--stage", stage] + (["--n", str(n)] if n is not None else [])
     for f in args.override_files:
         cmd += ["--params-overrides", str(f)]
     for o in overrides:
@@ -161,8 +169,12 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/scaling"))
     parser.add_argument("--out", type=Path, required=False)
     parser.add_argument("--child", type=Path, metavar="ROOT", help=argparse.SUPPRESS)
-    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=(*STAGES, "generate"), help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.stage == "generate":
+        generate_child(params_from_args(args), args.n, args.child)
+        return 0
     if args.child:
         child(params_from_args(args), args.child, args.stage)
         return 0
@@ -182,8 +194,12 @@ def main() -> int:
     for n in sizes:
         root = args.workdir / args.engine / str(n)
         source = args.workdir / "source" / str(n)
-        out["generation"][str(n)] = generate_source(params_from_args(args), n, source)
-        print(f"{n:>12,} interactions generated in {out['generation'][str(n)]['seconds']:.1f} s", flush=True)
+        generated = run_stage(args, list(args.overrides), source, "generate", n)
+        if "error" in generated:
+            raise SystemExit(f"generating {n} interactions failed: {generated['error']}")
+        out["generation"][str(n)] = generated
+        print(f"{n:>12,} interactions generated in {generated['seconds']:.1f} s, peak RSS "
+              f"{generated['peak_rss_mb']:.0f} MB", flush=True)
         overrides = [*args.overrides, *source_settings(source, args.max_users)]
         row: dict[str, Any] = {}
         for stage in stages:

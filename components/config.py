@@ -90,6 +90,12 @@ class ValidationConfig:
     weight_min: float | None
     weight_max: float | None
     sample_size: int
+    # Interactions reach Great Expectations (pandas) in batches of about this many rows.
+    batch_rows: int
+
+    def __post_init__(self) -> None:
+        if self.batch_rows < 1:
+            raise ParamsError(f"validation.batch_rows must be at least 1, got {self.batch_rows}")
 
 
 @dataclass(frozen=True)

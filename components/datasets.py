@@ -51,7 +51,8 @@ class DataSourceError(ValueError):
 
 @dataclass(frozen=True)
 class RawDataset:
-    interactions: pl.DataFrame
+    # A LazyFrame when loaded with `lazy=True` from Parquet files: nothing is read until asked.
+    interactions: pl.DataFrame | pl.LazyFrame
     items: pl.DataFrame
     source: str
     description: str
@@ -70,8 +71,11 @@ def source_identity(cfg: DataConfig, seed: int) -> dict:
     return identity
 
 
-def load_dataset(cfg: DataConfig, seed: int) -> RawDataset:
-    """Load the configured source into the RecForge schema (types as read, see module doc)."""
+def load_dataset(cfg: DataConfig, seed: int, lazy: bool = False) -> RawDataset:
+    """Load the configured source into the RecForge schema (types as read, see module doc).
+
+    `lazy`: Parquet interactions (a file, folder or glob under `files`) come back as a LazyFrame
+    that streams from the files; every other source is small enough to read whole."""
     if cfg.source == "synthetic":
         inter, items = synthetic.generate(cfg.synthetic, seed)
         s = cfg.synthetic
@@ -82,7 +86,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> RawDataset:
         return load_movielens(path, download=cfg.download)
     if cfg.source == "unisrec":
         return load_unisrec(path, cfg.unisrec_name)
-    return load_files(path, cfg)
+    return load_files(path, cfg, lazy=lazy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +299,7 @@ def _parquet_files(path: Path, name: str) -> tuple[Path, list[Path]]:
 
 
 def _read_parquet_dataset(path: Path, name: str, id_columns: tuple[str, ...],
-                          columns: list[str] | None) -> pl.DataFrame:
+                          columns: list[str] | None, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
     """Parquet files as one table: a folder (every `*.parquet` below it, as Spark and Hive write
     them: `date=2026-11-01/part-0.parquet` adds a `date` column) or a glob of Parquet files
     (`events/*/*.parquet`, `**` for any depth). Read lazily: only `columns` (None: all) leave the
@@ -340,26 +344,35 @@ def _read_parquet_dataset(path: Path, name: str, id_columns: tuple[str, ...],
         df = pl.scan_parquet(found, glob=False, hive_partitioning=True, schema=dict(wanted), missing_columns="insert",
                              extra_columns="ignore", include_file_paths="__source_file" if id_keys else None,
                              cast_options=pl.ScanCastOptions(integer_cast=["upcast", "allow-float"],
-                                                             float_cast="upcast")).collect()
+                                                             float_cast="upcast"))
+        names = df.collect_schema().names()
     except pl.exceptions.PolarsError as exc:
         raise DataSourceError(f"{target}: cannot read as one Parquet table: {str(exc).splitlines()[0]}") from exc
     if id_keys:
         df = df.with_columns([pl.col("__source_file").str.extract(rf"(?:^|/){re.escape(k)}=([^/]+)/", 1).alias(k)
                               for k in id_keys]).drop("__source_file")
+        names = [c for c in names if c != "__source_file"]
     if columns is not None:
-        df = df.select([c for c in df.columns if c in columns])
-    return _ids_as_strings(df, tuple(c for c in id_columns if c in df.columns))
+        names = [c for c in names if c in columns]
+        df = df.select(names)
+    df = _ids_as_strings(df, tuple(c for c in id_columns if c in names))
+    if lazy:
+        return df
+    try:
+        return df.collect()
+    except pl.exceptions.PolarsError as exc:
+        raise DataSourceError(f"{target}: cannot read as one Parquet table: {str(exc).splitlines()[0]}") from exc
 
 
 def _read_table(path: Path, name: str, encoding: str, id_columns: tuple[str, ...],
-                columns: list[str] | None = None) -> pl.DataFrame:
+                columns: list[str] | None = None, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
     """The table `name` under `path`: a CSV/TSV/Parquet file, or a folder or glob of Parquet
     files read as one table; `id_columns` as strings exactly as written (no type inference:
     "007" and "7" stay two ids, "0001" stays "0001"). `columns`: what the caller keeps (Parquet
-    reads only those)."""
+    reads only those). `lazy`: Parquet is scanned, not read (a CSV is read whole either way)."""
     file = path / name
     if file.is_dir() or (not file.exists() and any(c in name for c in WILDCARDS)):
-        return _read_parquet_dataset(path, name, id_columns, columns)
+        return _read_parquet_dataset(path, name, id_columns, columns, lazy=lazy)
     if not file.exists():
         raise DataSourceError(f"file not found: {file}")
     if not file.is_file():
@@ -369,9 +382,14 @@ def _read_table(path: Path, name: str, encoding: str, id_columns: tuple[str, ...
     if suffix in PARQUET_SUFFIXES:
         # Parquet keeps its types: integer ids become their decimal text.
         # glob=False: a file name is no pattern (`shop[eu]/events.parquet`).
-        present = pl.scan_parquet(file, glob=False).collect_schema().names()
-        df = pl.read_parquet(file, glob=False, columns=columns and [c for c in present if c in columns])
-        return _ids_as_strings(df, tuple(c for c in id_columns if c in df.columns))
+        try:
+            scan = pl.scan_parquet(file, glob=False)
+            present = scan.collect_schema().names()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise DataSourceError(f"{file}: not a Parquet file: {str(exc).splitlines()[0]}") from exc
+        kept = [c for c in present if columns is None or c in columns]
+        df = _ids_as_strings(scan.select(kept), tuple(c for c in id_columns if c in kept))
+        return df if lazy else df.collect()
     if suffix not in (".csv", ".tsv", ".txt"):
         raise DataSourceError(f"{file}: unsupported format (use .csv, .tsv or .parquet)")
     separator = "\t" if suffix == ".tsv" else ","
@@ -391,7 +409,7 @@ def _read_table(path: Path, name: str, encoding: str, id_columns: tuple[str, ...
         raise DataSourceError(f"{file}: cannot parse as CSV: {exc}") from exc
 
 
-def load_files(path: Path, cfg: DataConfig) -> RawDataset:
+def load_files(path: Path, cfg: DataConfig, lazy: bool = False) -> RawDataset:
     fc = cfg.files
     mapping = {
         "user_id": fc.columns.user_id,
@@ -401,13 +419,14 @@ def load_files(path: Path, cfg: DataConfig) -> RawDataset:
         "split": fc.columns.split,
     }
     inter = _read_table(path, fc.interactions, fc.encoding, (fc.columns.user_id, fc.columns.item_id),
-                        columns=[c for c in mapping.values() if c is not None])
+                        columns=[c for c in mapping.values() if c is not None], lazy=lazy)
     items = _read_table(path, fc.items, fc.encoding, (fc.item_id_column,))
 
-    renamed = {src: dst for dst, src in mapping.items() if src is not None and src in inter.columns}
+    schema = inter.collect_schema()
+    renamed = {src: dst for dst, src in mapping.items() if src is not None and src in schema}
     inter = inter.select([pl.col(src).alias(dst) for src, dst in renamed.items()])
     inter = _ids_as_strings(inter, ("user_id", "item_id"))
-    if "timestamp" in inter.columns and inter["timestamp"].dtype in (pl.Datetime, pl.Date):
+    if "timestamp" in renamed.values() and schema[mapping["timestamp"]] in (pl.Datetime, pl.Date):
         inter = inter.with_columns(pl.col("timestamp").cast(pl.Datetime("us")).dt.epoch("s"))
 
     if fc.item_id_column in items.columns and fc.item_id_column != "item_id":
@@ -425,8 +444,10 @@ def load_files(path: Path, cfg: DataConfig) -> RawDataset:
     return RawDataset(inter, items, "files", desc)
 
 
-def _ids_as_strings(df: pl.DataFrame, columns: tuple[str, ...]) -> pl.DataFrame:
-    return df.with_columns([pl.col(c).cast(pl.Utf8) for c in columns if c in df.columns])
+def _ids_as_strings(df, columns: tuple[str, ...]):
+    """`df` (a DataFrame or LazyFrame) with `columns` cast to text."""
+    present = df.collect_schema().names()
+    return df.with_columns([pl.col(c).cast(pl.Utf8) for c in columns if c in present])
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,17 +455,19 @@ def _ids_as_strings(df: pl.DataFrame, columns: tuple[str, ...]) -> pl.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 
-def normalize(raw: RawDataset) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Cast validated data to the canonical types (only called once validation has passed)."""
+def normalize(raw: RawDataset) -> tuple[pl.DataFrame | pl.LazyFrame, pl.DataFrame]:
+    """Cast validated data to the canonical types (only called once validation has passed).
+    Lazy interactions stay lazy."""
     inter = raw.interactions
+    present = inter.collect_schema().names()
     cols = [
         pl.col("user_id").cast(pl.Utf8),
         pl.col("item_id").cast(pl.Utf8),
         pl.col("timestamp").cast(pl.Int64),
     ]
-    if "weight" in inter.columns:
+    if "weight" in present:
         cols.append(pl.col("weight").cast(pl.Float64))
-    if "split" in inter.columns:
+    if "split" in present:
         cols.append(pl.col("split").cast(pl.Utf8))
     items = raw.items.with_columns(pl.col("item_id").cast(pl.Utf8), pl.col("text").cast(pl.Utf8))
     return inter.select(cols), items

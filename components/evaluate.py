@@ -81,6 +81,10 @@ def block_top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+# The most score memory one block of users may take: `batch_size` users x 1M items would be 8 GB.
+BLOCK_BYTES = 256 << 20
+
+
 def rank(
     user_vectors: np.ndarray,
     item_vectors: np.ndarray,
@@ -88,9 +92,11 @@ def rank(
     k: int,
     batch_size: int,
 ) -> np.ndarray:
-    """Top-k item indices per user by dot product, excluding each user's `exclude` items."""
+    """Top-k item indices per user by dot product, excluding each user's `exclude` items; users
+    in blocks of `batch_size`, fewer where a block's scores would pass BLOCK_BYTES."""
     n_users = user_vectors.shape[0]
     k = min(k, item_vectors.shape[0])
+    batch_size = max(1, min(batch_size, BLOCK_BYTES // (4 * max(item_vectors.shape[0], 1))))
     out = np.empty((n_users, k), dtype=np.int64)
     items_t = np.ascontiguousarray(item_vectors.T, dtype=np.float32)
     exclude = exclude.tocsr()

@@ -21,12 +21,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import polars as pl
 
 from components.config import DataConfig, ValidationConfig
-from components.datasets import SPLITS, RawDataset, load_dataset, normalize, source_identity
+from components.datasets import SPLITS, DataSourceError, RawDataset, load_dataset, normalize, source_identity
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class ValidationResult:
 
 
 def _interaction_expectations(
-    columns: list[str], item_ids: list[str], cfg: ValidationConfig, now: int
+    columns: list[str], cfg: ValidationConfig, now: int
 ) -> list[Any]:
     import great_expectations as gx
 
@@ -173,7 +173,10 @@ def _interaction_expectations(
         add(
             "item_id_known",
             "every interaction's item_id is in the items table",
-            E.ExpectColumnValuesToBeInSet(column="item_id", value_set=item_ids),
+            # Over the column `with_unknown_items` adds (the item id where it is unknown): a
+            # value set of every item id costs GE seconds per expectation evaluation per 100k
+            # items (it copies its arguments), i.e. hours per run with a million items.
+            E.ExpectColumnValuesToBeNull(column=UNKNOWN_ITEM),
         )
     if "split" in present:
         add(
@@ -236,9 +239,130 @@ def _to_pandas(df: pl.DataFrame):  # -> pandas.DataFrame
     return pd.DataFrame(columns, index=pd.RangeIndex(df.height))
 
 
+PART = "__part"
+UNKNOWN_ITEM = "item_id_not_in_items"
+
+
+def with_unknown_items(frame: pl.DataFrame, known: pl.Series) -> pl.DataFrame:
+    """`frame` plus UNKNOWN_ITEM: the row's item id where the items table lacks it, else null
+    (a null item id is the not-null check's to report)."""
+    if "item_id" not in frame.columns:
+        return frame
+    unknown = pl.when(pl.col("item_id").is_in(known.implode()).not_()).then(pl.col("item_id"))
+    return frame.with_columns(unknown.alias(UNKNOWN_ITEM))
+
+
+def interaction_batches(inter: pl.DataFrame | pl.LazyFrame, batch_rows: int, work_dir: Path) -> Iterator[pl.DataFrame]:
+    """The interactions in batches of about `batch_rows` rows, so that Great Expectations (which
+    works on pandas) never holds more than one batch.
+
+    The batches are hash partitions by `user_id`, written in one streaming pass: every row of a
+    user, and so every duplicate of a (user, item, timestamp) row, lies in one batch. That makes
+    each check exact when the batches' results are added up, including the two that need the
+    whole table (distinct users, duplicate rows). A table that fits one batch is one batch."""
+    lazy = inter.lazy()
+    n_rows = lazy.select(pl.len()).collect().item()
+    if n_rows <= batch_rows:
+        yield lazy.collect()
+        return
+    n_parts = -(-n_rows // batch_rows)
+    if "user_id" in lazy.collect_schema().names():
+        key = pl.col("user_id").hash(seed=0) % n_parts
+    else:  # no user column (a failed check already): any split keeps the row-wise checks exact
+        lazy, key = lazy.with_row_index(PART), pl.col(PART) % n_parts
+    lazy.with_columns(key.alias(PART)).sink_parquet(pl.PartitionBy(work_dir, key=PART, include_key=False),
+                                                    mkdir=True)
+    for folder in sorted(work_dir.iterdir(), key=lambda f: int(f.name.split("=", 1)[1])):
+        yield pl.read_parquet(sorted(folder.glob("*.parquet")))
+        shutil.rmtree(folder)  # disk in use stays one copy of the table, shrinking as it goes
+
+
+# How each expectation's result over the whole table follows from its results over the batches.
+# Row-wise checks add up their counts; the table-wide ones are exact because batches are user
+# partitions (see `interaction_batches`).
+ROW_WISE = {
+    "expect_column_values_to_not_be_null", "expect_column_values_to_be_null", "expect_column_values_to_match_regex",
+    "expect_column_values_to_not_match_regex", "expect_column_values_to_be_between",
+    "expect_column_values_to_be_in_set", "expect_compound_columns_to_be_unique",
+}
+SAME_IN_EVERY_BATCH = {"expect_column_to_exist", "expect_column_values_to_be_in_type_list"}
+
+
+def _merge_results(parts: list[Any], sample_size: int) -> Any:
+    """One GE suite result for the whole table from the results of its batches (mutates and
+    returns the first, so that Data Docs render it as GE's own)."""
+    merged = parts[0]
+    if len(parts) == 1:
+        return merged
+    for i, first in enumerate(merged.results):
+        each = [p.results[i] for p in parts]
+        kind = first.expectation_config.type
+        kwargs = first.expectation_config.kwargs
+        if any(r.exception_info and r.exception_info.get("raised_exception") for r in each):
+            failed = next(r for r in each if r.exception_info.get("raised_exception"))
+            merged.results[i] = failed
+            continue
+        if kind in SAME_IN_EVERY_BATCH:
+            merged.results[i] = next((r for r in each if not r.success), first)
+        elif kind == "expect_table_row_count_to_be_between":
+            rows = sum(r.result["observed_value"] for r in each)
+            first.result["observed_value"] = rows
+            first.success = _within(rows, kwargs)
+        elif kind == "expect_column_unique_value_count_to_be_between":
+            # Users are disjoint across batches, so their distinct counts add up.
+            assert kwargs["column"] == "user_id", f"{kind} on {kwargs['column']} cannot be merged"
+            distinct = sum(r.result["observed_value"] for r in each)
+            first.result["observed_value"] = distinct
+            first.success = _within(distinct, kwargs)
+        elif kind in ROW_WISE:
+            _merge_row_wise(first, each, kwargs, sample_size)
+        else:
+            raise AssertionError(f"no rule merges {kind} over batches")
+    merged.success = all(r.success for r in merged.results)
+    ok = sum(r.success for r in merged.results)
+    merged.statistics.update(successful_expectations=ok, unsuccessful_expectations=len(merged.results) - ok,
+                             success_percent=100.0 * ok / max(len(merged.results), 1))
+    return merged
+
+
+def _within(value: float, kwargs: dict[str, Any]) -> bool:
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def _merge_row_wise(first: Any, each: list[Any], kwargs: dict[str, Any], sample_size: int) -> None:
+    out = first.result
+    total = sum(r.result.get("element_count", 0) for r in each)
+    unexpected = sum(r.result.get("unexpected_count", 0) for r in each)
+    out["element_count"], out["unexpected_count"] = total, unexpected
+    # GE counts a value check over the non-null values; the null check itself over all rows.
+    base = total
+    if "missing_count" in out:
+        missing = sum(r.result.get("missing_count", 0) for r in each)
+        base = total - missing
+        out["missing_count"] = missing
+        out["missing_percent"] = 100.0 * missing / total if total else None
+        out["unexpected_percent_total"] = 100.0 * unexpected / total if total else None
+        out["unexpected_percent_nonmissing"] = 100.0 * unexpected / base if base else None
+    out["unexpected_percent"] = 100.0 * unexpected / base if base else None
+    examples = [v for r in each for v in r.result.get("partial_unexpected_list") or []]
+    out["partial_unexpected_list"] = examples[:max(sample_size, 1)]
+    counts: dict[str, dict[str, Any]] = {}
+    for r in each:
+        for c in r.result.get("partial_unexpected_counts") or []:
+            slot = counts.setdefault(repr(c["value"]), {"value": c["value"], "count": 0})
+            slot["count"] += c["count"]
+    out["partial_unexpected_counts"] = sorted(counts.values(), key=lambda c: -c["count"])[:max(sample_size, 1)]
+    out.pop("partial_unexpected_index_list", None)  # row numbers within a batch mean nothing
+    mostly = kwargs.get("mostly", 1.0)
+    first.success = base == 0 or (base - unexpected) / base >= mostly
+
+
 def _run_suites(
-    raw: RawDataset, cfg: ValidationConfig, docs_dir: Path, now: int
-) -> tuple[list[dict[str, Any]], Path]:
+    raw: RawDataset, cfg: ValidationConfig, docs_dir: Path, now: int, work_dir: Path
+) -> tuple[list[dict[str, Any]], Path, int]:
+    """Both suites; returns the per-check results, the Data Docs index and the number of
+    interactions."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     # GE logs every internal registration at INFO; only its warnings are worth showing.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
@@ -271,60 +395,58 @@ def _run_suites(
         },
     )
     source = ctx.data_sources.add_pandas("recforge")
-    item_ids: list[str] = []
-    if "item_id" in raw.items.columns:
-        item_ids = raw.items["item_id"].drop_nulls().unique().sort().to_list()
+    known = raw.items["item_id"].drop_nulls().unique() if "item_id" in raw.items.columns else pl.Series([], dtype=pl.Utf8)
 
-    frames = {"interactions": raw.interactions, "items": raw.items}
+    inter_columns = raw.interactions.collect_schema().names()
+    batches = {"interactions": interaction_batches(raw.interactions, cfg.batch_rows, work_dir),
+               "items": iter([raw.items])}
     expectations = {
-        "interactions": _interaction_expectations(raw.interactions.columns, item_ids, cfg, now),
+        "interactions": _interaction_expectations(inter_columns, cfg, now),
         "items": _item_expectations(raw.items.columns),
     }
-    validation_defs = []
-    for name, exps in expectations.items():
-        suite = gx.ExpectationSuite(name=name)
-        for exp in exps:
-            suite.add_expectation(exp)
-        suite = ctx.suites.add(suite)
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
-        validation_defs.append(
-            ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        )
-
+    result_format = {"result_format": "SUMMARY", "partial_unexpected_count": max(cfg.sample_size, 1)}
     results: list[dict[str, Any]] = []
-    for vd, (name, frame) in zip(validation_defs, frames.items()):
-        checkpoint = ctx.checkpoints.add(
-            gx.Checkpoint(
-                name=f"{name}_checkpoint",
-                validation_definitions=[vd],
-                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-                result_format={
-                    "result_format": "SUMMARY",
-                    "partial_unexpected_count": max(cfg.sample_size, 1),
-                },
+    n_interactions = 0
+    for name, exps in expectations.items():
+        suite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=exps))
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        parts = []
+        for i, frame in enumerate(batches[name]):
+            if name == "interactions":
+                frame = with_unknown_items(frame, known)
+                n_interactions += frame.height
+                log.info("validated interaction batch %d (%d rows, %d so far)", i + 1, frame.height, n_interactions)
+            parts.append(vd.run(batch_parameters={"dataframe": _to_pandas(frame)}, result_format=result_format))
+            del frame
+        merged = _merge_results(parts, cfg.sample_size)
+        # The store holds one result per batch; Data Docs show the whole table's.
+        store = ctx.validation_results_store
+        keys = list(store.list_keys())
+        suite_keys = [k for k in keys if k.expectation_suite_identifier.name == name]
+        for key in suite_keys:
+            store.remove_key(key)
+        store.set(suite_keys[0], merged)
+        for r in merged.results:
+            cfg_meta = r.expectation_config.meta or {}
+            exc = r.exception_info or {}
+            results.append(
+                {
+                    "suite": name,
+                    "check": cfg_meta.get("check", r.expectation_config.type),
+                    "description": cfg_meta.get("description", r.expectation_config.type),
+                    "expectation": r.expectation_config.type,
+                    "kwargs": _small_kwargs(r.expectation_config.kwargs),
+                    "success": bool(r.success),
+                    "unexpected_count": r.result.get("unexpected_count"),
+                    "unexpected_percent": r.result.get("unexpected_percent"),
+                    "observed": _jsonable(r.result.get("observed_value")),
+                    "examples": _jsonable(r.result.get("partial_unexpected_list") or [])[: cfg.sample_size],
+                    "error": exc.get("exception_message") if exc.get("raised_exception") else None,
+                }
             )
-        )
-        run = checkpoint.run(batch_parameters={"dataframe": _to_pandas(frame)})
-        for suite_result in run.run_results.values():
-            for r in suite_result.results:
-                cfg_meta = r.expectation_config.meta or {}
-                exc = r.exception_info or {}
-                results.append(
-                    {
-                        "suite": name,
-                        "check": cfg_meta.get("check", r.expectation_config.type),
-                        "description": cfg_meta.get("description", r.expectation_config.type),
-                        "expectation": r.expectation_config.type,
-                        "kwargs": _small_kwargs(r.expectation_config.kwargs),
-                        "success": bool(r.success),
-                        "unexpected_count": r.result.get("unexpected_count"),
-                        "unexpected_percent": r.result.get("unexpected_percent"),
-                        "observed": _jsonable(r.result.get("observed_value")),
-                        "examples": _jsonable(r.result.get("partial_unexpected_list") or [])[: cfg.sample_size],
-                        "error": exc.get("exception_message") if exc.get("raised_exception") else None,
-                    }
-                )
-    return results, docs_dir / "index.html"
+    ctx.build_data_docs()
+    return results, docs_dir / "index.html", n_interactions
 
 
 def _small_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -355,12 +477,13 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _type_examples(df: pl.DataFrame, column: str, n: int) -> list[Any]:
-    """Example values of a column that failed its type check (GE reports only the type)."""
-    if column not in df.columns:
+def _type_examples(df: pl.DataFrame | pl.LazyFrame, column: str, n: int) -> list[Any]:
+    """Example values of a column that failed its type check (GE reports only the type),
+    from the table's first rows: the type is the whole column's, so any rows show it."""
+    if column not in df.collect_schema().names():
         return []
-    values = df[column].drop_nulls().unique(maintain_order=True).head(n).to_list()
-    return [str(v) for v in values]
+    head = df.lazy().select(column).drop_nulls().head(100_000).collect()[column]
+    return [str(v) for v in head.unique(maintain_order=True).head(n).to_list()]
 
 
 def fingerprint_files(paths: list[Path]) -> str:
@@ -386,9 +509,17 @@ def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path
     if data_dir.exists():
         shutil.rmtree(data_dir)
 
-    raw = load_dataset(source, seed)
-    log.info("loaded %s: %d interactions, %d items", raw.description, raw.interactions.height, raw.items.height)
-    results, docs_index = _run_suites(raw, cfg, out_dir / "data_docs", now)
+    raw = load_dataset(source, seed, lazy=True)
+    log.info("loaded %s: %d items, interactions in batches of up to %d rows", raw.description,
+             raw.items.height, cfg.batch_rows)
+    work_dir = out_dir / ".batches"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    try:
+        results, docs_index, n_interactions = _run_suites(raw, cfg, out_dir / "data_docs", now, work_dir)
+    except pl.exceptions.PolarsError as exc:  # a Parquet file that the lazy scan could not read
+        raise DataSourceError(f"{raw.description}: cannot read: {str(exc).splitlines()[0]}") from exc
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
     failures = []
     for r in results:
@@ -415,13 +546,14 @@ def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path
     if success:
         inter, items = normalize(raw)
         data_dir.mkdir(parents=True, exist_ok=True)
-        inter.write_parquet(data_dir / "interactions.parquet")
+        # Streams from the source to the snapshot (a lazy source is never held whole).
+        inter.lazy().sink_parquet(data_dir / "interactions.parquet")
         items.write_parquet(data_dir / "items.parquet")
         fingerprint = fingerprint_files([data_dir / "interactions.parquet", data_dir / "items.parquet"])
         (data_dir / "dataset.json").write_text(
             json.dumps(
                 {"source": raw.source, "description": raw.description, "fingerprint": fingerprint,
-                 "n_interactions": inter.height, "n_items": items.height,
+                 "n_interactions": n_interactions, "n_items": items.height,
                  "settings": source_identity(source, seed)},
                 indent=2,
             )
@@ -434,7 +566,7 @@ def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path
         "source": raw.source,
         "description": raw.description,
         "validated_at": now,
-        "n_interactions": raw.interactions.height,
+        "n_interactions": n_interactions,
         "n_items": raw.items.height,
         "fingerprint": fingerprint,
         "failed_checks": [f.check for f in failures],
@@ -444,7 +576,7 @@ def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path
     return ValidationResult(
         success=success,
         source=raw.source,
-        n_interactions=raw.interactions.height,
+        n_interactions=n_interactions,
         n_items=raw.items.height,
         n_checks=len(results),
         failures=tuple(failures),

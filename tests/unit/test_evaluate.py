@@ -22,6 +22,23 @@ def test_rank_excludes_history():
     assert rank(users, items, exclude, 2, batch_size=1).tolist() == [[1, 2], [0, 1]]
 
 
+def test_rank_blocks_are_bounded_by_memory_with_the_same_answer(monkeypatch):
+    """With a million items, `batch_size` users' scores would not fit: blocks shrink to
+    BLOCK_BYTES, and the ranking is the one unbounded blocks give."""
+    import components.evaluate as ev
+
+    rng = np.random.default_rng(0)
+    users, items = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(300, 8)).astype(np.float32)
+    exclude = sp.random(50, 300, density=0.05, format="csr", random_state=1)
+    whole = rank(users, items, exclude, 10, batch_size=64)
+    seen = []
+    real_top_k = ev.block_top_k
+    monkeypatch.setattr(ev, "block_top_k", lambda scores, k: seen.append(scores.nbytes) or real_top_k(scores, k))
+    monkeypatch.setattr(ev, "BLOCK_BYTES", 4 * 300 * 7)
+    assert np.array_equal(rank(users, items, exclude, 10, batch_size=64), whole)
+    assert max(seen) <= 4 * 300 * 7 and len(seen) == 8  # 50 users in blocks of 7
+
+
 @pytest.mark.parametrize("k", [1, 10, 100])
 def test_the_fast_block_top_k_gives_the_exact_answer(k):
     """Blocks past FAST_TOP_K_MIN_SIZE go through torch.topk: the same items in the same order

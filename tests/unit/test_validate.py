@@ -181,3 +181,62 @@ def test_report_names_checks_with_counts_and_examples(files_dir, tmp_path):
     text = report(run(files_dir, tmp_path))
     assert "VALIDATION FAILED" in text and "item_id_known" in text
     assert "3 offending rows" in text and "'ghost-item'" in text
+
+
+def _checks(result) -> dict[str, dict]:
+    return {c["check"]: c for c in json.loads(result.summary_path.read_text())["checks"]}
+
+
+def test_batches_give_the_whole_tables_verdicts(files_dir, tmp_path, caplog):
+    """Interactions checked in user partitions (batch_rows far below the table) report exactly
+    what one whole batch reports: the same verdicts, counts and observed values, including the
+    checks that need the whole table (distinct users, duplicate rows across the table)."""
+    def corrupt(d):
+        n = pl.int_range(pl.len())
+        d = d.with_columns(
+            user_id=pl.when(n < 7).then(None).otherwise(pl.col("user_id")),
+            item_id=pl.when((n >= 10) & (n < 13)).then(pl.lit("ghost-item")).otherwise(pl.col("item_id")),
+            timestamp=pl.when((n >= 20) & (n < 24)).then(pl.lit("-5")).otherwise(pl.col("timestamp")),
+            rating=pl.when((n >= 30) & (n < 35)).then(pl.lit("7.0")).otherwise(pl.col("rating")),
+        )
+        # Duplicates of rows spread over the whole file, appended at its end: only a check that
+        # sees each user's rows together finds them.
+        return pl.concat([d, d.gather_every(15)])
+
+    rewrite(files_dir, "interactions.csv", corrupt)
+    whole = run(files_dir, tmp_path / "whole")
+    with caplog.at_level("INFO", logger="components.validate"):
+        batched = run(files_dir, tmp_path / "batched", "validation.batch_rows=700")
+    assert sum("validated interaction batch" in r.message for r in caplog.records) >= 4
+    assert failed(whole) == failed(batched) == {
+        "user_id_not_null", "item_id_known", "timestamp_not_too_old", "weight_in_range", "duplicate_rows"}
+    a, b = _checks(whole), _checks(batched)
+    assert a.keys() == b.keys()
+    for name in a:
+        for field in ("success", "unexpected_count", "observed"):
+            assert a[name][field] == b[name][field], (name, field, a[name][field], b[name][field])
+        if a[name]["unexpected_percent"] is not None:
+            assert b[name]["unexpected_percent"] == pytest.approx(a[name]["unexpected_percent"])
+        assert len(a[name]["examples"]) == len(b[name]["examples"])
+    assert b["duplicate_rows"]["unexpected_count"] > 0 and b["min_users"]["observed"] == a["min_users"]["observed"]
+    assert set(b["item_id_known"]["examples"]) == {"ghost-item"} and -5 in b["timestamp_not_too_old"]["examples"]
+    assert whole.n_interactions == batched.n_interactions
+    # The Data Docs render the whole table's result once, not one page per batch.
+    validations = list((tmp_path / "batched" / "validation" / "data_docs" / "validations").rglob("*.html"))
+    assert len(validations) == 2
+    assert not (tmp_path / "batched" / "validation" / ".batches").exists()
+
+
+def test_batched_snapshot_equals_whole(files_dir, tmp_path):
+    whole = run(files_dir, tmp_path / "whole")
+    batched = run(files_dir, tmp_path / "batched", "validation.batch_rows=500")
+    assert whole.success and batched.success
+    assert whole.fingerprint == batched.fingerprint
+    assert _checks(whole)["min_users"]["observed"] == _checks(batched)["min_users"]["observed"]
+
+
+def test_batch_rows_must_be_positive():
+    from components.config import ParamsError
+
+    with pytest.raises(ParamsError, match="validation.batch_rows"):
+        tiny_params("validation.batch_rows=0")
