@@ -16,7 +16,9 @@ split). Output:
 `growth` is each stage's seconds at a size over its seconds at the previous size (near-linear
 cost: the ratio stays near the ratio of the sizes). The plot beside the JSON shows seconds and
 memory against N. A stage that fails or exceeds `--stage-timeout` is recorded with its error and
-the stages after it are skipped at that size.
+the stages after it are skipped at that size. `--corrupt` also validates a corrupted copy of
+each size (about 300 unknown item ids, 200 negative timestamps, 2 % of the rows repeated) and
+records what was planted beside the checks that refused it (`validate_corrupted`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import polars as pl
 
 from benchmarks.common import peak_rss_mb, save
 from components.cli import add_params_arguments, params_from_args, run_main
@@ -56,7 +61,7 @@ def synthetic_config(params, n_interactions: int):
 
 def source_settings(source: Path, max_users: int) -> list[str]:
     """The settings that read the generated Parquet source and score popularity and MF."""
-    return ["data.source=files", f"data.path={source}", "data.files.interactions=interactions.parquet",
+    return ["data.source=files", f"data.path={source}", "data.files.interactions=interactions",
             "data.files.items=items.parquet", "data.files.columns.user_id=user_id",
             "data.files.columns.item_id=item_id", "data.files.columns.timestamp=timestamp",
             "data.files.columns.weight=null", "data.files.columns.split=null", "data.files.item_id_column=item_id",
@@ -64,25 +69,77 @@ def source_settings(source: Path, max_users: int) -> list[str]:
             f"evaluation.max_users={max_users}"]
 
 
-def generate_source(params: Params, n: int, source: Path) -> dict[str, Any]:
+def generate_source(params: Params, n: int, source: Path, chunk: int) -> dict[str, Any]:
+    """The source `interactions/` (a folder of Parquet parts) + `items.parquet` for `n`
+    interactions. Beyond `chunk` (the generator holds ~450 bytes an interaction), each part is its
+    own draw (seed + part) over the same item ids, with its own users."""
     from components.datasets import RawDataset, normalize
     from components.synthetic import generate
 
     cfg = synthetic_config(params, n)
+    parts = -(-n // chunk)
+    folder = source / "interactions"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    seconds, rows = 0.0, 0
+    for part in range(parts):
+        part_cfg = dataclasses.replace(cfg, n_users=cfg.n_users // parts, n_interactions=n // parts)
+        start = time.perf_counter()
+        inter, items = generate(part_cfg, params.seed + part)
+        seconds += time.perf_counter() - start
+        inter, items = normalize(RawDataset(inter, items, "synthetic", f"{n} synthetic"))
+        if parts > 1:  # users of different parts are different people
+            inter = inter.with_columns(pl.col("user_id").str.replace("^u", f"u{part}-"))
+        inter.select("user_id", "item_id", "timestamp").write_parquet(folder / f"part-{part:03d}.parquet")
+        rows += inter.height
+        if part == 0:
+            items.select("item_id", "text").write_parquet(source / "items.parquet")
+        del inter, items
+        if parts > 1:
+            print(f"  generated part {part + 1}/{parts}", flush=True)
+    return {"seconds": seconds, "interactions": rows, "users": cfg.n_users // parts * parts, "items": cfg.n_items,
+            "files": parts}
+
+
+def corrupt_source(source: Path, target: Path) -> dict[str, int]:
+    """A copy of `source` with about 300 unknown item ids, 200 negative timestamps and 2 % of
+    its rows repeated, written in one streaming pass (what validation must refuse by name)."""
+    scan = pl.scan_parquet(source / "interactions" / "*.parquet")
+    n = scan.select(pl.len()).collect().item()
+    unknown_every, negative_every = max(1, n // 300), max(1, n // 200)
+    row = pl.col("row")
+    lf = scan.with_row_index("row").with_columns(
+        item_id=pl.when(row % unknown_every == 0).then(pl.lit("unknown-") + row.cast(pl.Utf8))
+        .otherwise(pl.col("item_id")),
+        timestamp=pl.when(row % negative_every == 1).then(-pl.col("timestamp")).otherwise(pl.col("timestamp")),
+    )
+    (target / "interactions").mkdir(parents=True, exist_ok=True)
+    pl.concat([lf, lf.filter(row % 50 == 2)]).drop("row").sink_parquet(target / "interactions" / "part-0.parquet")
+    shutil.copy(source / "items.parquet", target / "items.parquet")
+    written = pl.scan_parquet(target / "interactions" / "part-0.parquet").select(
+        unknown_items=pl.col("item_id").str.starts_with("unknown-").sum(),
+        negative_timestamps=(pl.col("timestamp") < 0).sum()).collect().row(0, named=True)
+    return {"rows": n, **written, "repeated_rows": len(range(2, n, 50))}
+
+
+def validate_corrupt_child(params: Params, root: Path) -> None:
+    """Runs in its own process: validation of the corrupted source (settings already point at
+    it), what it refused by name, and its time and peak RSS as JSON."""
+    from components.validate import validate
+
     start = time.perf_counter()
-    inter, items = generate(cfg, params.seed)
-    seconds = time.perf_counter() - start
-    source.mkdir(parents=True, exist_ok=True)
-    inter, items = normalize(RawDataset(inter, items, "synthetic", f"{n} synthetic"))
-    inter.select("user_id", "item_id", "timestamp").write_parquet(source / "interactions.parquet")
-    items.select("item_id", "text").write_parquet(source / "items.parquet")
-    return {"seconds": seconds, "interactions": inter.height, "users": cfg.n_users, "items": cfg.n_items}
+    result = validate(params.data, params.validation, params.seed, root / "validation", root / "data")
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
+                      "success": result.success,
+                      "failed_checks": {f.check: {"unexpected_count": f.unexpected_count,
+                                                  "examples": [str(e) for e in f.examples]}
+                                        for f in result.failures}}))
 
 
-def generate_child(params: Params, n: int, source: Path) -> None:
-    """Runs in its own process (100M interactions take ~GBs to generate; the parent must not keep
-    them while the stages run): writes the source, prints what it generated as JSON."""
-    print(json.dumps({**generate_source(params, n, source), "peak_rss_mb": peak_rss_mb()}))
+def generate_child(params: Params, n: int, source: Path, chunk: int) -> None:
+    """Runs in its own process (generating takes GBs; the parent must not keep them while the
+    stages run): writes the source, prints what it generated as JSON."""
+    print(json.dumps({**generate_source(params, n, source, chunk), "peak_rss_mb": peak_rss_mb()}))
 
 
 def child(params: Params, root: Path, stage: str) -> None:
@@ -98,7 +155,7 @@ def run_stage(args: argparse.Namespace, overrides: list[str], root: Path, stage:
               n: int | None = None) -> dict[str, Any]:
     """`stage` on `root` in its own process; "generate" writes `n` interactions' source to `root`."""
     cmd = [sys.executable, "-m", "benchmarks.scaling", "--params", str(args.params), "--child", str(root),
-           "--stage", stage] + (["--n", str(n)] if n is not None else [])
+           "--stage", stage] + (["--n", str(n), "--chunk", str(args.chunk)] if n is not None else [])
     for f in args.override_files:
         cmd += ["--params-overrides", str(f)]
     for o in overrides:
@@ -169,11 +226,19 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/scaling"))
     parser.add_argument("--out", type=Path, required=False)
     parser.add_argument("--child", type=Path, metavar="ROOT", help=argparse.SUPPRESS)
-    parser.add_argument("--stage", choices=(*STAGES, "generate"), help=argparse.SUPPRESS)
+    parser.add_argument("--chunk", type=int, default=10_000_000,
+                        help="interactions generated at a time, one Parquet file each (10M take ~4.5 GB)")
+    parser.add_argument("--corrupt", action="store_true",
+                        help="also validate a corrupted copy of each size (unknown items, negative timestamps, "
+                             "2%% repeated rows): it must be refused naming those checks")
+    parser.add_argument("--stage", choices=(*STAGES, "generate", "validate_corrupt"), help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child and args.stage == "generate":
-        generate_child(params_from_args(args), args.n, args.child)
+        generate_child(params_from_args(args), args.n, args.child, args.chunk)
+        return 0
+    if args.child and args.stage == "validate_corrupt":
+        validate_corrupt_child(params_from_args(args), args.child)
         return 0
     if args.child:
         child(params_from_args(args), args.child, args.stage)
@@ -210,6 +275,16 @@ def main() -> int:
             got = row[stage]
             print(f"{n:>12,} {stage:<9} " + (f"{got['seconds']:8.1f} s  peak RSS {got['peak_rss_mb']:8.0f} MB"
                                              if "seconds" in got else f"FAILED: {got['error']}"), flush=True)
+        if args.corrupt:
+            corrupt = args.workdir / "source-corrupt" / str(n)
+            planted = corrupt_source(source, corrupt)
+            got = run_stage(args, [*args.overrides, *source_settings(corrupt, args.max_users)],
+                            args.workdir / args.engine / f"{n}-corrupt", "validate_corrupt")
+            row["validate_corrupted"] = {"planted": planted, **got}
+            print(f"{n:>12,} corrupted: " + (f"refused {sorted(got['failed_checks'])} in {got['seconds']:.1f} s, "
+                                             f"peak RSS {got['peak_rss_mb']:.0f} MB" if "seconds" in got
+                                             else f"FAILED: {got['error']}"), flush=True)
+            shutil.rmtree(corrupt, ignore_errors=True)
         out[args.engine][str(n)] = row
         out["growth"] = growth(out[args.engine])
         save(out, args.out, plot)  # after every size: a long run keeps what it measured

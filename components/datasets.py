@@ -71,11 +71,27 @@ def source_identity(cfg: DataConfig, seed: int) -> dict:
     return identity
 
 
+def source_stamp(cfg: DataConfig) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file a `files` source reads (empty for the other
+    sources): validation re-reads a lazy source to write its snapshot, and refuses to when the
+    files changed in between."""
+    if cfg.source != "files":
+        return {}
+    path, stamp = Path(cfg.path), {}
+    for name in (cfg.files.interactions, cfg.files.items):
+        target = path / name
+        files = _parquet_files(path, name)[1] if target.is_dir() or not target.exists() else [target]
+        for f in files:
+            st = f.stat()
+            stamp[str(f)] = (st.st_size, st.st_mtime_ns)
+    return stamp
+
+
 def load_dataset(cfg: DataConfig, seed: int, lazy: bool = False) -> RawDataset:
     """Load the configured source into the RecForge schema (types as read, see module doc).
 
     `lazy`: Parquet interactions (a file, folder or glob under `files`) come back as a LazyFrame
-    that streams from the files; every other source is small enough to read whole."""
+    that streams from the files; every other source (CSV included) is read whole."""
     if cfg.source == "synthetic":
         inter, items = synthetic.generate(cfg.synthetic, seed)
         s = cfg.synthetic

@@ -31,6 +31,8 @@ from components.sequences import SPLIT_CODES, write_sequences
 
 log = logging.getLogger(__name__)
 
+ROW = "__row"  # a row's place in the snapshot
+
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,10 @@ def id_sort_key(column: str, df: pl.DataFrame) -> pl.Expr:
 def order_chronologically(df: pl.DataFrame) -> pl.DataFrame:
     # Many users rate several items within the same second (MovieLens); ties are broken by
     # item id (numerically for numeric ids) so that the order, and therefore the split, is
-    # deterministic and matches the published protocol.
-    return df.sort([id_sort_key("user_id", df), "timestamp", id_sort_key("item_id", df)])
+    # deterministic and matches the published protocol. Rows equal on all three (duplicates
+    # that may differ in weight) keep their order in the source (`ROW`, where the caller has it).
+    keys = [id_sort_key("user_id", df), "timestamp", id_sort_key("item_id", df)]
+    return df.sort(keys + ([ROW] if ROW in df.columns else []), maintain_order=True)
 
 
 def drop_exact_duplicates(df: pl.DataFrame) -> pl.DataFrame:
@@ -162,13 +166,15 @@ def inner_holdout(df: pl.DataFrame) -> pl.DataFrame:
 
 def code_ids(snapshot: Path, column: str) -> pl.DataFrame:
     """`column`'s distinct ids in id order with their code (`code`, 0..n-1), read from the
-    snapshot without loading the rest of it."""
+    snapshot without loading the rest of it. Ids equal as numbers ("007", "7") are ordered by
+    their text."""
     ids = pl.scan_parquet(snapshot).select(pl.col(column).unique()).collect(engine="streaming")
-    return ids.sort(id_sort_key(column, ids)).with_row_index("code")
+    return ids.sort([id_sort_key(column, ids), pl.col(column)]).with_row_index("code")
 
 
 def index_ids(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """Contiguous integer ids in id order (numeric ids numerically); returns
+    """Contiguous integer ids in id order (numerically when every id left is a number, else as
+    text; integer codes as themselves); returns
     (df with *_idx columns, user map, item map)."""
     users = df.select(pl.col("user_id").unique()).sort(id_sort_key("user_id", df)).with_row_index("user_idx")
     items = df.select(pl.col("item_id").unique()).sort(id_sort_key("item_id", df)).with_row_index("item_idx")
@@ -222,15 +228,18 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig, source: D
     user_codes, item_codes = code_ids(inter_path, "user_id"), code_ids(inter_path, "item_id")
     scan = pl.scan_parquet(inter_path)
     extra = [c for c in ("weight", "split") if c in scan.collect_schema().names()]
-    df = (scan.join(user_codes.lazy(), on="user_id").join(item_codes.lazy(), on="item_id", suffix="_item")
+    # The join does not keep the order; ROW (the row's place in the snapshot) breaks the ties
+    # the old order broke, so which of two duplicates is kept does not vary from run to run.
+    df = (scan.with_row_index(ROW)
+          .join(user_codes.lazy(), on="user_id").join(item_codes.lazy(), on="item_id", suffix="_item")
           .select(pl.col("code").alias("user_id"), pl.col("code_item").alias("item_id"), "timestamp",
-                  *[pl.col(c).cast(pl.Float32) if c == "weight" else pl.col(c) for c in extra])
+                  *[pl.col(c).cast(pl.Float32) if c == "weight" else pl.col(c) for c in extra], ROW)
           .collect(engine="streaming"))
     n_raw = df.height
     if "weight" not in df.columns:
         df = df.with_columns(weight=pl.lit(1.0, dtype=pl.Float32))
 
-    df = drop_exact_duplicates(order_chronologically(df))
+    df = drop_exact_duplicates(order_chronologically(df)).drop(ROW)
     n_dedup = df.height
     # Filtering keeps the chronological order.
     df = k_core(df, cfg.min_user_interactions, cfg.min_item_interactions)

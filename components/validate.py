@@ -12,6 +12,7 @@ stale data, and the CLI exits non-zero after printing each failed check with cou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +27,8 @@ from typing import Any, Iterator
 import polars as pl
 
 from components.config import DataConfig, ValidationConfig
-from components.datasets import SPLITS, DataSourceError, RawDataset, load_dataset, normalize, source_identity
+from components.datasets import (SPLITS, DataSourceError, RawDataset, load_dataset, normalize, source_identity,
+                                 source_stamp)
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +232,10 @@ def _to_pandas(df: pl.DataFrame):  # -> pandas.DataFrame
 
     columns = {}
     for series in df.get_columns():
+        if series.dtype.is_integer() and series.dtype != pl.UInt64:
+            # Any integer width is an integer: as int64, so that a type check does not depend on
+            # the width or on whether one batch happens to hold a null.
+            series = series.cast(pl.Int64)
         if series.dtype.is_integer() and series.null_count():
             # numpy would turn an integer column with one null into floats, and the null into
             # a second, misleading type failure; pandas' nullable Int64 keeps it an integer.
@@ -259,22 +265,43 @@ def interaction_batches(inter: pl.DataFrame | pl.LazyFrame, batch_rows: int, wor
     The batches are hash partitions by `user_id`, written in one streaming pass: every row of a
     user, and so every duplicate of a (user, item, timestamp) row, lies in one batch. That makes
     each check exact when the batches' results are added up, including the two that need the
-    whole table (distinct users, duplicate rows). A table that fits one batch is one batch."""
+    whole table (distinct users, duplicate rows). A table that fits one batch is one batch. A
+    batch holds all of its users' rows, so a single user with more than `batch_rows` rows (a
+    bot, a shared account) makes its batch that large."""
     lazy = inter.lazy()
-    n_rows = lazy.select(pl.len()).collect().item()
-    if n_rows <= batch_rows:
-        yield lazy.collect()
+    with _reading():
+        n_rows = lazy.select(pl.len()).collect().item()
+        whole = lazy.collect() if n_rows <= batch_rows else None
+    if whole is not None:
+        yield whole
         return
     n_parts = -(-n_rows // batch_rows)
-    if "user_id" in lazy.collect_schema().names():
-        key = pl.col("user_id").hash(seed=0) % n_parts
+    columns = lazy.collect_schema().names()
+    if "user_id" in columns:
+        # Rows without a user (the not-null check counts them) would all land in one batch:
+        # they are spread by (item, timestamp), which keeps their duplicates together.
+        rest = [c for c in ("item_id", "timestamp") if c in columns]
+        key = pl.col("user_id").hash(seed=0)
+        if rest:
+            key = pl.when(pl.col("user_id").is_null()).then(pl.struct(rest).hash(seed=0)).otherwise(key)
+        key = key % n_parts
     else:  # no user column (a failed check already): any split keeps the row-wise checks exact
         lazy, key = lazy.with_row_index(PART), pl.col(PART) % n_parts
-    lazy.with_columns(key.alias(PART)).sink_parquet(pl.PartitionBy(work_dir, key=PART, include_key=False),
-                                                    mkdir=True)
+    with _reading():
+        lazy.with_columns(key.alias(PART)).sink_parquet(pl.PartitionBy(work_dir, key=PART, include_key=False),
+                                                        mkdir=True)
     for folder in sorted(work_dir.iterdir(), key=lambda f: int(f.name.split("=", 1)[1])):
         yield pl.read_parquet(sorted(folder.glob("*.parquet")))
         shutil.rmtree(folder)  # disk in use stays one copy of the table, shrinking as it goes
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """A lazy Parquet source is read here: a file it cannot read is the source's error."""
+    try:
+        yield
+    except pl.exceptions.PolarsError as exc:
+        raise DataSourceError(f"cannot read the interactions: {str(exc).splitlines()[0]}") from exc
 
 
 # How each expectation's result over the whole table follows from its results over the batches.
@@ -298,9 +325,8 @@ def _merge_results(parts: list[Any], sample_size: int) -> Any:
         each = [p.results[i] for p in parts]
         kind = first.expectation_config.type
         kwargs = first.expectation_config.kwargs
-        if any(r.exception_info and r.exception_info.get("raised_exception") for r in each):
-            failed = next(r for r in each if r.exception_info.get("raised_exception"))
-            merged.results[i] = failed
+        if any(_raised(r) for r in each):
+            merged.results[i] = next(r for r in each if _raised(r))
             continue
         if kind in SAME_IN_EVERY_BATCH:
             merged.results[i] = next((r for r in each if not r.success), first)
@@ -323,6 +349,15 @@ def _merge_results(parts: list[Any], sample_size: int) -> Any:
     merged.statistics.update(successful_expectations=ok, unsuccessful_expectations=len(merged.results) - ok,
                              success_percent=100.0 * ok / max(len(merged.results), 1))
     return merged
+
+
+def _raised(r: Any) -> dict[str, Any] | None:
+    """The error a check raised instead of computing (GE files it flat, or under the id of the
+    metric that failed), or None."""
+    info = r.exception_info or {}
+    if info.get("raised_exception"):
+        return info
+    return next((v for v in info.values() if isinstance(v, dict) and v.get("raised_exception")), None)
 
 
 def _within(value: float, kwargs: dict[str, Any]) -> bool:
@@ -355,7 +390,9 @@ def _merge_row_wise(first: Any, each: list[Any], kwargs: dict[str, Any], sample_
     out["partial_unexpected_counts"] = sorted(counts.values(), key=lambda c: -c["count"])[:max(sample_size, 1)]
     out.pop("partial_unexpected_index_list", None)  # row numbers within a batch mean nothing
     mostly = kwargs.get("mostly", 1.0)
-    first.success = base == 0 or (base - unexpected) / base >= mostly
+    # GE's own rule (a check over no values passes), unless a batch failed without counting.
+    counted = all(r.success or r.result.get("unexpected_count") for r in each)
+    first.success = counted and (base == 0 or (base - unexpected) / base >= mostly)
 
 
 def _run_suites(
@@ -429,7 +466,7 @@ def _run_suites(
         store.set(suite_keys[0], merged)
         for r in merged.results:
             cfg_meta = r.expectation_config.meta or {}
-            exc = r.exception_info or {}
+            exc = _raised(r) or {}
             results.append(
                 {
                     "suite": name,
@@ -442,7 +479,7 @@ def _run_suites(
                     "unexpected_percent": r.result.get("unexpected_percent"),
                     "observed": _jsonable(r.result.get("observed_value")),
                     "examples": _jsonable(r.result.get("partial_unexpected_list") or [])[: cfg.sample_size],
-                    "error": exc.get("exception_message") if exc.get("raised_exception") else None,
+                    "error": exc.get("exception_message"),
                 }
             )
     ctx.build_data_docs()
@@ -450,7 +487,7 @@ def _run_suites(
 
 
 def _small_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Expectation arguments for the summary, minus the (possibly huge) item id value set."""
+    """Expectation arguments for the summary, a long value set shortened to its size."""
     out = {}
     for key, value in kwargs.items():
         if key == "value_set" and isinstance(value, (list, set, tuple)) and len(value) > 10:
@@ -514,10 +551,9 @@ def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path
              raw.items.height, cfg.batch_rows)
     work_dir = out_dir / ".batches"
     shutil.rmtree(work_dir, ignore_errors=True)
+    read_at = source_stamp(source)
     try:
         results, docs_index, n_interactions = _run_suites(raw, cfg, out_dir / "data_docs", now, work_dir)
-    except pl.exceptions.PolarsError as exc:  # a Parquet file that the lazy scan could not read
-        raise DataSourceError(f"{raw.description}: cannot read: {str(exc).splitlines()[0]}") from exc
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -543,6 +579,9 @@ def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path
     success = not failures
 
     written_dir, fingerprint = None, None
+    if success and source_stamp(source) != read_at:
+        raise DataSourceError(f"{raw.description}: the files changed while they were validated (a writer still "
+                              f"running?); nothing was written: validate again once they are complete")
     if success:
         inter, items = normalize(raw)
         data_dir.mkdir(parents=True, exist_ok=True)

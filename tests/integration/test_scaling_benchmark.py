@@ -17,16 +17,31 @@ pytestmark = pytest.mark.integration
 def test_scaling_benchmark_measures_every_stage_per_size(tmp_path):
     out = tmp_path / "s.json"
     cmd = [sys.executable, "-m", "benchmarks.scaling", "--sizes", "4000,8000", "--engine", "default",
-           "--max-users", "50", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+           "--max-users", "50", "--corrupt", "--chunk", "3000", "--set", "validation.batch_rows=1500",
+           "--workdir", str(tmp_path / "work"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["default"]) == {"4000", "8000"}
     for n, row in result["default"].items():
+        corrupted = row.pop("validate_corrupted")
         assert list(row) == ["validate", "features", "train_mf", "evaluate"]
         for stage, measured in row.items():
             assert measured["seconds"] > 0 and measured["peak_rss_mb"] > 50, (n, stage, measured)
-        assert result["generation"][n]["users"] == max(100, int(n) // 20)
+        # The corrupted copy (validated in batches of 1,500 rows) is refused by exactly the
+        # planted checks, with every planted row counted.
+        planted, failed = corrupted["planted"], corrupted["failed_checks"]
+        assert corrupted["success"] is False
+        assert set(failed) == {"item_id_known", "timestamp_not_too_old", "duplicate_rows"}, failed
+        assert failed["item_id_known"]["unexpected_count"] == planted["unknown_items"]
+        assert all(e.startswith("unknown-") for e in failed["item_id_known"]["examples"])
+        assert failed["timestamp_not_too_old"]["unexpected_count"] == planted["negative_timestamps"]
+        # GE counts every row of a duplicated group: the repeat and the row it repeats.
+        assert failed["duplicate_rows"]["unexpected_count"] >= 2 * planted["repeated_rows"]
+        # Generated 3,000 interactions at a time: several Parquet files of one folder source.
+        parts = -(-int(n) // 3000)
+        assert result["generation"][n]["files"] == parts
+        assert result["generation"][n]["users"] == max(100, int(n) // 20) // parts * parts
         assert result["generation"][n]["items"] == max(50, int(n) // 100)
     assert result["growth"]["4000->8000"]["size_ratio"] == 2.0 and "evaluate" in result["growth"]["4000->8000"]
     # The evaluation scored the requested sample of users, from the generated source.

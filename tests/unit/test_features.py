@@ -160,6 +160,34 @@ def test_build_features_outputs(tmp_path):
     assert items_out["text"].to_list() == ["A", "B", "C", "D"]
 
 
+def test_duplicates_keep_the_first_row_of_the_snapshot(tmp_path):
+    """Repeated (user, item, timestamp) rows may differ in weight: the snapshot's first one is
+    kept, every time (ids are joined as integer codes in a streaming pass that loses the order)."""
+    n = 4000
+    base = pl.DataFrame({"user_id": [f"u{i % 50}" for i in range(n)], "item_id": [str(i % 31) for i in range(n)],
+                         "timestamp": [i // 50 for i in range(n)], "weight": [1.0] * n})
+    inter = pl.concat([base, base.with_columns(weight=pl.lit(5.0))])  # each row repeated, later
+    items = pl.DataFrame({"item_id": [str(i) for i in range(31)], "text": ["t"] * 31})
+    data = write_snapshot(tmp_path / "data", inter, items)
+    cfg = tiny_params("features.min_user_interactions=0", "features.min_item_interactions=0").features
+    for run in range(3):
+        res = build_features(data, tmp_path / f"f{run}", cfg)
+        assert res.n_interactions == n
+        assert set(load_sequences(tmp_path / f"f{run}").weights.tolist()) == {1.0}
+
+
+def test_ids_equal_as_numbers_keep_a_fixed_order(tmp_path):
+    """"007" and "7" are two ids that sort as the same number: their text decides, so their
+    indices do not change from run to run."""
+    inter = frame([("007", "a", 1), ("7", "a", 2), ("07", "a", 3), ("10", "a", 4)])
+    items = pl.DataFrame({"item_id": ["a"], "text": ["A"]})
+    data = write_snapshot(tmp_path / "data", inter, items)
+    cfg = tiny_params("features.min_user_interactions=0", "features.min_item_interactions=0").features
+    build_features(data, tmp_path / "f", cfg)
+    users = pl.read_parquet(tmp_path / "f" / "user_map.parquet").sort("user_idx")["user_id"].to_list()
+    assert users == ["007", "07", "7", "10"]
+
+
 def test_source_split_is_kept(tmp_path):
     inter = pl.DataFrame({
         "user_id": ["u1"] * 4, "item_id": ["a", "b", "c", "d"], "timestamp": [1, 2, 3, 4],

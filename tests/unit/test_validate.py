@@ -240,3 +240,81 @@ def test_batch_rows_must_be_positive():
 
     with pytest.raises(ParamsError, match="validation.batch_rows"):
         tiny_params("validation.batch_rows=0")
+
+
+def test_a_check_that_errors_fails_in_every_batch_too(files_dir, tmp_path):
+    """Text in the weight column: GE cannot compare it with the range. One batch or many, the
+    range check is reported failed with GE's error, never passed over no values."""
+    rewrite(files_dir, "interactions.csv", lambda d: d.with_columns(
+        rating=pl.when(pl.int_range(pl.len()) % 97 == 0).then(pl.lit("abc")).otherwise(pl.col("rating"))))
+    whole = run(files_dir, tmp_path / "whole")
+    batched = run(files_dir, tmp_path / "batched", "validation.batch_rows=700")
+    for result in (whole, batched):
+        assert {"weight_type", "weight_in_range"} <= failed(result)
+        check = _checks(result)["weight_in_range"]
+        assert check["success"] is False and check["error"], check
+    assert failed(whole) == failed(batched)
+
+
+def test_rows_without_a_user_are_spread_over_the_batches(tmp_path):
+    """Half the rows have no user: they must not all land in one batch (memory), and a repeated
+    user-less row stays in the batch of the row it repeats (the duplicate count stays exact)."""
+    from components.validate import interaction_batches
+
+    n = 3000
+    df = pl.DataFrame({"user_id": [None if i % 2 else f"u{i % 40}" for i in range(n)],
+                       "item_id": [f"i{i % 97}" for i in range(n)], "timestamp": list(range(n))})
+    df = pl.concat([df, df.filter(pl.col("user_id").is_null()).head(10)])
+    batches = list(interaction_batches(df.lazy(), 300, tmp_path / "b"))
+    assert sum(b.height for b in batches) == df.height
+    assert max(b.height for b in batches) < 3 * 300, [b.height for b in batches]
+    repeated = sum(b.filter(pl.col("user_id").is_null()).is_duplicated().sum() for b in batches)
+    assert repeated == 20  # each of the 10 repeats beside its original
+
+
+def test_batched_parquet_folder_source(tmp_path):
+    """A Hive-partitioned Parquet folder, scanned lazily and checked in batches: the same
+    verdicts and counts as in one batch, and the same snapshot."""
+    params = tiny_params()
+    clean, items = generate(params.data.synthetic, 0)
+    inter = clean.with_columns(timestamp=pl.when(pl.int_range(pl.len()) < 4).then(-5).otherwise(pl.col("timestamp")))
+    folder = tmp_path / "raw"
+    for day, part in enumerate(inter.with_columns(day=pl.int_range(pl.len()) % 3).partition_by("day")):
+        (folder / "events" / f"day={day}").mkdir(parents=True)
+        part.drop("day").write_parquet(folder / "events" / f"day={day}" / "part-0.parquet")
+    items.write_parquet(folder / "items.parquet")
+
+    def go(name: str, *overrides: str):
+        p = tiny_params("data.source=files", f"data.path={folder}", "data.files.interactions=events",
+                        "data.files.items=items.parquet", "data.files.columns.weight=weight",
+                        "data.files.text_columns=[text]", *overrides)
+        return validate(p.data, p.validation, p.seed, tmp_path / name / "validation", tmp_path / name / "data", now=NOW)
+
+    whole, batched = go("whole"), go("batched", "validation.batch_rows=400")
+    assert failed(whole) == failed(batched) == {"timestamp_not_too_old"}
+    assert _checks(batched)["timestamp_not_too_old"]["unexpected_count"] == 4
+    assert _checks(whole)["min_users"]["observed"] == _checks(batched)["min_users"]["observed"]
+    for day, part in enumerate(clean.with_columns(day=pl.int_range(pl.len()) % 3).partition_by("day")):
+        part.drop("day").write_parquet(folder / "events" / f"day={day}" / "part-0.parquet")
+    whole, batched = go("whole"), go("batched", "validation.batch_rows=400")
+    assert whole.success and batched.success and whole.fingerprint == batched.fingerprint
+
+
+def test_files_changed_while_validating_write_no_snapshot(files_dir, tmp_path, monkeypatch):
+    """The snapshot is streamed from the source after the checks: if a writer changed the files
+    in between, what would be written is not what was validated."""
+    import components.validate as v
+    from components.datasets import DataSourceError
+
+    real = v._run_suites
+
+    def checks_then_a_writer_appends(*args, **kwargs):
+        out = real(*args, **kwargs)
+        with (files_dir / "interactions.csv").open("a") as f:
+            f.write("late-user,late-item,1700000000,4\n")
+        return out
+
+    monkeypatch.setattr(v, "_run_suites", checks_then_a_writer_appends)
+    with pytest.raises(DataSourceError, match="changed while they were validated"):
+        run(files_dir, tmp_path)
+    assert not (tmp_path / "data").exists()
