@@ -69,36 +69,45 @@ def source_settings(source: Path, max_users: int) -> list[str]:
             f"evaluation.max_users={max_users}"]
 
 
-def generate_source(params: Params, n: int, source: Path, chunk: int) -> dict[str, Any]:
-    """The source `interactions/` (a folder of Parquet parts) + `items.parquet` for `n`
-    interactions. Beyond `chunk` (the generator holds ~450 bytes an interaction), each part is its
-    own draw (seed + part) over the same item ids, with its own users."""
+def generate_part(params: Params, n: int, source: Path, chunk: int, part: int) -> dict[str, Any]:
+    """Part `part` of the source for `n` interactions: `interactions/part-NNN.parquet` (and
+    `items.parquet` with part 0). Beyond `chunk` (the generator holds ~450 bytes an
+    interaction), each part is its own draw (seed + part) over the same item ids, with its own
+    users: the same part is the same file every time."""
     from components.datasets import RawDataset, normalize
     from components.synthetic import generate
 
     cfg = synthetic_config(params, n)
     parts = -(-n // chunk)
-    folder = source / "interactions"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    seconds, rows = 0.0, 0
+    part_cfg = dataclasses.replace(cfg, n_users=cfg.n_users // parts, n_interactions=n // parts)
+    start = time.perf_counter()
+    inter, items = generate(part_cfg, params.seed + part)
+    seconds = time.perf_counter() - start
+    inter, items = normalize(RawDataset(inter, items, "synthetic", f"{n} synthetic"))
+    if parts > 1:  # users of different parts are different people
+        inter = inter.with_columns(pl.col("user_id").str.replace("^u", f"u{part}-"))
+    (source / "interactions").mkdir(parents=True, exist_ok=True)
+    inter.select("user_id", "item_id", "timestamp").write_parquet(source / "interactions" / f"part-{part:03d}.parquet")
+    if part == 0:
+        items.select("item_id", "text").write_parquet(source / "items.parquet")
+    return {"seconds": seconds, "interactions": inter.height, "users": part_cfg.n_users, "items": cfg.n_items}
+
+
+def generate_source(args: argparse.Namespace, n: int, source: Path) -> dict[str, Any]:
+    """Every part, each in its own process (a process that generated several kept GBs of each)."""
+    parts = -(-n // args.chunk)
+    shutil.rmtree(source / "interactions", ignore_errors=True)
+    total: dict[str, Any] = {"seconds": 0.0, "interactions": 0, "users": 0, "peak_rss_mb": 0.0, "files": parts}
     for part in range(parts):
-        part_cfg = dataclasses.replace(cfg, n_users=cfg.n_users // parts, n_interactions=n // parts)
-        start = time.perf_counter()
-        inter, items = generate(part_cfg, params.seed + part)
-        seconds += time.perf_counter() - start
-        inter, items = normalize(RawDataset(inter, items, "synthetic", f"{n} synthetic"))
-        if parts > 1:  # users of different parts are different people
-            inter = inter.with_columns(pl.col("user_id").str.replace("^u", f"u{part}-"))
-        inter.select("user_id", "item_id", "timestamp").write_parquet(folder / f"part-{part:03d}.parquet")
-        rows += inter.height
-        if part == 0:
-            items.select("item_id", "text").write_parquet(source / "items.parquet")
-        del inter, items
+        got = run_stage(args, list(args.overrides), source, "generate", [f"--n={n}", f"--part={part}"])
+        if "error" in got:
+            return got
+        total.update(seconds=total["seconds"] + got["seconds"], interactions=total["interactions"] + got["interactions"],
+                     users=total["users"] + got["users"], items=got["items"],
+                     peak_rss_mb=max(total["peak_rss_mb"], got["peak_rss_mb"]))
         if parts > 1:
-            print(f"  generated part {part + 1}/{parts}", flush=True)
-    return {"seconds": seconds, "interactions": rows, "users": cfg.n_users // parts * parts, "items": cfg.n_items,
-            "files": parts}
+            print(f"  generated part {part + 1}/{parts} in {got['seconds']:.1f} s", flush=True)
+    return total
 
 
 def corrupt_source(source: Path, target: Path) -> dict[str, int]:
@@ -136,10 +145,10 @@ def validate_corrupt_child(params: Params, root: Path) -> None:
                                         for f in result.failures}}))
 
 
-def generate_child(params: Params, n: int, source: Path, chunk: int) -> None:
+def generate_child(params: Params, n: int, source: Path, chunk: int, part: int) -> None:
     """Runs in its own process (generating takes GBs; the parent must not keep them while the
-    stages run): writes the source, prints what it generated as JSON."""
-    print(json.dumps({**generate_source(params, n, source, chunk), "peak_rss_mb": peak_rss_mb()}))
+    stages run): writes one part of the source, prints what it generated as JSON."""
+    print(json.dumps({**generate_part(params, n, source, chunk, part), "peak_rss_mb": peak_rss_mb()}))
 
 
 def child(params: Params, root: Path, stage: str) -> None:
@@ -152,10 +161,10 @@ def child(params: Params, root: Path, stage: str) -> None:
 
 
 def run_stage(args: argparse.Namespace, overrides: list[str], root: Path, stage: str,
-              n: int | None = None) -> dict[str, Any]:
-    """`stage` on `root` in its own process; "generate" writes `n` interactions' source to `root`."""
+              extra: list[str] = ()) -> dict[str, Any]:
+    """`stage` on `root` in its own process ("generate": a part of the source, `root`)."""
     cmd = [sys.executable, "-m", "benchmarks.scaling", "--params", str(args.params), "--child", str(root),
-           "--stage", stage] + (["--n", str(n), "--chunk", str(args.chunk)] if n is not None else [])
+           "--stage", stage, "--chunk", str(args.chunk), *extra]
     for f in args.override_files:
         cmd += ["--params-overrides", str(f)]
     for o in overrides:
@@ -228,14 +237,18 @@ def main() -> int:
     parser.add_argument("--child", type=Path, metavar="ROOT", help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, default=10_000_000,
                         help="interactions generated at a time, one Parquet file each (10M take ~4.5 GB)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="use the source an earlier call generated in --workdir (and the stages' outputs "
+                             "there: --stages evaluate alone scores what an earlier call trained)")
     parser.add_argument("--corrupt", action="store_true",
                         help="also validate a corrupted copy of each size (unknown items, negative timestamps, "
                              "2%% repeated rows): it must be refused naming those checks")
     parser.add_argument("--stage", choices=(*STAGES, "generate", "validate_corrupt"), help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--part", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child and args.stage == "generate":
-        generate_child(params_from_args(args), args.n, args.child, args.chunk)
+        generate_child(params_from_args(args), args.n, args.child, args.chunk, args.part)
         return 0
     if args.child and args.stage == "validate_corrupt":
         validate_corrupt_child(params_from_args(args), args.child)
@@ -259,12 +272,18 @@ def main() -> int:
     for n in sizes:
         root = args.workdir / args.engine / str(n)
         source = args.workdir / "source" / str(n)
-        generated = run_stage(args, list(args.overrides), source, "generate", n)
-        if "error" in generated:
-            raise SystemExit(f"generating {n} interactions failed: {generated['error']}")
+        record = source / "generation.json"
+        if args.reuse and record.exists():
+            generated = {**json.loads(record.read_text()), "reused": True}
+            print(f"{n:>12,} interactions: reusing the source generated in {source}", flush=True)
+        else:
+            generated = generate_source(args, n, source)
+            if "error" in generated:
+                raise SystemExit(f"generating {n} interactions failed: {generated['error']}")
+            record.write_text(json.dumps(generated))
+            print(f"{n:>12,} interactions generated in {generated['seconds']:.1f} s, peak RSS "
+                  f"{generated['peak_rss_mb']:.0f} MB", flush=True)
         out["generation"][str(n)] = generated
-        print(f"{n:>12,} interactions generated in {generated['seconds']:.1f} s, peak RSS "
-              f"{generated['peak_rss_mb']:.0f} MB", flush=True)
         overrides = [*args.overrides, *source_settings(source, args.max_users)]
         row: dict[str, Any] = {}
         for stage in stages:

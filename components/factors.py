@@ -37,10 +37,11 @@ class FactorModel:
         npz.save(path, **arrays)
 
     @classmethod
-    def load(cls, path: Path) -> "FactorModel":
+    def load(cls, path: Path, mapped: bool = False) -> "FactorModel":
+        """`mapped`: the arrays memory-mapped read-only (rows are read when used)."""
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: train the model first")
-        data = np.load(path)
+        data = npz.load_mapped(path) if mapped else np.load(path)
         return cls(
             items={s: data[f"items_{s}"] for s in EVAL_SPLITS},
             users={s: data[f"users_{s}"] for s in EVAL_SPLITS},

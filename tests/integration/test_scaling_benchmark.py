@@ -49,6 +49,16 @@ def test_scaling_benchmark_measures_every_stage_per_size(tmp_path):
     assert metrics["mf"]["n_users"] == 50 and metrics["mf"]["n_users_eligible"] > 300
     assert out.with_suffix(".png").stat().st_size > 10_000
 
+    # A second call scores what the first trained, on the source it generated.
+    again = tmp_path / "again.json"
+    proc = subprocess.run([*cmd[:-2], "--out", str(again), "--sizes", "8000", "--stages", "evaluate", "--reuse"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = json.loads(again.read_text())
+    assert second["generation"]["8000"]["reused"] is True and "reusing the source" in proc.stdout
+    assert second["generation"]["8000"]["interactions"] == result["generation"]["8000"]["interactions"]
+    assert second["default"]["8000"]["evaluate"]["seconds"] > 0
+
 
 def test_scaling_benchmark_refuses_bad_arguments(tmp_path):
     for args, message in ((["--sizes", "10"], "at least 1000"), (["--stages", "validate,train"], "unknown stages: train"),

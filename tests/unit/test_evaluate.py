@@ -158,3 +158,20 @@ def test_max_users_scores_a_seeded_sample_with_intervals(tmp_path):
     assert everyone.test["a"]["n_users"] == 60
     with pytest.raises(ValueError, match="max_users must be at least 1"):
         evaluate(tmp_path / "f", models, tmp_path / "none", dataclasses.replace(cfg.evaluation, max_users=0))
+
+
+def test_factor_files_load_memory_mapped(tmp_path):
+    """Evaluation maps the factor file instead of reading it: the same arrays, read-only, and
+    an entry numpy compressed is still read."""
+    rng = np.random.default_rng(0)
+    model = FactorModel(items={s: rng.normal(size=(7, 3)).astype(np.float32) for s in ("valid", "test")},
+                        users={s: rng.normal(size=(11, 3)).astype(np.float32) for s in ("valid", "test")})
+    model.save(tmp_path / "factors.npz")
+    mapped = FactorModel.load(tmp_path / "factors.npz", mapped=True)
+    for split in ("valid", "test"):
+        assert isinstance(mapped.users[split], np.memmap) and not mapped.users[split].flags.writeable
+        assert np.array_equal(mapped.users[split], model.users[split])
+        assert np.array_equal(mapped.items[split], model.items[split])
+    np.savez_compressed(tmp_path / "z.npz", items_valid=model.items["valid"], users_valid=model.users["valid"],
+                        items_test=model.items["test"], users_test=model.users["test"])
+    assert np.array_equal(FactorModel.load(tmp_path / "z.npz", mapped=True).users["test"], model.users["test"])
