@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU wheel of torch is installed before anything else: an unpinned resolve would pull
 # several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,spark
 
 .PHONY: install system-packages run repro dvc-yaml serve mlflow mlflow-ui deploy test test-slow bench bench-real bench-gpu clean
 
@@ -24,7 +24,8 @@ install: $(STAMP)
 
 # PostgreSQL (the event store's backend for several service replicas, and its tests): Debian's
 # package, installed where it is missing and this can (root, apt-get). Elsewhere the PostgreSQL
-# tests skip, saying how to install it.
+# tests skip, saying how to install it. Java 17+ for the Spark engine (data.engine: spark) the
+# same way: Debian's default JRE where no Java 17+ is found (elsewhere the Spark tests skip).
 system-packages:
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -33,6 +34,13 @@ system-packages:
 	  apt-get install -y -qq postgresql >/dev/null 2>&1 || \
 	    { apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; }; \
 	else echo "PostgreSQL not found and not installable here: its tests will skip (apt-get install postgresql)"; fi
+	@if java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])'; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Java for Spark (apt-get install default-jre-headless)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq default-jre-headless >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null; }; \
+	else echo "Java 17+ not found and not installable here: the Spark engine's tests will skip (see README: Spark)"; fi
 
 # The main job on the built-in dataset: the Prefect training flow (validate -> ... -> register),
 # ending with the metrics table and the registered model. `make repro` runs the same stages with

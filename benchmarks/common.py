@@ -25,6 +25,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+def children_peak_rss_mb() -> float:
+    """Peak RSS of the processes this one started that are still running, added up (a Spark
+    session's JVM): an upper bound of their memory at any one time, in MB."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            for line in Path(f"/proc/{child.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024.0
+        except OSError:  # ended meanwhile, or not Linux
+            continue
+    return total
+
+
 def machine() -> dict[str, Any]:
     import os
 

@@ -2,6 +2,7 @@
 growing size, each stage in its own process, wall time and peak memory.
 
     python -m benchmarks.scaling --sizes 1000000,10000000 --engine default --out s.json
+    python -m benchmarks.scaling --sizes 1000000,10000000 --engine default,spark --stages validate,features --out s.json
 
 For each size N, synthetic interactions are generated once (timed apart, not a stage) with 5 %
 as many users as interactions and 1 % as many items (100M -> 5M users, 1M items), and written as
@@ -12,6 +13,10 @@ split). Output:
 
     {"ENGINE": {"N": {"STAGE": {"seconds": ..., "peak_rss_mb": ...}}},
      "generation": {"N": {"seconds": ..., "users": ..., "items": ...}}, "growth": {...}}
+
+With several engines (`--engine default,spark`), each runs the stages on the same source, one
+after the other. A Spark stage's `peak_rss_mb` adds its JVM's peak (`jvm_peak_rss_mb`, where
+Spark's local executors run) to the Python process's: an upper bound of the two at any moment.
 
 `growth` is each stage's seconds at a size over its seconds at the previous size (near-linear
 cost: the ratio stays near the ratio of the sizes). The plot beside the JSON shows seconds and
@@ -35,13 +40,13 @@ from typing import Any
 
 import polars as pl
 
-from benchmarks.common import peak_rss_mb, save
+from benchmarks.common import children_peak_rss_mb, peak_rss_mb, save
 from components.cli import add_params_arguments, params_from_args, run_main
 from components.config import Params
 from components.pipeline import Artifacts
 
 STAGES = ("validate", "features", "train_mf", "evaluate")
-ENGINES = ("default",)
+ENGINES = ("default", "spark")
 
 
 def synthetic_config(params, n_interactions: int):
@@ -138,8 +143,7 @@ def validate_corrupt_child(params: Params, root: Path) -> None:
 
     start = time.perf_counter()
     result = validate(params.data, params.validation, params.seed, root / "validation", root / "data")
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
-                      "success": result.success,
+    print(json.dumps({"seconds": time.perf_counter() - start, **memory(), "success": result.success,
                       "failed_checks": {f.check: {"unexpected_count": f.unexpected_count,
                                                   "examples": [str(e) for e in f.examples]}
                                         for f in result.failures}}))
@@ -151,13 +155,19 @@ def generate_child(params: Params, n: int, source: Path, chunk: int, part: int) 
     print(json.dumps({**generate_part(params, n, source, chunk, part), "peak_rss_mb": peak_rss_mb()}))
 
 
+def memory() -> dict[str, float]:
+    """This process's peak RSS plus that of the JVM a Spark session started (still running)."""
+    jvm = children_peak_rss_mb()
+    return {"peak_rss_mb": peak_rss_mb() + jvm, **({"jvm_peak_rss_mb": jvm} if jvm else {})}
+
+
 def child(params: Params, root: Path, stage: str) -> None:
     """Runs in its own process: one stage on `root`, then its time and peak RSS as JSON."""
     from components import pipeline
 
     start = time.perf_counter()
     pipeline.execute(pipeline.STAGE[stage], params, Artifacts(root))
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"seconds": time.perf_counter() - start, **memory()}))
 
 
 def run_stage(args: argparse.Namespace, overrides: list[str], root: Path, stage: str,
@@ -227,8 +237,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_params_arguments(parser, artifacts=False)
     parser.add_argument("--sizes", default="1000000,10000000", help="comma-separated interaction counts")
-    parser.add_argument("--engine", choices=ENGINES, default="default",
-                        help="the data engine (the Spark engine of issue 15 is not built yet)")
+    parser.add_argument("--engine", default="default",
+                        help=f"the data engine, or several comma-separated, of {', '.join(ENGINES)}")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     parser.add_argument("--max-users", type=int, default=100_000, help="users scored per split by evaluate")
     parser.add_argument("--stage-timeout", type=float, default=3600.0)
@@ -268,9 +278,12 @@ def main() -> int:
     if not sizes or sizes[0] < 1000:
         parser.error("--sizes must be at least 1000 interactions each")
 
-    out: dict[str, Any] = {args.engine: {}, "generation": {}}
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    if not engines or (unknown := sorted(set(engines) - set(ENGINES))):
+        parser.error(f"--engine: unknown engines {', '.join(unknown)} (of {', '.join(ENGINES)})")
+
+    out: dict[str, Any] = {**{e: {} for e in engines}, "generation": {}}
     for n in sizes:
-        root = args.workdir / args.engine / str(n)
         source = args.workdir / "source" / str(n)
         record = source / "generation.json"
         if args.reuse and record.exists():
@@ -284,32 +297,44 @@ def main() -> int:
             print(f"{n:>12,} interactions generated in {generated['seconds']:.1f} s, peak RSS "
                   f"{generated['peak_rss_mb']:.0f} MB", flush=True)
         out["generation"][str(n)] = generated
-        overrides = [*args.overrides, *source_settings(source, args.max_users)]
-        row: dict[str, Any] = {}
-        for stage in stages:
-            if any("error" in row.get(s, {}) for s in stages[:stages.index(stage)]):
-                row[stage] = {"error": "skipped: an earlier stage failed"}
-                continue
-            row[stage] = run_stage(args, overrides, root, stage)
-            got = row[stage]
-            print(f"{n:>12,} {stage:<9} " + (f"{got['seconds']:8.1f} s  peak RSS {got['peak_rss_mb']:8.0f} MB"
-                                             if "seconds" in got else f"FAILED: {got['error']}"), flush=True)
-        if args.corrupt:
-            corrupt = args.workdir / "source-corrupt" / str(n)
-            planted = corrupt_source(source, corrupt)
-            got = run_stage(args, [*args.overrides, *source_settings(corrupt, args.max_users)],
-                            args.workdir / args.engine / f"{n}-corrupt", "validate_corrupt")
-            row["validate_corrupted"] = {"planted": planted, **got}
-            print(f"{n:>12,} corrupted: " + (f"refused {sorted(got['failed_checks'])} in {got['seconds']:.1f} s, "
-                                             f"peak RSS {got['peak_rss_mb']:.0f} MB" if "seconds" in got
-                                             else f"FAILED: {got['error']}"), flush=True)
-            shutil.rmtree(corrupt, ignore_errors=True)
-        out[args.engine][str(n)] = row
-        out["growth"] = growth(out[args.engine])
-        save(out, args.out, plot)  # after every size: a long run keeps what it measured
-    for span, ratios in out["growth"].items():
-        print(f"{span}: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
+        corrupt = args.workdir / "source-corrupt" / str(n)
+        planted = corrupt_source(source, corrupt) if args.corrupt else None
+        for engine in engines:
+            out[engine][str(n)] = run_size(args, engine, n, source, stages, planted and (corrupt, planted))
+            out["growth" if len(engines) == 1 else f"growth_{engine}"] = growth(out[engine])
+            save(out, args.out, plot)  # after every size: a long run keeps what it measured
+        shutil.rmtree(corrupt, ignore_errors=True)
+    for key in [k for k in out if k.startswith("growth")]:
+        for span, ratios in out[key].items():
+            print(f"{key} {span}: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
     return 0
+
+
+def run_size(args: argparse.Namespace, engine: str, n: int, source: Path, stages: list[str],
+             corrupted: tuple[Path, dict[str, int]] | None) -> dict[str, Any]:
+    """The stages of one engine on the source of size `n`, and validation of its corrupted copy
+    (`corrupted`: its folder and what was planted there) where given."""
+    root = args.workdir / engine / str(n)
+    engine_settings = [f"data.engine={engine}"]
+    overrides = [*args.overrides, *engine_settings, *source_settings(source, args.max_users)]
+    row: dict[str, Any] = {}
+    for stage in stages:
+        if any("error" in row.get(s, {}) for s in stages[:stages.index(stage)]):
+            row[stage] = {"error": "skipped: an earlier stage failed"}
+            continue
+        row[stage] = run_stage(args, overrides, root, stage)
+        got = row[stage]
+        print(f"{n:>12,} {engine:<8}{stage:<9} " + (f"{got['seconds']:8.1f} s  peak RSS {got['peak_rss_mb']:8.0f} MB"
+                                                    if "seconds" in got else f"FAILED: {got['error']}"), flush=True)
+    if corrupted:
+        corrupt, planted = corrupted
+        got = run_stage(args, [*args.overrides, *engine_settings, *source_settings(corrupt, args.max_users)],
+                        args.workdir / engine / f"{n}-corrupt", "validate_corrupt")
+        row["validate_corrupted"] = {"planted": planted, **got}
+        print(f"{n:>12,} {engine:<8}corrupted: " + (f"refused {sorted(got['failed_checks'])} in {got['seconds']:.1f} s, "
+                                                    f"peak RSS {got['peak_rss_mb']:.0f} MB" if "seconds" in got
+                                                    else f"FAILED: {got['error']}"), flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -70,6 +70,19 @@ class FilesConfig:
 
 
 @dataclass(frozen=True)
+class SparkConfig:
+    # local[*] (this machine's cores), spark://host:7077, yarn, k8s://https://host:443.
+    master: str
+    # Spark settings by their Spark names, passed to the session as they are.
+    conf: dict[str, str]
+
+    def __post_init__(self) -> None:
+        wrong = sorted(k for k in self.conf if not k.startswith("spark."))
+        if wrong:
+            raise ParamsError(f"data.spark.conf: Spark settings start with 'spark.', got {', '.join(wrong)}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: Literal["synthetic", "movielens-100k", "unisrec", "files"]
     path: str
@@ -77,6 +90,10 @@ class DataConfig:
     unisrec_name: str | None
     synthetic: SyntheticConfig
     files: FilesConfig
+    # What validation and feature building run on: `default` (Polars, streaming, this machine)
+    # or `spark` (a Spark session, `spark` below). Both give identical outputs.
+    engine: Literal["default", "spark"]
+    spark: SparkConfig
 
 
 @dataclass(frozen=True)
@@ -388,6 +405,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        return "mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -417,6 +436,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        # Free-form settings handed on as text (Spark's own): only the shape is checked here.
+        if not isinstance(value, dict) or any(isinstance(v, (dict, list)) or v is None for v in value.values()):
+            raise ParamsError(f"{key}: expected a mapping of names to values, got {value!r}")
+        return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
     if tp is type(None):
         if value is not None:
             raise ParamsError(f"{key}: expected null, got {value!r}")

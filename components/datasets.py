@@ -314,14 +314,21 @@ def _parquet_files(path: Path, name: str) -> tuple[Path, list[Path]]:
     return base, found
 
 
-def _read_parquet_dataset(path: Path, name: str, id_columns: tuple[str, ...],
-                          columns: list[str] | None, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
-    """Parquet files as one table: a folder (every `*.parquet` below it, as Spark and Hive write
-    them: `date=2026-11-01/part-0.parquet` adds a `date` column) or a glob of Parquet files
-    (`events/*/*.parquet`, `**` for any depth). Read lazily: only `columns` (None: all) leave the
-    files. Files may differ in columns (a column added later is null in the older files; one
-    dropped is null in the newer) and in integer width; a column that is text in one file and a
-    number in another is an error naming both."""
+@dataclass(frozen=True)
+class ParquetLayout:
+    """Parquet files read as one table, as found and checked (footers only, no rows read)."""
+
+    files: list[Path]
+    base: Path  # the folder the files lie below (Hive `key=value` folders are relative to it)
+    # The columns kept, in the widest type any file holds (ids not yet cast to text).
+    schema: dict[str, pl.DataType]
+    # Kept id columns whose values come from Hive folder names (taken as written, "007").
+    id_keys: list[str]
+
+
+def parquet_layout(path: Path, name: str, id_columns: tuple[str, ...], columns: list[str] | None) -> ParquetLayout:
+    """The Parquet files a folder or glob `name` under `path` names, and the one schema they
+    agree on (see `_read_parquet_dataset`); an error naming the file where they do not."""
     target = path / name
     base, found = _parquet_files(path, name)
     if target.is_dir():
@@ -357,8 +364,26 @@ def _read_parquet_dataset(path: Path, name: str, id_columns: tuple[str, ...],
     id_keys = [c for c in id_columns if c in keys and (columns is None or c in columns)]
     try:
         wanted = pl.concat([pl.DataFrame(schema=s) for s in schemas.values()], how="diagonal_relaxed").schema
-        df = pl.scan_parquet(found, glob=False, hive_partitioning=True, schema=dict(wanted), missing_columns="insert",
-                             extra_columns="ignore", include_file_paths="__source_file" if id_keys else None,
+    except pl.exceptions.PolarsError as exc:
+        raise DataSourceError(f"{target}: cannot read as one Parquet table: {str(exc).splitlines()[0]}") from exc
+    return ParquetLayout(found, base, dict(wanted), id_keys)
+
+
+def _read_parquet_dataset(path: Path, name: str, id_columns: tuple[str, ...],
+                          columns: list[str] | None, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
+    """Parquet files as one table: a folder (every `*.parquet` below it, as Spark and Hive write
+    them: `date=2026-11-01/part-0.parquet` adds a `date` column) or a glob of Parquet files
+    (`events/*/*.parquet`, `**` for any depth). Read lazily: only `columns` (None: all) leave the
+    files. Files may differ in columns (a column added later is null in the older files; one
+    dropped is null in the newer) and in integer width; a column that is text in one file and a
+    number in another is an error naming both."""
+    target = path / name
+    layout = parquet_layout(path, name, id_columns, columns)
+    id_keys = layout.id_keys
+    try:
+        df = pl.scan_parquet(layout.files, glob=False, hive_partitioning=True, schema=layout.schema,
+                             missing_columns="insert", extra_columns="ignore",
+                             include_file_paths="__source_file" if id_keys else None,
                              cast_options=pl.ScanCastOptions(integer_cast=["upcast", "allow-float"],
                                                              float_cast="upcast"))
         names = df.collect_schema().names()
@@ -425,15 +450,36 @@ def _read_table(path: Path, name: str, encoding: str, id_columns: tuple[str, ...
         raise DataSourceError(f"{file}: cannot parse as CSV: {exc}") from exc
 
 
+def column_mapping(cfg: DataConfig) -> dict[str, str | None]:
+    """RecForge column -> the source's column (None: absent) for a `files` source."""
+    c = cfg.files.columns
+    return {"user_id": c.user_id, "item_id": c.item_id, "timestamp": c.timestamp, "weight": c.weight,
+            "split": c.split}
+
+
+def parquet_source(cfg: DataConfig) -> ParquetLayout | None:
+    """The layout of a `files` source whose interactions are Parquet (a file, folder or glob),
+    with only the mapped columns; None for every other source (those are read whole)."""
+    if cfg.source != "files":
+        return None
+    path, name = Path(cfg.path), cfg.files.interactions
+    target = path / name
+    columns = [c for c in column_mapping(cfg).values() if c is not None]
+    id_columns = (cfg.files.columns.user_id, cfg.files.columns.item_id)
+    if target.is_dir() or (not target.exists() and any(c in name for c in WILDCARDS)):
+        return parquet_layout(path, name, id_columns, columns)
+    if target.is_file() and target.suffix.lower() in PARQUET_SUFFIXES:
+        try:
+            schema = pl.scan_parquet(target, glob=False).collect_schema()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise DataSourceError(f"{target}: not a Parquet file: {str(exc).splitlines()[0]}") from exc
+        return ParquetLayout([target], target.parent, {c: t for c, t in schema.items() if c in columns}, [])
+    return None
+
+
 def load_files(path: Path, cfg: DataConfig, lazy: bool = False) -> RawDataset:
     fc = cfg.files
-    mapping = {
-        "user_id": fc.columns.user_id,
-        "item_id": fc.columns.item_id,
-        "timestamp": fc.columns.timestamp,
-        "weight": fc.columns.weight,
-        "split": fc.columns.split,
-    }
+    mapping = column_mapping(cfg)
     inter = _read_table(path, fc.interactions, fc.encoding, (fc.columns.user_id, fc.columns.item_id),
                         columns=[c for c in mapping.values() if c is not None], lazy=lazy)
     items = _read_table(path, fc.items, fc.encoding, (fc.item_id_column,))

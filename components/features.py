@@ -31,9 +31,8 @@ from components.sequences import SPLIT_CODES, write_sequences
 
 log = logging.getLogger(__name__)
 
-ROW = "__row"  # a row's place in the snapshot
-
-
+# An id that sorts as a number (ASCII digits: what both engines' casts read).
+NUMERIC_ID = r"^[0-9]{1,18}$"
 
 @dataclass(frozen=True)
 class FeaturesResult:
@@ -81,7 +80,7 @@ def id_sort_key(column: str, df: pl.DataFrame) -> pl.Expr:
     ids = df[column]
     if ids.dtype.is_integer():
         return pl.col(column)
-    if ids.len() and ids.str.contains(r"^\d{1,18}$").all():
+    if ids.len() and ids.str.contains(NUMERIC_ID).all():
         return pl.col(column).cast(pl.Int64)
     return pl.col(column)
 
@@ -89,10 +88,17 @@ def id_sort_key(column: str, df: pl.DataFrame) -> pl.Expr:
 def order_chronologically(df: pl.DataFrame) -> pl.DataFrame:
     # Many users rate several items within the same second (MovieLens); ties are broken by
     # item id (numerically for numeric ids) so that the order, and therefore the split, is
-    # deterministic and matches the published protocol. Rows equal on all three (duplicates
-    # that may differ in weight) keep their order in the source (`ROW`, where the caller has it).
-    keys = [id_sort_key("user_id", df), "timestamp", id_sort_key("item_id", df)]
-    return df.sort(keys + ([ROW] if ROW in df.columns else []), maintain_order=True)
+    # deterministic and matches the published protocol. Rows equal on all three (duplicates)
+    # come largest weight first, then by split name: the row de-duplication keeps is decided by
+    # the values alone, not by where a reader happened to put it (engines read files in
+    # different orders).
+    keys: list[str | pl.Expr] = [id_sort_key("user_id", df), "timestamp", id_sort_key("item_id", df)]
+    descending = [False, False, False]
+    for col, desc in (("weight", True), ("split", False)):
+        if col in df.columns:
+            keys.append(col)
+            descending.append(desc)
+    return df.sort(keys, descending=descending, nulls_last=True, maintain_order=True)
 
 
 def drop_exact_duplicates(df: pl.DataFrame) -> pl.DataFrame:
@@ -210,10 +216,90 @@ def check_snapshot(data_dir: Path, source: DataConfig, seed: int) -> None:
 
 
 
+@dataclass(frozen=True)
+class FeatureTable:
+    """What an engine hands the file writer: the filtered, split, indexed interactions sorted by
+    (user_idx, timestamp, item_idx), and the two maps (index -> id)."""
+
+    interactions: pl.DataFrame  # user_idx, item_idx, timestamp, weight, split
+    user_map: pl.DataFrame  # user_idx, user_id
+    item_map: pl.DataFrame  # item_idx, item_id
+    n_raw: int
+    n_dedup: int
+    split_source: str
+
+    def canonical(self) -> "FeatureTable":
+        """The same table with the writer's column types and order (engines differ in them)."""
+        frame = self.interactions.select(
+            pl.col("user_idx").cast(pl.Int32), pl.col("item_idx").cast(pl.Int32), pl.col("timestamp").cast(pl.Int64),
+            pl.col("weight").cast(pl.Float32), pl.col("split").cast(pl.Utf8),
+        )
+        users = self.user_map.select(pl.col("user_idx").cast(pl.Int32), pl.col("user_id").cast(pl.Utf8)).sort("user_idx")
+        items = self.item_map.select(pl.col("item_idx").cast(pl.Int32), pl.col("item_id").cast(pl.Utf8)).sort("item_idx")
+        return FeatureTable(frame, users, items, self.n_raw, self.n_dedup, self.split_source)
+
+
+def check_split_settings(cfg: FeaturesConfig, has_split: bool) -> str:
+    """The split the settings ask for given whether the source publishes one (its name), or the
+    error for a combination that cannot work."""
+    split_source = "source" if has_split else cfg.split
+    if cfg.holdout == "inner" and split_source == "temporal":
+        raise ValueError(
+            "features.holdout=inner needs a per-user split (leave_one_out or the source's); "
+            "with split=temporal, move temporal_valid_fraction / temporal_test_fraction instead"
+        )
+    return split_source
+
+
+def no_interactions_left() -> ValueError:
+    return ValueError("k-core filtering removed every interaction; lower features.min_user_interactions / "
+                      "features.min_item_interactions")
+
+
+def feature_table(inter_path: Path, cfg: FeaturesConfig) -> FeatureTable:
+    """The default engine: Polars, on this machine."""
+    # Every step below works on integer codes that sort like the ids they stand for, so the
+    # table held in memory is ~24 bytes a row (100M interactions: 2.4 GB), not its text ids;
+    # the ids come back only in the two maps. The codes are joined in one streaming pass.
+    user_codes, item_codes = code_ids(inter_path, "user_id"), code_ids(inter_path, "item_id")
+    scan = pl.scan_parquet(inter_path)
+    extra = [c for c in ("weight", "split") if c in scan.collect_schema().names()]
+    split_source = check_split_settings(cfg, "split" in extra)
+    df = (scan.join(user_codes.lazy(), on="user_id").join(item_codes.lazy(), on="item_id", suffix="_item")
+          .select(pl.col("code").alias("user_id"), pl.col("code_item").alias("item_id"), "timestamp",
+                  *[pl.col(c).cast(pl.Float32) if c == "weight" else pl.col(c) for c in extra])
+          .collect(engine="streaming"))
+    n_raw = df.height
+    if "weight" not in df.columns:
+        df = df.with_columns(weight=pl.lit(1.0, dtype=pl.Float32))
+
+    df = drop_exact_duplicates(order_chronologically(df))
+    n_dedup = df.height
+    # Filtering keeps the chronological order.
+    df = k_core(df, cfg.min_user_interactions, cfg.min_item_interactions)
+    if df.height == 0:
+        raise no_interactions_left()
+    log.info("filtering: %d -> %d (exact duplicates) -> %d (k-core) interactions", n_raw, n_dedup, df.height)
+    if split_source == "leave_one_out":
+        df = leave_one_out(df)
+    elif split_source == "temporal":
+        df = temporal_split(df, cfg.temporal_valid_fraction, cfg.temporal_test_fraction)
+    if cfg.holdout == "inner":
+        df = inner_holdout(df)
+
+    df, user_map, item_map = index_ids(df)
+    user_map = user_map.join(user_codes.rename({"code": "user_id", "user_id": "id"}), on="user_id",
+                             maintain_order="left").select("user_idx", pl.col("id").alias("user_id"))
+    item_map = item_map.join(item_codes.rename({"code": "item_id", "item_id": "id"}), on="item_id",
+                             maintain_order="left").select("item_idx", pl.col("id").alias("item_id"))
+    return FeatureTable(df, user_map, item_map, n_raw, n_dedup, split_source)
+
+
 def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig, source: DataConfig | None = None,
                    seed: int | None = None) -> FeaturesResult:
     """Turn the validated snapshot in `data_dir` into model-ready features in `out_dir`. With
-    `source` (and its `seed`), the snapshot must have been validated from those settings."""
+    `source` (and its `seed`), the snapshot must have been validated from those settings, and
+    `source.engine` picks the engine (default: Polars here)."""
     start = time.perf_counter()
     inter_path = data_dir / "interactions.parquet"
     if not inter_path.exists():
@@ -222,66 +308,19 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig, source: D
         check_snapshot(data_dir, source, seed if seed is not None else 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = pl.read_parquet(data_dir / "items.parquet")
-    # Every step below works on integer codes that sort like the ids they stand for, so the
-    # table held in memory is ~24 bytes a row (100M interactions: 2.4 GB), not its text ids;
-    # the ids come back only in the two maps. The codes are joined in one streaming pass.
-    user_codes, item_codes = code_ids(inter_path, "user_id"), code_ids(inter_path, "item_id")
-    scan = pl.scan_parquet(inter_path)
-    extra = [c for c in ("weight", "split") if c in scan.collect_schema().names()]
-    # The join does not keep the order; ROW (the row's place in the snapshot) breaks the ties
-    # the old order broke, so which of two duplicates is kept does not vary from run to run.
-    df = (scan.with_row_index(ROW)
-          .join(user_codes.lazy(), on="user_id").join(item_codes.lazy(), on="item_id", suffix="_item")
-          .select(pl.col("code").alias("user_id"), pl.col("code_item").alias("item_id"), "timestamp",
-                  *[pl.col(c).cast(pl.Float32) if c == "weight" else pl.col(c) for c in extra], ROW)
-          .collect(engine="streaming"))
-    n_raw = df.height
-    if "weight" not in df.columns:
-        df = df.with_columns(weight=pl.lit(1.0, dtype=pl.Float32))
+    if source is not None and source.engine == "spark":
+        from components import spark_features
 
-    df = drop_exact_duplicates(order_chronologically(df)).drop(ROW)
-    n_dedup = df.height
-    # Filtering keeps the chronological order.
-    df = k_core(df, cfg.min_user_interactions, cfg.min_item_interactions)
-    if df.height == 0:
-        raise ValueError(
-            "k-core filtering removed every interaction; lower features.min_user_interactions / "
-            "features.min_item_interactions"
-        )
-    log.info("filtering: %d -> %d (exact duplicates) -> %d (k-core) interactions", n_raw, n_dedup, df.height)
-    if "split" in df.columns:
-        split_source = "source"
-        log.info("keeping the split published by the source")
-    elif cfg.split == "leave_one_out":
-        split_source = "leave_one_out"
-        df = leave_one_out(df)
+        table = spark_features.feature_table(inter_path, cfg, source.spark, out_dir / ".spark")
     else:
-        split_source = "temporal"
-        df = temporal_split(df, cfg.temporal_valid_fraction, cfg.temporal_test_fraction)
+        table = feature_table(inter_path, cfg)
+    if table.split_source == "source":
+        log.info("keeping the split published by the source")
     if cfg.holdout == "inner":
-        if split_source == "temporal":
-            raise ValueError(
-                "features.holdout=inner needs a per-user split (leave_one_out or the source's); "
-                "with split=temporal, move temporal_valid_fraction / temporal_test_fraction instead"
-            )
-        df = inner_holdout(df)
         log.info("inner holdout: validation items are the test, last training items the validation")
-
-    df, user_map, item_map = index_ids(df)
-    user_map = user_map.join(user_codes.rename({"code": "user_id", "user_id": "id"}), on="user_id",
-                             maintain_order="left").select("user_idx", pl.col("id").alias("user_id"))
-    item_map = item_map.join(item_codes.rename({"code": "item_id", "item_id": "id"}), on="item_id",
-                             maintain_order="left").select("item_idx", pl.col("id").alias("item_id"))
+    table = table.canonical()
+    df, user_map, item_map = table.interactions, table.user_map, table.item_map
     n_users, n_items = user_map.height, item_map.height
-    # Rows are still in (user, timestamp, item) order, and user_idx follows the same user order,
-    # so this frame is already grouped by user_idx chronologically.
-    df = df.select(
-        "user_idx",
-        "item_idx",
-        "timestamp",
-        pl.col("weight").cast(pl.Float32),
-        "split",
-    )
     df.write_parquet(out_dir / "interactions.parquet")
     user_map.write_parquet(out_dir / "user_map.parquet")
     item_table = item_map.join(items, on="item_id", how="left").sort("item_idx")
@@ -309,10 +348,10 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig, source: D
         "n_users": n_users,
         "n_items": n_items,
         "n_interactions": int(df.height),
-        "n_interactions_raw": n_raw,
-        "n_exact_duplicates_dropped": n_raw - n_dedup,
+        "n_interactions_raw": table.n_raw,
+        "n_exact_duplicates_dropped": table.n_raw - table.n_dedup,
         "density": float(df.height) / (n_users * n_items),
-        "split_source": split_source,
+        "split_source": table.split_source,
         "holdout": cfg.holdout,
         "split_sizes": split_sizes,
         "n_eval_users": {
@@ -333,7 +372,7 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig, source: D
         "features: %d users, %d items, %d interactions (density %.4f) in %.1f s",
         n_users, n_items, df.height, stats["density"], seconds,
     )
-    return FeaturesResult(out_dir, n_users, n_items, int(df.height), split_source, seconds)
+    return FeaturesResult(out_dir, n_users, n_items, int(df.height), table.split_source, seconds)
 
 
 if __name__ == "__main__":

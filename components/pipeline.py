@@ -151,10 +151,15 @@ class Stage:
 # steps, fused kernels). Changing them makes nothing stale.
 DEVICE_ONLY = ("bert.text_encoder.device", "bert.trainer.compile", "bert.trainer.compile_mode")
 
+# Which engine validates and builds the features, and how its session is set up: both engines
+# give identical outputs (tests/test_spark.py holds them to it), so switching makes nothing stale.
+ENGINE_ONLY = ("data.engine", "data.spark")
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "validate", "components.validate:validated_snapshot",
         params={"source": "data", "cfg": "validation", "seed": "seed"},
+        unkeyed=ENGINE_ONLY,
         outputs={"data_dir": "data", "out_dir": "validation"},
         source="data.path", retries=1,
     ),
@@ -162,6 +167,7 @@ STAGES: tuple[Stage, ...] = (
         "features", "components.features:build_features",
         # `data`, `seed`: the snapshot must come from the source the settings name.
         params={"cfg": "features", "source": "data", "seed": "seed"},
+        unkeyed=ENGINE_ONLY,
         inputs={"data_dir": "data"}, outputs={"out_dir": "features"},
     ),
     Stage(

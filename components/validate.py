@@ -33,9 +33,10 @@ from components.datasets import (SPLITS, DataSourceError, RawDataset, load_datas
 log = logging.getLogger(__name__)
 
 UNDECODABLE = "'{}' decodes in the configured encoding (no U+FFFD replacement characters)"
-# Names GE resolves to numpy dtypes or pandas extension dtypes (nullable integers).
-INT_TYPES = ["int64", "int32", "Int64Dtype", "Int32Dtype"]
-NUMBER_TYPES = INT_TYPES + ["float64", "float32", "Float64Dtype"]
+# Names GE resolves to numpy dtypes or pandas extension dtypes (nullable integers), and the
+# Spark types GE's Spark engine reports.
+INT_TYPES = ["int64", "int32", "Int64Dtype", "Int32Dtype", "LongType", "IntegerType", "ShortType", "ByteType"]
+NUMBER_TYPES = INT_TYPES + ["float64", "float32", "Float64Dtype", "DoubleType", "FloatType", "DecimalType"]
 
 
 class ValidationFailed(RuntimeError):
@@ -395,11 +396,24 @@ def _merge_row_wise(first: Any, each: list[Any], kwargs: dict[str, Any], sample_
     first.success = counted and (base == 0 or (base - unexpected) / base >= mostly)
 
 
+def _pandas_batches(raw: RawDataset, cfg: ValidationConfig, work_dir: Path) -> dict[str, Iterator[tuple[Any, int]]]:
+    """The default engine's input to Great Expectations: pandas batches and their row counts."""
+    known = raw.items["item_id"].drop_nulls().unique() if "item_id" in raw.items.columns else pl.Series([], dtype=pl.Utf8)
+
+    def interactions() -> Iterator[tuple[Any, int]]:
+        for frame in interaction_batches(raw.interactions, cfg.batch_rows, work_dir):
+            frame = with_unknown_items(frame, known)
+            yield _to_pandas(frame), frame.height
+
+    return {"interactions": interactions(), "items": iter([(_to_pandas(raw.items), raw.items.height)])}
+
+
 def _run_suites(
-    raw: RawDataset, cfg: ValidationConfig, docs_dir: Path, now: int, work_dir: Path
+    batches: dict[str, Iterator[tuple[Any, int]]], columns: dict[str, list[str]], engine: str, cfg: ValidationConfig,
+    docs_dir: Path, now: int,
 ) -> tuple[list[dict[str, Any]], Path, int]:
-    """Both suites; returns the per-check results, the Data Docs index and the number of
-    interactions."""
+    """Both suites over their batches (pandas frames, or one Spark DataFrame each); returns the
+    per-check results, the Data Docs index and the number of interactions."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     # GE logs every internal registration at INFO; only its warnings are worth showing.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
@@ -431,15 +445,10 @@ def _run_suites(
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         },
     )
-    source = ctx.data_sources.add_pandas("recforge")
-    known = raw.items["item_id"].drop_nulls().unique() if "item_id" in raw.items.columns else pl.Series([], dtype=pl.Utf8)
-
-    inter_columns = raw.interactions.collect_schema().names()
-    batches = {"interactions": interaction_batches(raw.interactions, cfg.batch_rows, work_dir),
-               "items": iter([raw.items])}
+    source = ctx.data_sources.add_spark("recforge") if engine == "spark" else ctx.data_sources.add_pandas("recforge")
     expectations = {
-        "interactions": _interaction_expectations(inter_columns, cfg, now),
-        "items": _item_expectations(raw.items.columns),
+        "interactions": _interaction_expectations(columns["interactions"], cfg, now),
+        "items": _item_expectations(columns["items"]),
     }
     result_format = {"result_format": "SUMMARY", "partial_unexpected_count": max(cfg.sample_size, 1)}
     results: list[dict[str, Any]] = []
@@ -449,14 +458,19 @@ def _run_suites(
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
         parts = []
-        for i, frame in enumerate(batches[name]):
-            if name == "interactions":
-                frame = with_unknown_items(frame, known)
-                n_interactions += frame.height
-                log.info("validated interaction batch %d (%d rows, %d so far)", i + 1, frame.height, n_interactions)
-            parts.append(vd.run(batch_parameters={"dataframe": _to_pandas(frame)}, result_format=result_format))
+        for i, (frame, n_rows) in enumerate(batches[name]):
+            parts.append(vd.run(batch_parameters={"dataframe": frame}, result_format=result_format))
             del frame
+            if name == "interactions":
+                n_interactions += n_rows
+                if engine == "spark":
+                    log.info("validated %d interactions on Spark", n_rows)
+                else:
+                    log.info("validated interaction batch %d (%d rows, %d so far)", i + 1, n_rows, n_interactions)
         merged = _merge_results(parts, cfg.sample_size)
+        # In the suite's order (GE's Spark engine reports in the order its metrics resolve).
+        rank = {e.meta["check"]: k for k, e in enumerate(exps)}
+        merged.results.sort(key=lambda r: rank.get((r.expectation_config.meta or {}).get("check"), len(rank)))
         # The store holds one result per batch; Data Docs show the whole table's.
         store = ctx.validation_results_store
         keys = list(store.list_keys())
@@ -547,13 +561,28 @@ def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path
         shutil.rmtree(data_dir)
 
     raw = load_dataset(source, seed, lazy=True)
-    log.info("loaded %s: %d items, interactions in batches of up to %d rows", raw.description,
-             raw.items.height, cfg.batch_rows)
+    log.info("loaded %s: %d items; interactions %s", raw.description, raw.items.height,
+             "on Spark" if source.engine == "spark" else f"in batches of up to {cfg.batch_rows} rows")
     work_dir = out_dir / ".batches"
     shutil.rmtree(work_dir, ignore_errors=True)
     read_at = source_stamp(source)
+    columns = {"interactions": raw.interactions.collect_schema().names(), "items": raw.items.columns}
+    # The Spark engine writes the snapshot from what it validated, here until it may be kept.
+    staged = out_dir / ".snapshot.parquet"
+    staged.unlink(missing_ok=True)
     try:
-        results, docs_index, n_interactions = _run_suites(raw, cfg, out_dir / "data_docs", now, work_dir)
+        if source.engine == "spark":
+            from components import spark
+
+            as_read, checked, items = spark.validation_frames(source, raw, UNKNOWN_ITEM, work_dir)
+            columns["interactions"] = as_read.columns
+            batches = {"interactions": iter([(checked, checked.count())]), "items": iter([(items, raw.items.height)])}
+        else:
+            batches = _pandas_batches(raw, cfg, work_dir)
+        results, docs_index, n_interactions = _run_suites(batches, columns, source.engine, cfg, out_dir / "data_docs",
+                                                          now)
+        if source.engine == "spark" and all(r["success"] for r in results):
+            spark.write_snapshot(as_read, staged, work_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -580,13 +609,17 @@ def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path
 
     written_dir, fingerprint = None, None
     if success and source_stamp(source) != read_at:
+        staged.unlink(missing_ok=True)
         raise DataSourceError(f"{raw.description}: the files changed while they were validated (a writer still "
                               f"running?); nothing was written: validate again once they are complete")
     if success:
         inter, items = normalize(raw)
         data_dir.mkdir(parents=True, exist_ok=True)
-        # Streams from the source to the snapshot (a lazy source is never held whole).
-        inter.lazy().sink_parquet(data_dir / "interactions.parquet")
+        if staged.exists():
+            shutil.move(staged, data_dir / "interactions.parquet")
+        else:
+            # Streams from the source to the snapshot (a lazy source is never held whole).
+            inter.lazy().sink_parquet(data_dir / "interactions.parquet")
         items.write_parquet(data_dir / "items.parquet")
         fingerprint = fingerprint_files([data_dir / "interactions.parquet", data_dir / "items.parquet"])
         (data_dir / "dataset.json").write_text(

@@ -60,9 +60,33 @@ def test_scaling_benchmark_measures_every_stage_per_size(tmp_path):
     assert second["default"]["8000"]["evaluate"]["seconds"] > 0
 
 
+def test_scaling_benchmark_runs_both_engines_side_by_side(tmp_path):
+    """`--engine default,spark`: the same source through both engines' data stages, Spark's
+    memory with its JVM's, and the corrupted copy refused alike."""
+    from tests.integration.test_spark import require_spark
+
+    require_spark()
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--sizes", "4000", "--engine", "default,spark",
+                           "--stages", "validate,features", "--corrupt", "--set", "data.spark.master=local[2]",
+                           "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    default, spark = result["default"]["4000"], result["spark"]["4000"]
+    for stage in ("validate", "features"):
+        assert default[stage]["seconds"] > 0 and "jvm_peak_rss_mb" not in default[stage]
+        assert spark[stage]["jvm_peak_rss_mb"] > 100 and spark[stage]["peak_rss_mb"] > spark[stage]["jvm_peak_rss_mb"]
+    refused = [{check: got["unexpected_count"] for check, got in r["validate_corrupted"]["failed_checks"].items()}
+               for r in (default, spark)]  # the same counts (each engine picks its own examples)
+    assert refused[0] == refused[1] and set(refused[1]) == {"item_id_known", "timestamp_not_too_old", "duplicate_rows"}
+    features = [tmp_path / "work" / e / "4000" / "features" / "stats.json" for e in ("default", "spark")]
+    assert json.loads(features[0].read_text()) == json.loads(features[1].read_text())
+
+
 def test_scaling_benchmark_refuses_bad_arguments(tmp_path):
     for args, message in ((["--sizes", "10"], "at least 1000"), (["--stages", "validate,train"], "unknown stages: train"),
-                          (["--engine", "spark"], "invalid choice")):
+                          (["--engine", "default,duckdb"], "unknown engines duckdb")):
         proc = subprocess.run([sys.executable, "-m", "benchmarks.scaling", *args, "--out", str(tmp_path / "x.json")],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -126,3 +126,17 @@ def test_cli_reports_params_error(tmp_path):
     assert proc.returncode == 2
     assert "unknown key features.min_user" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_spark_settings_are_a_mapping_of_spark_names():
+    base = REPO / "params.yaml"
+    p = load_params(base, ["data.engine=spark", "data.spark.conf={spark.executor.memory: 8g, spark.sql.adaptive.enabled: true}"])
+    assert p.data.engine == "spark"
+    # Handed to Spark as text, as its own settings are (YAML's true is Spark's "true").
+    assert p.data.spark.conf == {"spark.executor.memory": "8g", "spark.sql.adaptive.enabled": "true"}
+    with pytest.raises(ParamsError, match="data.spark.conf: Spark settings start with 'spark.', got driver.memory"):
+        load_params(base, ["data.spark.conf={driver.memory: 8g}"])
+    with pytest.raises(ParamsError, match="data.spark.conf: expected a mapping"):
+        load_params(base, ["data.spark.conf=[spark.driver.memory]"])
+    with pytest.raises(ParamsError, match="data.engine: expected one of 'default' | 'spark'"):
+        load_params(base, ["data.engine=duckdb"])

@@ -160,20 +160,23 @@ def test_build_features_outputs(tmp_path):
     assert items_out["text"].to_list() == ["A", "B", "C", "D"]
 
 
-def test_duplicates_keep_the_first_row_of_the_snapshot(tmp_path):
-    """Repeated (user, item, timestamp) rows may differ in weight: the snapshot's first one is
-    kept, every time (ids are joined as integer codes in a streaming pass that loses the order)."""
+@pytest.mark.parametrize("heavier_first", [True, False])
+def test_duplicates_keep_the_largest_weight_wherever_it_lies(tmp_path, heavier_first):
+    """Repeated (user, item, timestamp) rows may differ in weight: the largest is kept, every
+    time and whichever comes first in the snapshot (engines read files in different orders; the
+    codes are joined in a streaming pass that loses the order)."""
     n = 4000
     base = pl.DataFrame({"user_id": [f"u{i % 50}" for i in range(n)], "item_id": [str(i % 31) for i in range(n)],
                          "timestamp": [i // 50 for i in range(n)], "weight": [1.0] * n})
-    inter = pl.concat([base, base.with_columns(weight=pl.lit(5.0))])  # each row repeated, later
+    heavier = base.with_columns(weight=pl.lit(5.0))
+    inter = pl.concat([heavier, base] if heavier_first else [base, heavier])
     items = pl.DataFrame({"item_id": [str(i) for i in range(31)], "text": ["t"] * 31})
     data = write_snapshot(tmp_path / "data", inter, items)
     cfg = tiny_params("features.min_user_interactions=0", "features.min_item_interactions=0").features
     for run in range(3):
         res = build_features(data, tmp_path / f"f{run}", cfg)
         assert res.n_interactions == n
-        assert set(load_sequences(tmp_path / f"f{run}").weights.tolist()) == {1.0}
+        assert set(load_sequences(tmp_path / f"f{run}").weights.tolist()) == {5.0}
 
 
 def test_ids_equal_as_numbers_keep_a_fixed_order(tmp_path):
