@@ -15,7 +15,8 @@ split). Output:
      "generation": {"N": {"seconds": ..., "users": ..., "items": ...}}, "growth": {...}}
 
 With several engines (`--engine default,spark`), each runs the stages on the same source, one
-after the other. A Spark stage's `peak_rss_mb` adds its JVM's peak (`jvm_peak_rss_mb`, where
+after the other, and `parity` records whether their outputs agree at each size (validation
+verdicts and counts, the snapshot's rows, every feature file). A Spark stage's `peak_rss_mb` adds its JVM's peak (`jvm_peak_rss_mb`, where
 Spark's local executors run) to the Python process's: an upper bound of the two at any moment.
 
 `growth` is each stage's seconds at a size over its seconds at the previous size (near-linear
@@ -196,6 +197,58 @@ def run_stage(args: argparse.Namespace, overrides: list[str], root: Path, stage:
                 "wall_seconds": time.perf_counter() - start}
 
 
+def differing_files(left: Path, right: Path) -> list[str]:
+    """The files of two output folders that differ (Parquet by table, npz array by array, the
+    rest byte for byte), or are in one only: [] when the folders are the same."""
+    import numpy as np
+
+    names = {p.name for p in left.iterdir()} | {p.name for p in right.iterdir()}
+    differ = []
+    for name in sorted(names):
+        a, b = left / name, right / name
+        if not (a.is_file() and b.is_file()):
+            same = False
+        elif name.endswith(".parquet"):
+            ta, tb = pl.read_parquet(a), pl.read_parquet(b)
+            same = ta.schema == tb.schema and ta.equals(tb)
+        elif name.endswith(".npz"):
+            with np.load(a) as za, np.load(b) as zb:
+                same = sorted(za.files) == sorted(zb.files) and all(
+                    za[k].dtype == zb[k].dtype and np.array_equal(za[k], zb[k]) for k in za.files)
+        else:
+            same = a.read_bytes() == b.read_bytes()
+        if not same:
+            differ.append(name)
+    return differ
+
+
+def verdicts(summary: Path) -> list[tuple[Any, ...]]:
+    """Each check's name, verdict and counts from a validation summary (a type check's observed
+    type is named by each engine in its own terms)."""
+    checks = json.loads(summary.read_text())["checks"]
+    return [(c["check"], c["success"], c["unexpected_count"],
+             None if c["expectation"].endswith("type_list") else c["observed"]) for c in checks]
+
+
+def parity(workdir: Path, engines: list[str], n: int) -> dict[str, Any]:
+    """Whether the engines' outputs at size `n` agree: validation verdicts and counts (on the
+    corrupted copy too), the snapshot's rows (their order is each reader's), every feature file."""
+    roots = [Artifacts(workdir / e / str(n)) for e in engines]
+    out: dict[str, Any] = {}
+    for key, folders in (("same_verdicts", roots), ("same_verdicts_corrupted",
+                                                   [Artifacts(workdir / e / f"{n}-corrupt") for e in engines])):
+        found = [verdicts(r.validation / "summary.json") for r in folders if (r.validation / "summary.json").exists()]
+        if len(found) == len(folders):
+            out[key] = all(v == found[0] for v in found[1:])
+    if all(r.data.joinpath("interactions.parquet").exists() for r in roots):
+        snaps = [pl.read_parquet(r.data / "interactions.parquet") for r in roots]
+        out["same_snapshot_rows"] = all(s.schema == snaps[0].schema and s.sort(pl.all()).equals(snaps[0].sort(pl.all()))
+                                        for s in snaps[1:])
+    if all(r.features.is_dir() for r in roots):
+        out["differing_feature_files"] = sorted({f for r in roots[1:] for f in differing_files(roots[0].features, r.features)})
+    return out
+
+
 def growth(per_size: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
     """{"N0->N1": {stage: seconds(N1) / seconds(N0)}} for consecutive sizes both measured."""
     sizes = sorted(per_size, key=int)
@@ -304,6 +357,10 @@ def main() -> int:
             out["growth" if len(engines) == 1 else f"growth_{engine}"] = growth(out[engine])
             save(out, args.out, plot)  # after every size: a long run keeps what it measured
         shutil.rmtree(corrupt, ignore_errors=True)
+        if len(engines) > 1:
+            out.setdefault("parity", {})[str(n)] = agreed = parity(args.workdir, engines, n)
+            print(f"{n:>12,} parity of {' and '.join(engines)}: {agreed}", flush=True)
+            save(out, args.out, plot)
     for key in [k for k in out if k.startswith("growth")]:
         for span, ratios in out[key].items():
             print(f"{key} {span}: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))

@@ -95,6 +95,8 @@ def _spark_type(dtype: pl.DataType) -> Any:
         return T.LongType()  # every width is read as the widest, as the default engine does
     if dtype.is_float():
         return T.DoubleType()
+    if isinstance(dtype, pl.Decimal):
+        return T.DecimalType(dtype.precision or 38, dtype.scale or 0)
     if dtype == pl.Boolean:
         return T.BooleanType()
     if isinstance(dtype, pl.Datetime):
@@ -106,6 +108,10 @@ def _spark_type(dtype: pl.DataType) -> Any:
 
 def _from_polars(spark: SparkSession, frame: pl.DataFrame | pl.LazyFrame, scratch: Path) -> DataFrame:
     """A table read by the default loaders, handed to Spark as Parquet (no pandas in between)."""
+    from pyspark.sql import types as T
+
+    if not frame.collect_schema().names():  # an empty file: no columns (validation says so)
+        return spark.createDataFrame([], T.StructType([]))
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / "table.parquet"
     frame.lazy().sink_parquet(path)
@@ -154,8 +160,9 @@ def validation_frames(source: DataConfig, raw: RawDataset, unknown_column: str,
     items = _from_polars(spark, raw.items, scratch / "items")
     checked = inter
     if "item_id" in inter.columns:
-        known = (items.select(F.col("item_id").cast("string").alias("__known")).where(F.col("__known").isNotNull())
-                 .distinct())
+        known = items.select(F.col("item_id").cast("string").alias("__known")) if "item_id" in items.columns else \
+            spark.createDataFrame([], "__known string")  # no item ids at all (its own check fails)
+        known = known.where(F.col("__known").isNotNull()).distinct()
         # The item id where the items table lacks it (a null id is the not-null check's).
         checked = (inter.join(known, inter["item_id"] == known["__known"], "left")
                    .withColumn(unknown_column, F.when(F.col("__known").isNull(), F.col("item_id"))).drop("__known"))

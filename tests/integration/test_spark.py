@@ -7,14 +7,16 @@ Needs Java 17+: skipped with how to install it where it is missing, a failure in
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 
+from benchmarks.scaling import differing_files
+from benchmarks.scaling import verdicts as summary_verdicts
 from components.datasets import source_identity
 from components.features import build_features
 from components.synthetic import generate
@@ -33,11 +35,12 @@ def require_spark() -> None:
     from components.spark import JAVA_HELP, java_version
 
     version = java_version()
-    try:
-        import pyspark  # noqa: F401
-        missing = None if version and version >= 17 else f"Java 17+ ({'none' if version is None else version} found): {JAVA_HELP}"
-    except ImportError:
+    if importlib.util.find_spec("pyspark") is None:
         missing = "pyspark (pip install -e '.[spark]')"
+    elif version is None or version < 17:
+        missing = f"Java 17+ ({'none' if version is None else version} found): {JAVA_HELP}"
+    else:
+        missing = None
     if missing and os.environ.get("CI") == "true":
         pytest.fail(f"the Spark engine's tests need {missing}; make install sets it up")
     if missing:
@@ -50,14 +53,14 @@ def spark_available():
 
 
 def source_folder(root: Path, inter: pl.DataFrame, items: pl.DataFrame) -> Path:
-    """A Hive-partitioned Parquet folder (three days, one of them with 32-bit timestamps) and
-    an items file: what a data lake hands over."""
+    """A Hive-partitioned Parquet folder (three days, one of them with 32-bit timestamps and
+    weights) and an items file: what a data lake hands over."""
     folder = root / "raw"
     parts = inter.with_columns(day=pl.int_range(pl.len()) % 3).partition_by("day", include_key=False)
     for day, part in enumerate(parts):
         (folder / "events" / f"day={day}").mkdir(parents=True)
         if day == 1:
-            part = part.with_columns(pl.col("timestamp").cast(pl.Int32))
+            part = part.with_columns(pl.col("timestamp").cast(pl.Int32), pl.col("weight").cast(pl.Float32))
         part.write_parquet(folder / "events" / f"day={day}" / "part-0.parquet")
     items.write_parquet(folder / "items.parquet")
     return folder
@@ -76,28 +79,7 @@ def run_validation(root: Path, folder: Path, engine: str):
 
 
 def verdicts(result) -> list[tuple]:
-    """Each check's name, verdict and counts (what both engines must agree on; the observed
-    type of a column is named by each engine in its own terms)."""
-    summary = json.loads(result.summary_path.read_text())
-    return [(c["check"], c["success"], c["unexpected_count"],
-             None if c["expectation"].endswith("type_list") else c["observed"]) for c in summary["checks"]]
-
-
-def assert_same_files(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name.endswith(".parquet"):
-            left, right = pl.read_parquet(a / name), pl.read_parquet(b / name)
-            assert left.schema == right.schema, name
-            assert left.equals(right), name
-        elif name.endswith(".npz"):
-            with np.load(a / name) as left, np.load(b / name) as right:
-                assert sorted(left.files) == sorted(right.files), name
-                for key in left.files:
-                    assert left[key].dtype == right[key].dtype and np.array_equal(left[key], right[key]), (name, key)
-        else:
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return summary_verdicts(result.summary_path)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +117,7 @@ def test_validation_and_features_agree_on_clean_data(data):
             p = settings(folder, engine, *overrides)
             outs[engine] = root / "features" / name / engine
             build_features(result.data_dir, outs[engine], p.features, p.data, p.seed)
-        assert_same_files(outs["default"], outs["spark"])
+        assert differing_files(outs["default"], outs["spark"]) == []
         stats = json.loads((outs["spark"] / "stats.json").read_text())
         assert stats["n_exact_duplicates_dropped"] == len(range(0, inter.height - len(range(0, 8000, 250)), 250))
 
@@ -157,7 +139,7 @@ def test_a_published_split_is_kept_alike(data, tmp_path):
             p = tiny_params(f"data.engine={engine}", *SPARK, f"features.holdout={holdout}")
             outs[engine] = tmp_path / holdout / engine
             assert build_features(folder, outs[engine], p.features, p.data, p.seed).split_source == "source"
-        assert_same_files(outs["default"], outs["spark"])
+        assert differing_files(outs["default"], outs["spark"]) == []
 
 
 def test_corrupted_data_is_refused_alike(data):
@@ -181,3 +163,69 @@ def test_corrupted_data_is_refused_alike(data):
     assert counts["item_id_known"] == len(range(5, n, 997)) + sum(1 for i in range(1, n, 50) if i % 997 == 5)
     assert spark.data_dir is None and not (root / "corrupt" / "spark" / "data").exists()
     assert "examples:" in spark.describe()
+
+
+def _csv_case(folder: Path, case: str) -> None:
+    """Corrupt the CSV source in `folder` as `case` says."""
+    def rewrite(name, fn):
+        fn(pl.read_csv(folder / name, infer_schema_length=0)).write_csv(folder / name)
+
+    first = pl.int_range(pl.len()) < 3
+    if case == "nulls":
+        rewrite("interactions.csv", lambda d: d.with_columns(item_id=pl.when(first).then(None).otherwise(pl.col("item_id"))))
+    elif case == "text_timestamps":
+        rewrite("interactions.csv", lambda d: d.with_columns(
+            timestamp=pl.when(first).then(pl.lit("2021-03-04")).otherwise(pl.col("timestamp"))))
+    elif case == "missing_column":
+        rewrite("interactions.csv", lambda d: d.drop("timestamp"))
+    elif case == "ratings_out_of_range":
+        rewrite("interactions.csv", lambda d: d.with_columns(rating=pl.when(first).then(pl.lit("9")).otherwise(pl.col("rating"))))
+    elif case == "items_without_ids":
+        rewrite("items.csv", lambda d: d.drop("item_id"))
+    elif case == "header_only":
+        (folder / "interactions.csv").write_text("user_id,item_id,timestamp,rating\n")
+    elif case == "empty_file":
+        (folder / "interactions.csv").write_text("")
+
+
+@pytest.mark.parametrize("case", ["nulls", "text_timestamps", "missing_column", "ratings_out_of_range",
+                                  "items_without_ids", "header_only", "empty_file"])
+def test_each_corruption_gets_the_same_verdicts(tmp_path, case):
+    """A CSV source (read whole, handed to Spark as Parquet) corrupted one way at a time: the
+    same failed checks and counts on both engines."""
+    p = tiny_params()
+    inter, items = generate(p.data.synthetic, 0)
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    inter.rename({"weight": "rating"}).write_csv(folder / "interactions.csv")
+    items.select("item_id", pl.col("text").alias("title")).write_csv(folder / "items.csv")
+    _csv_case(folder, case)
+    results = {}
+    for engine in ("default", "spark"):
+        p = tiny_params("data.source=files", f"data.path={folder}", "data.files.columns.weight=rating",
+                        f"data.engine={engine}", *SPARK)
+        results[engine] = validate(p.data, p.validation, p.seed, tmp_path / engine / "v", tmp_path / engine / "d", now=NOW)
+    assert not results["spark"].success and results["spark"].failed_checks
+    assert verdicts(results["default"]) == verdicts(results["spark"])
+
+
+@pytest.mark.parametrize("dtype", [pl.Datetime("us"), pl.Datetime("ms", "UTC"), pl.Date])
+def test_date_and_datetime_timestamps_become_the_same_seconds(data, tmp_path, dtype):
+    """A Parquet timestamp column holding dates or datetimes (with or without a time zone):
+    both engines turn it into the same epoch seconds."""
+    _, inter, items = data
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (inter.with_columns(pl.from_epoch("timestamp", time_unit="s").cast(dtype))
+     .write_parquet(folder / "events.parquet"))
+    items.write_parquet(folder / "items.parquet")
+    snaps = []
+    for engine in ("default", "spark"):
+        p = tiny_params("data.source=files", f"data.path={folder}", "data.files.interactions=events.parquet",
+                        "data.files.items=items.parquet", "data.files.columns.weight=weight",
+                        "data.files.text_columns=[text]", f"data.engine={engine}", *SPARK)
+        result = validate(p.data, p.validation, p.seed, tmp_path / engine / "v", tmp_path / engine / "d", now=NOW)
+        assert result.success, result.describe()
+        snaps.append(pl.read_parquet(result.data_dir / "interactions.parquet").sort(pl.all()))
+    assert snaps[0].equals(snaps[1])
+    assert snaps[1]["timestamp"].min() >= 1_500_000_000  # seconds, not micro- or milliseconds
