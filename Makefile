@@ -25,7 +25,8 @@ install: $(STAMP)
 # PostgreSQL (the event store's backend for several service replicas, and its tests): Debian's
 # package, installed where it is missing and this can (root, apt-get). Elsewhere the PostgreSQL
 # tests skip, saying how to install it. Java 17+ for the Spark engine (data.engine: spark) the
-# same way: Debian's default JRE where no Java 17+ is found (elsewhere the Spark tests skip).
+# same way: Debian's openjdk-17-jre-headless where no Java 17+ is found (a distribution's default
+# JRE may be 11); elsewhere the Spark tests skip, saying how.
 system-packages:
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -36,10 +37,11 @@ system-packages:
 	else echo "PostgreSQL not found and not installable here: its tests will skip (apt-get install postgresql)"; fi
 	@if java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])'; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing Java for Spark (apt-get install default-jre-headless)"; \
+	  echo "installing Java 17 for Spark (apt-get install openjdk-17-jre-headless)"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get install -y -qq default-jre-headless >/dev/null 2>&1 || \
-	    { apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null; }; \
+	  apt-get install -y -qq openjdk-17-jre-headless >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless >/dev/null; } || \
+	    echo "openjdk-17-jre-headless could not be installed: the Spark engine's tests will fail in CI"; \
 	else echo "Java 17+ not found and not installable here: the Spark engine's tests will skip (see README: Spark)"; fi
 
 # The main job on the built-in dataset: the Prefect training flow (validate -> ... -> register),

@@ -437,6 +437,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
+        if typing.get_args(tp) != (str, str):
+            raise TypeError(f"unsupported annotation {tp!r} at {key}: mappings are dict[str, str]")
         # Free-form settings handed on as text (Spark's own): only the shape is checked here.
         if not isinstance(value, dict) or any(isinstance(v, (dict, list)) or v is None for v in value.values()):
             raise ParamsError(f"{key}: expected a mapping of names to values, got {value!r}")

@@ -152,7 +152,7 @@ class Stage:
 DEVICE_ONLY = ("bert.text_encoder.device", "bert.trainer.compile", "bert.trainer.compile_mode")
 
 # Which engine validates and builds the features, and how its session is set up: both engines
-# give identical outputs (tests/test_spark.py holds them to it), so switching makes nothing stale.
+# give identical outputs (tests/integration/test_spark.py holds them to it), so switching makes nothing stale.
 ENGINE_ONLY = ("data.engine", "data.spark")
 
 STAGES: tuple[Stage, ...] = (

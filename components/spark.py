@@ -7,38 +7,78 @@ are handed over as Parquet) and what Great Expectations' Spark datasource valida
 building: `components/spark_features.py`. `tests/integration/test_spark.py` holds the two
 engines to identical outputs and verdicts, on clean and on corrupted input.
 
-Needs Java 17 or later (`make install` installs Debian's `default-jre-headless` where it can).
+Needs Java 17 or later (`make install` installs Debian's `openjdk-17-jre-headless` where it can).
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import polars as pl
 
 from components.config import DataConfig, SparkConfig
-from components.datasets import RawDataset, column_mapping, parquet_source
+from components.datasets import DataSourceError, RawDataset, column_mapping, parquet_source
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-log = logging.getLogger(__name__)
-
-JAVA_HELP = ("`apt-get install default-jre-headless` on Debian/Ubuntu (as root; `make install` does it), "
+JAVA_HELP = ("`apt-get install openjdk-17-jre-headless` on Debian/Ubuntu (as root; `make install` does it), "
              "`brew install openjdk@17` on macOS, or point JAVA_HOME at a JDK 17+")
 LOG4J = Path(__file__).with_name("spark-log4j2.properties")
 
 
 class SparkUnavailable(RuntimeError):
-    """Spark cannot start here (no Java, too old a Java, no pyspark)."""
+    """Spark cannot start here (no Java, too old a Java, no pyspark, a setting it refuses)."""
 
     exit_code = 2
+
+
+class SparkOutputMissing(RuntimeError):
+    """What Spark wrote cannot be read back here in full (a cluster writing elsewhere)."""
+
+    exit_code = 2
+
+
+def _spark_errors() -> tuple[type[BaseException], ...]:
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    return PySparkException, Py4JJavaError
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "java_exception", None) or exc)
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+
+
+@contextlib.contextmanager
+def reading_source() -> Iterator[None]:
+    """Spark reads the source here: what it cannot read is the source's error (exit 2, one
+    line), not a Java stack trace."""
+    try:
+        yield
+    except _spark_errors() as exc:
+        raise DataSourceError(f"Spark cannot read the interactions: {_first_line(exc)}") from exc
+
+
+def write_parts(frame: DataFrame, folder: Path, expected_rows: int) -> list[Path]:
+    """`frame` written by Spark as Parquet parts in `folder`, read back here: the part files,
+    refused unless they hold all `expected_rows` rows (with a cluster master, executors write on
+    their own disks unless `folder` is on storage they and this machine share)."""
+    frame.write.mode("overwrite").parquet(str(folder))
+    files = sorted(f for f in folder.glob("*.parquet") if not f.name.startswith(("_", ".")))
+    found = pl.scan_parquet(files, glob=False).select(pl.len()).collect().item() if files else 0
+    if found != expected_rows:
+        raise SparkOutputMissing(f"Spark wrote {expected_rows} rows to {folder} but {found} can be read here: with a "
+                                 f"cluster master, the artifacts folder must be on storage the executors and this "
+                                 f"machine share")
+    return files
 
 
 def java_version() -> int | None:
@@ -71,14 +111,20 @@ def session(cfg: SparkConfig) -> SparkSession:
     if cfg.master.startswith("local"):
         # Otherwise Spark warns that the host name resolves to a loopback address.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    builder = (SparkSession.builder.master(cfg.master).appName("recforge")
-               .config("spark.ui.showConsoleProgress", "false")
-               .config("spark.sql.session.timeZone", "UTC")
-               # Warnings and errors only: Spark's INFO lines would bury the pipeline's own.
-               .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{LOG4J}"))
+    builder = SparkSession.builder.master(cfg.master).appName("recforge")
     for key, value in cfg.conf.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    # After the user's settings: dates and zone-less datetimes become epoch seconds in UTC, as
+    # the default engine computes them.
+    builder = (builder.config("spark.ui.showConsoleProgress", "false").config("spark.sql.session.timeZone", "UTC")
+               .config("spark.sql.legacy.parquet.nanosAsLong", "true")  # see `_spark_type`
+               # Warnings and errors only: Spark's INFO lines would bury the pipeline's own.
+               .config("spark.driver.extraJavaOptions",
+                       f"-Dlog4j2.configurationFile=file:{LOG4J} {cfg.conf.get('spark.driver.extraJavaOptions', '')}"))
+    try:
+        spark = builder.getOrCreate()
+    except _spark_errors() as exc:
+        raise SparkUnavailable(f"Spark did not start with data.spark ({cfg.master}): {_first_line(exc)}") from exc
     spark.sparkContext.setLogLevel("WARN")
     return spark
 
@@ -100,7 +146,8 @@ def _spark_type(dtype: pl.DataType) -> Any:
     if dtype == pl.Boolean:
         return T.BooleanType()
     if isinstance(dtype, pl.Datetime):
-        return T.TimestampType()
+        # Spark has no nanosecond timestamp: read as the integer it is (`nanosAsLong`).
+        return T.LongType() if dtype.time_unit == "ns" else T.TimestampType()
     if dtype == pl.Date:
         return T.DateType()
     return T.StringType()
@@ -110,11 +157,14 @@ def _from_polars(spark: SparkSession, frame: pl.DataFrame | pl.LazyFrame, scratc
     """A table read by the default loaders, handed to Spark as Parquet (no pandas in between)."""
     from pyspark.sql import types as T
 
-    if not frame.collect_schema().names():  # an empty file: no columns (validation says so)
+    schema = frame.collect_schema()
+    if not schema.names():  # an empty file: no columns (validation says so)
         return spark.createDataFrame([], T.StructType([]))
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / "table.parquet"
-    frame.lazy().sink_parquet(path)
+    # Spark reads no nanosecond timestamps; microseconds are what the default engine keeps.
+    nanos = [c for c, t in schema.items() if isinstance(t, pl.Datetime) and t.time_unit == "ns"]
+    frame.lazy().with_columns(pl.col(c).dt.cast_time_unit("us") for c in nanos).sink_parquet(path)
     return spark.read.parquet(str(path))
 
 
@@ -138,6 +188,9 @@ def read_interactions(spark: SparkSession, source: DataConfig, raw: RawDataset, 
         col = F.col(f"`{src}`")
         if dst in ids:
             col = col.cast("string")
+        elif dst == "timestamp" and isinstance(layout.schema.get(src), pl.Datetime) and \
+                layout.schema[src].time_unit == "ns":
+            col = F.expr(f"div(`{src}` - pmod(`{src}`, 1000000000), 1000000000)")  # floor, in integers
         elif dst == "timestamp" and isinstance(df.schema[src].dataType, (T.TimestampType, T.DateType)):
             col = F.unix_timestamp(col.cast("timestamp"))
         cols.append(col.alias(dst))
@@ -154,24 +207,29 @@ def validation_frames(source: DataConfig, raw: RawDataset, unknown_column: str,
     """(interactions as read, the same plus `unknown_column`, items) as Spark DataFrames: what
     Great Expectations' Spark datasource validates (it caches them: each expectation is a job)."""
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
     spark = session(source.spark)
     inter = read_interactions(spark, source, raw, scratch)
     items = _from_polars(spark, raw.items, scratch / "items")
-    checked = inter
+    # GE's pandas engine counts NaN as missing, its Spark engine does not: NaN made null here
+    # gives the not-null checks the same verdict on both.
+    checked = inter.select([F.when(F.isnan(c), None).otherwise(F.col(c)).alias(c)
+                            if isinstance(inter.schema[c].dataType, (T.DoubleType, T.FloatType)) else F.col(c)
+                            for c in inter.columns])
     if "item_id" in inter.columns:
         known = items.select(F.col("item_id").cast("string").alias("__known")) if "item_id" in items.columns else \
             spark.createDataFrame([], "__known string")  # no item ids at all (its own check fails)
         known = known.where(F.col("__known").isNotNull()).distinct()
         # The item id where the items table lacks it (a null id is the not-null check's).
-        checked = (inter.join(known, inter["item_id"] == known["__known"], "left")
+        checked = (checked.join(known, checked["item_id"] == known["__known"], "left")
                    .withColumn(unknown_column, F.when(F.col("__known").isNull(), F.col("item_id"))).drop("__known"))
     return inter, checked, items
 
 
-def write_snapshot(inter: DataFrame, path: Path, scratch: Path) -> None:
-    """The validated interactions in the canonical types (`datasets.normalize`'s) as the one
-    Parquet file the later stages read: Spark writes parts, streamed here into one file."""
+def write_snapshot(inter: DataFrame, n_rows: int, path: Path, scratch: Path) -> None:
+    """The validated interactions (`n_rows`) in the canonical types (`datasets.normalize`'s) as
+    the one Parquet file the later stages read: Spark writes parts, streamed here into one file."""
     from pyspark.sql import functions as F
 
     cols = [F.col("user_id").cast("string"), F.col("item_id").cast("string"), F.col("timestamp").cast("long")]
@@ -180,9 +238,7 @@ def write_snapshot(inter: DataFrame, path: Path, scratch: Path) -> None:
     if "split" in inter.columns:
         cols.append(F.col("split").cast("string"))
     parts = scratch / "snapshot"
-    inter.select(cols).write.mode("overwrite").parquet(str(parts))
-    files = sorted(f for f in parts.glob("*.parquet") if not f.name.startswith(("_", ".")))
     try:
-        pl.scan_parquet(files, glob=False).sink_parquet(path)
+        pl.scan_parquet(write_parts(inter.select(cols), parts, n_rows), glob=False).sink_parquet(path)
     finally:
         shutil.rmtree(parts, ignore_errors=True)

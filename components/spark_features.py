@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from components.config import FeaturesConfig, SparkConfig
-from components.features import NUMERIC_ID, FeatureTable, check_split_settings, no_interactions_left
-from components.spark import session
+from components.feature_table import (NUMERIC_ID, FeatureTable, check_split_settings, check_temporal_fractions,
+                                      no_interactions_left)
+from components.spark import session, write_parts
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -25,20 +26,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _dense_index(df: DataFrame, order: list[Column], name: str) -> DataFrame:
+def _dense_index(df: DataFrame, order: list[Column], name: str) -> tuple[DataFrame, int]:
     """`df` plus `name`: 0..n-1 in `order`, without moving the table to one partition: a
-    range-partitioned sort, then each partition's offset from the row counts before it."""
+    range-partitioned sort, then each partition's offset from the row counts before it; and n."""
     from pyspark.sql import functions as F
 
     # monotonically_increasing_id is (partition << 33) + the row's place in its partition.
     ranked = (df.orderBy(*order).withColumn("__part", F.spark_partition_id())
               .withColumn("__pos", F.monotonically_increasing_id() - F.shiftleft(F.col("__part").cast("long"), 33))
               .localCheckpoint())  # the sort's range bounds are sampled: fix one outcome
-    offset, total = F.lit(0).cast("long"), 0
+    offsets, total = [], 0
     for row in sorted(ranked.groupBy("__part").count().collect()):
-        offset = F.when(F.col("__part") == row["__part"], F.lit(total)).otherwise(offset)
+        offsets.append((row["__part"], total))
         total += row["count"]
-    return ranked.withColumn(name, offset + F.col("__pos")).drop("__part", "__pos")
+    starts = ranked.sparkSession.createDataFrame(offsets or [(0, 0)], "__part int, __start long")
+    indexed = ranked.join(F.broadcast(starts), "__part").withColumn(name, F.col("__start") + F.col("__pos"))
+    return indexed.drop("__part", "__pos", "__start"), total
 
 
 def _codes(df: DataFrame, column: str) -> DataFrame:
@@ -49,7 +52,7 @@ def _codes(df: DataFrame, column: str) -> DataFrame:
     ids = df.select(column).distinct()
     every_numeric = ids.agg(F.min(F.col(column).rlike(NUMERIC_ID).cast("int"))).first()[0] == 1
     order = ([F.col(column).cast("long"), F.col(column)] if every_numeric else [F.col(column)])
-    return _dense_index(ids, order, "code")
+    return _dense_index(ids, order, "code")[0]
 
 
 def _k_core(df: DataFrame, min_user: int, min_item: int) -> DataFrame:
@@ -78,7 +81,7 @@ def _quantile_higher(df: DataFrame, column: str, q: float) -> int:
 
     n = df.count()
     k = math.ceil((n - 1) * q)
-    ranked = _dense_index(df.select(column), [F.col(column)], "__k")
+    ranked = _dense_index(df.select(column), [F.col(column)], "__k")[0]
     return ranked.where(F.col("__k") == k).first()[column]
 
 
@@ -114,9 +117,7 @@ def feature_table(inter_path: Path, cfg: FeaturesConfig, spark_cfg: SparkConfig,
         df = df.withColumn("split", F.when(n < 3, "train").when(from_end == 1, "test").when(from_end == 2, "valid")
                            .otherwise("train"))
     elif split_source == "temporal":
-        if not (0 < cfg.temporal_test_fraction < 1 and 0 <= cfg.temporal_valid_fraction < 1
-                and cfg.temporal_valid_fraction + cfg.temporal_test_fraction < 1):
-            raise ValueError("temporal fractions must be in (0, 1) and sum to less than 1")
+        check_temporal_fractions(cfg.temporal_valid_fraction, cfg.temporal_test_fraction)
         test_cut = _quantile_higher(df, "timestamp", 1 - cfg.temporal_test_fraction)
         valid_cut = _quantile_higher(df, "timestamp", 1 - cfg.temporal_test_fraction - cfg.temporal_valid_fraction)
         df = df.withColumn("split", F.when(F.col("timestamp") >= test_cut, "test")
@@ -131,18 +132,19 @@ def feature_table(inter_path: Path, cfg: FeaturesConfig, spark_cfg: SparkConfig,
         df = df.withColumn("split", F.when(F.col("split") == "valid", "test")
                            .when(last_train & evaluated & (n_train >= 2), "valid").otherwise(F.col("split")))
 
+    df = df.localCheckpoint()
+    n_rows = df.count()
     # Indices in code order among what is left (`features.index_ids`).
-    user_idx = _dense_index(df.select("u").distinct(), [F.col("u")], "user_idx")
-    item_idx = _dense_index(df.select("i").distinct(), [F.col("i")], "item_idx")
+    user_idx, n_users = _dense_index(df.select("u").distinct(), [F.col("u")], "user_idx")
+    item_idx, n_items = _dense_index(df.select("i").distinct(), [F.col("i")], "item_idx")
     out = df.join(user_idx, "u").join(item_idx, "i").select("user_idx", "item_idx", "timestamp", "weight", "split")
     user_map = user_idx.join(users, user_idx["u"] == users["code"]).select("user_idx", "user_id")
     item_map = item_idx.join(items, item_idx["i"] == items["code"]).select("item_idx", "item_id")
     frames = {}
     try:
-        for name, frame in (("interactions", out), ("user_map", user_map), ("item_map", item_map)):
-            frame.write.mode("overwrite").parquet(str(scratch / name))
-            files = sorted(f for f in (scratch / name).glob("*.parquet") if not f.name.startswith(("_", ".")))
-            frames[name] = pl.read_parquet(files)
+        for name, frame, n in (("interactions", out, n_rows), ("user_map", user_map, n_users),
+                               ("item_map", item_map, n_items)):
+            frames[name] = pl.read_parquet(write_parts(frame, scratch / name, n))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     inter = frames["interactions"].sort("user_idx", "timestamp", "item_idx")

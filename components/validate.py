@@ -36,7 +36,7 @@ UNDECODABLE = "'{}' decodes in the configured encoding (no U+FFFD replacement ch
 # Names GE resolves to numpy dtypes or pandas extension dtypes (nullable integers), and the
 # Spark types GE's Spark engine reports.
 INT_TYPES = ["int64", "int32", "Int64Dtype", "Int32Dtype", "LongType", "IntegerType", "ShortType", "ByteType"]
-NUMBER_TYPES = INT_TYPES + ["float64", "float32", "Float64Dtype", "DoubleType", "FloatType", "DecimalType"]
+NUMBER_TYPES = INT_TYPES + ["float64", "float32", "Float64Dtype", "DoubleType", "FloatType"]
 
 
 class ValidationFailed(RuntimeError):
@@ -119,7 +119,7 @@ def _interaction_expectations(
         f"at least {cfg.min_interactions} interactions",
         E.ExpectTableRowCountToBeBetween(min_value=cfg.min_interactions),
     )
-    for col in ("user_id", "item_id", "timestamp", "weight"):
+    for col in ("user_id", "item_id", "timestamp", "weight", "split"):
         if col in present:
             add(f"{col}_not_null", f"'{col}' has no nulls", E.ExpectColumnValuesToNotBeNull(column=col))
     for col in ("user_id", "item_id"):
@@ -190,7 +190,7 @@ def _interaction_expectations(
     return out
 
 
-def _item_expectations(columns: list[str]) -> list[Any]:
+def _item_expectations(columns: list[str], engine: str) -> list[Any]:
     import great_expectations as gx
 
     E = gx.expectations
@@ -213,7 +213,8 @@ def _item_expectations(columns: list[str]) -> list[Any]:
         add(
             "text_not_blank",
             "item text is not empty or blank",
-            E.ExpectColumnValuesToMatchRegex(column="text", regex=r"\S"),
+            # Python's \S knows Unicode spaces (no-break, ideographic); Java's needs (?U) to.
+            E.ExpectColumnValuesToMatchRegex(column="text", regex=r"(?U)\S" if engine == "spark" else r"\S"),
         )
         add(
             "text_decodable",
@@ -321,7 +322,7 @@ def _merge_results(parts: list[Any], sample_size: int) -> Any:
     returns the first, so that Data Docs render it as GE's own)."""
     merged = parts[0]
     if len(parts) == 1:
-        return merged
+        return _ranges_need_numbers(merged)
     for i, first in enumerate(merged.results):
         each = [p.results[i] for p in parts]
         kind = first.expectation_config.type
@@ -345,6 +346,21 @@ def _merge_results(parts: list[Any], sample_size: int) -> Any:
             _merge_row_wise(first, each, kwargs, sample_size)
         else:
             raise AssertionError(f"no rule merges {kind} over batches")
+    return _ranges_need_numbers(merged)
+
+
+def _ranges_need_numbers(merged: Any) -> Any:
+    """A range check over a column that failed its type check fails too, with the reason. GE's
+    pandas engine passes one over an empty text column (no value to compare) while its Spark
+    engine cannot compute it: the verdict must not depend on the engine."""
+    wrong_type = {r.expectation_config.kwargs.get("column") for r in merged.results
+                  if r.expectation_config.type == "expect_column_values_to_be_in_type_list" and not r.success}
+    for r in merged.results:
+        column = r.expectation_config.kwargs.get("column")
+        if r.expectation_config.type == "expect_column_values_to_be_between" and column in wrong_type and r.success:
+            r.success, r.result = False, {}
+            r.exception_info = {"raised_exception": True, "exception_traceback": None,
+                                "exception_message": f"'{column}' is not numeric (see its type check)"}
     merged.success = all(r.success for r in merged.results)
     ok = sum(r.success for r in merged.results)
     merged.statistics.update(successful_expectations=ok, unsuccessful_expectations=len(merged.results) - ok,
@@ -448,7 +464,7 @@ def _run_suites(
     source = ctx.data_sources.add_spark("recforge") if engine == "spark" else ctx.data_sources.add_pandas("recforge")
     expectations = {
         "interactions": _interaction_expectations(columns["interactions"], cfg, now),
-        "items": _item_expectations(columns["items"]),
+        "items": _item_expectations(columns["items"], engine),
     }
     result_format = {"result_format": "SUMMARY", "partial_unexpected_count": max(cfg.sample_size, 1)}
     results: list[dict[str, Any]] = []
@@ -489,15 +505,35 @@ def _run_suites(
                     "expectation": r.expectation_config.type,
                     "kwargs": _small_kwargs(r.expectation_config.kwargs),
                     "success": bool(r.success),
-                    "unexpected_count": r.result.get("unexpected_count"),
+                    "unexpected_count": _unexpected_count(r, exc),
                     "unexpected_percent": r.result.get("unexpected_percent"),
                     "observed": _jsonable(r.result.get("observed_value")),
                     "examples": _jsonable(r.result.get("partial_unexpected_list") or [])[: cfg.sample_size],
-                    "error": exc.get("exception_message"),
+                    "error": _short_error(exc.get("exception_message")),
                 }
             )
     ctx.build_data_docs()
     return results, docs_dir / "index.html", n_interactions
+
+
+def _short_error(message: str | None) -> str | None:
+    """An error's own line: a Spark job's error comes wrapped in Py4J's and Java's frames."""
+    if not message:
+        return message
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "Exception: " in line and ("org.apache." in line or "java." in line):
+            return line.split("Exception: ", 1)[1]
+    return lines[0] if lines else message
+
+
+def _unexpected_count(r: Any, exc: dict[str, Any]) -> int | None:
+    """A row-wise check's offending rows; 0 over an empty table, where GE's Spark engine reports
+    no count at all (its pandas engine reports 0)."""
+    count = r.result.get("unexpected_count")
+    if count is None and not exc and r.expectation_config.type in ROW_WISE:
+        return 0
+    return count
 
 
 def _small_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -574,15 +610,23 @@ def validate(source: DataConfig, cfg: ValidationConfig, seed: int, out_dir: Path
         if source.engine == "spark":
             from components import spark
 
-            as_read, checked, items = spark.validation_frames(source, raw, UNKNOWN_ITEM, work_dir)
-            columns["interactions"] = as_read.columns
-            batches = {"interactions": iter([(checked, checked.count())]), "items": iter([(items, raw.items.height)])}
+            with spark.reading_source():
+                as_read, checked, items = spark.validation_frames(source, raw, UNKNOWN_ITEM, work_dir)
+                columns["interactions"] = as_read.columns
+                n_rows = checked.count()
+            batches = {"interactions": iter([(checked, n_rows)]), "items": iter([(items, raw.items.height)])}
         else:
             batches = _pandas_batches(raw, cfg, work_dir)
         results, docs_index, n_interactions = _run_suites(batches, columns, source.engine, cfg, out_dir / "data_docs",
                                                           now)
-        if source.engine == "spark" and all(r["success"] for r in results):
-            spark.write_snapshot(as_read, staged, work_dir)
+        if source.engine == "spark":
+            checked.sparkSession.catalog.clearCache()  # GE cached what it validated
+            if all(r["success"] for r in results):
+                with spark.reading_source():
+                    spark.write_snapshot(as_read, n_rows, staged, work_dir)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 

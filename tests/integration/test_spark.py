@@ -209,7 +209,7 @@ def test_each_corruption_gets_the_same_verdicts(tmp_path, case):
     assert verdicts(results["default"]) == verdicts(results["spark"])
 
 
-@pytest.mark.parametrize("dtype", [pl.Datetime("us"), pl.Datetime("ms", "UTC"), pl.Date])
+@pytest.mark.parametrize("dtype", [pl.Datetime("us"), pl.Datetime("ms", "UTC"), pl.Datetime("ns"), pl.Date])
 def test_date_and_datetime_timestamps_become_the_same_seconds(data, tmp_path, dtype):
     """A Parquet timestamp column holding dates or datetimes (with or without a time zone):
     both engines turn it into the same epoch seconds."""
@@ -229,3 +229,23 @@ def test_date_and_datetime_timestamps_become_the_same_seconds(data, tmp_path, dt
         snaps.append(pl.read_parquet(result.data_dir / "interactions.parquet").sort(pl.all()))
     assert snaps[0].equals(snaps[1])
     assert snaps[1]["timestamp"].min() >= 1_500_000_000  # seconds, not micro- or milliseconds
+
+
+def test_nan_weights_and_unicode_blank_text_get_the_same_verdicts(data, tmp_path):
+    """NaN is missing to GE's pandas engine but a value to its Spark engine, and \\S knows
+    Unicode spaces in Python but not in Java: each engine is made to judge them alike."""
+    _, inter, items = data
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    inter.with_columns(weight=pl.when(pl.int_range(pl.len()) < 4).then(float("nan")).otherwise(pl.col("weight"))) \
+        .write_parquet(folder / "events.parquet")
+    items.with_columns(text=pl.when(pl.int_range(pl.len()) < 2).then(pl.lit("\u00a0\u3000")).otherwise(pl.col("text"))) \
+        .write_parquet(folder / "items.parquet")
+    results = {}
+    for engine in ("default", "spark"):
+        p = tiny_params("data.source=files", f"data.path={folder}", "data.files.interactions=events.parquet",
+                        "data.files.items=items.parquet", "data.files.columns.weight=weight",
+                        "data.files.text_columns=[text]", f"data.engine={engine}", *SPARK)
+        results[engine] = validate(p.data, p.validation, p.seed, tmp_path / engine / "v", tmp_path / engine / "d", now=NOW)
+    assert {"weight_not_null", "text_not_blank"} <= set(results["spark"].failed_checks)
+    assert verdicts(results["default"]) == verdicts(results["spark"])

@@ -59,9 +59,13 @@ def test_a_stage_depends_on_the_code_it_imports_and_nothing_else():
     finetune = pipeline.code_files(STAGE["finetune_bert"])
     assert {"components/bert/train.py", "components/bert/model.py", "components/bert/finetune.py"} <= set(finetune)
     features = pipeline.code_files(STAGE["features"])
-    # The source's identity check reads datasets (and so synthetic); no model code.
-    assert features == ["components/datasets.py", "components/features.py", "components/npz.py",
-                        "components/sequences.py", "components/synthetic.py"]
+    # The source's identity check reads datasets (and so synthetic), the Spark engine its
+    # session module; no model code.
+    assert features == ["components/datasets.py", "components/feature_table.py", "components/features.py",
+                        "components/npz.py", "components/sequences.py", "components/spark.py",
+                        "components/spark_features.py", "components/synthetic.py"]
+    # Validation's code does not include feature building's (a change there stales features only).
+    assert "components/features.py" not in pipeline.code_files(STAGE["validate"])
     # Models read the features through their contract module, not the code that builds them.
     assert "components/features.py" not in pipeline.code_files(STAGE["finetune_bert"])
     for stage in STAGES:

@@ -27,7 +27,7 @@ def test_java_version_reads_the_major_version(tmp_path, monkeypatch, line, major
 def test_an_old_or_missing_java_is_a_clear_error(tmp_path, monkeypatch):
     cfg = tiny_params("data.engine=spark").data.spark
     monkeypatch.setenv("JAVA_HOME", str(fake_java(tmp_path / "old", 'openjdk version "11.0.2" 2019-01-15')))
-    with pytest.raises(SparkUnavailable, match=r"Java 17 or later \(found Java 11\).*apt-get install default-jre-headless"):
+    with pytest.raises(SparkUnavailable, match=r"Java 17 or later \(found Java 11\).*apt-get install openjdk-17-jre-headless"):
         session(cfg)
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "nowhere"))
     with pytest.raises(SparkUnavailable, match=r"no Java found"):
