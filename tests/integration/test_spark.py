@@ -50,6 +50,12 @@ def require_spark() -> None:
 @pytest.fixture(scope="module", autouse=True)
 def spark_available():
     require_spark()
+    yield
+    from pyspark.sql import SparkSession
+
+    # The engine keeps one session per process; the tests after these need not carry its JVM.
+    if (active := SparkSession.getActiveSession()) is not None:
+        active.stop()
 
 
 def source_folder(root: Path, inter: pl.DataFrame, items: pl.DataFrame) -> Path:
