@@ -182,6 +182,8 @@ def _csv_case(folder: Path, case: str) -> None:
     elif case == "text_timestamps":
         rewrite("interactions.csv", lambda d: d.with_columns(
             timestamp=pl.when(first).then(pl.lit("2021-03-04")).otherwise(pl.col("timestamp"))))
+    elif case == "float_timestamps":
+        rewrite("interactions.csv", lambda d: d.with_columns(timestamp=pl.col("timestamp") + ".5"))
     elif case == "missing_column":
         rewrite("interactions.csv", lambda d: d.drop("timestamp"))
     elif case == "ratings_out_of_range":
@@ -194,7 +196,7 @@ def _csv_case(folder: Path, case: str) -> None:
         (folder / "interactions.csv").write_text("")
 
 
-@pytest.mark.parametrize("case", ["nulls", "text_timestamps", "missing_column", "ratings_out_of_range",
+@pytest.mark.parametrize("case", ["nulls", "text_timestamps", "float_timestamps", "missing_column", "ratings_out_of_range",
                                   "items_without_ids", "header_only", "empty_file"])
 def test_each_corruption_gets_the_same_verdicts(tmp_path, case):
     """A CSV source (read whole, handed to Spark as Parquet) corrupted one way at a time: the
