@@ -369,6 +369,12 @@ def parquet_layout(path: Path, name: str, id_columns: tuple[str, ...], columns: 
     return ParquetLayout(found, base, dict(wanted), id_keys)
 
 
+def _names_a_dataset(path: Path, name: str) -> bool:
+    """Whether `name` under `path` is a folder or glob of Parquet files (else one file)."""
+    target = path / name
+    return target.is_dir() or (not target.exists() and any(c in name for c in WILDCARDS))
+
+
 def _read_parquet_dataset(path: Path, name: str, id_columns: tuple[str, ...],
                           columns: list[str] | None, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
     """Parquet files as one table: a folder (every `*.parquet` below it, as Spark and Hive write
@@ -412,7 +418,7 @@ def _read_table(path: Path, name: str, encoding: str, id_columns: tuple[str, ...
     "007" and "7" stay two ids, "0001" stays "0001"). `columns`: what the caller keeps (Parquet
     reads only those). `lazy`: Parquet is scanned, not read (a CSV is read whole either way)."""
     file = path / name
-    if file.is_dir() or (not file.exists() and any(c in name for c in WILDCARDS)):
+    if _names_a_dataset(path, name):
         return _read_parquet_dataset(path, name, id_columns, columns, lazy=lazy)
     if not file.exists():
         raise DataSourceError(f"file not found: {file}")
@@ -466,7 +472,7 @@ def parquet_source(cfg: DataConfig) -> ParquetLayout | None:
     target = path / name
     columns = [c for c in column_mapping(cfg).values() if c is not None]
     id_columns = (cfg.files.columns.user_id, cfg.files.columns.item_id)
-    if target.is_dir() or (not target.exists() and any(c in name for c in WILDCARDS)):
+    if _names_a_dataset(path, name):
         return parquet_layout(path, name, id_columns, columns)
     if target.is_file() and target.suffix.lower() in PARQUET_SUFFIXES:
         try:
