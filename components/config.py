@@ -149,6 +149,13 @@ class MFConfig:
     recency_half_life: float
     recency_boost: float
     num_threads: int
+    # The test model's fit (training + validation): null = a fresh fit of `iterations`; N = N
+    # iterations continued from the validation model's factors (cheaper at scale).
+    refit_iterations: int | None
+
+    def __post_init__(self) -> None:
+        if self.refit_iterations is not None and self.refit_iterations < 0:
+            raise ParamsError(f"mf.refit_iterations must be at least 0 (null: a fresh fit), got {self.refit_iterations}")
 
 
 @dataclass(frozen=True)

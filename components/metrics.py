@@ -24,11 +24,28 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     k = min(k, n)
     if k < n:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        _lowest_indices_at_the_cut(scores, part)
     else:
         part = np.broadcast_to(np.arange(n), scores.shape).copy()
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.lexsort((part, -part_scores), axis=1)
     return np.take_along_axis(part, order, axis=1)
+
+
+def _lowest_indices_at_the_cut(scores: np.ndarray, part: np.ndarray) -> None:
+    """argpartition picks among scores tied at the k-th place in no fixed way: in the rows with
+    such a tie, take the lowest indices among them (in place), so that the top k depends on
+    the scores alone. Rows whose k-th score is NaN keep argpartition's choice (NaN ranks last)."""
+    k = part.shape[1]
+    kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
+    rows = np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k)
+    if not rows.size:
+        return
+    block, cut = scores[rows], kth[rows, None]
+    tied = block == cut
+    need = k - (block > cut).sum(axis=1)
+    chosen = (block > cut) | (tied & (np.cumsum(tied, axis=1) <= need[:, None]))
+    part[rows] = np.nonzero(chosen)[1].reshape(rows.size, k)
 
 
 def hits(topk: np.ndarray, targets: sp.csr_matrix) -> np.ndarray:

@@ -39,13 +39,38 @@ def test_rank_blocks_are_bounded_by_memory_with_the_same_answer(monkeypatch):
     assert max(seen) <= 4 * 300 * 7 and len(seen) == 8  # 50 users in blocks of 7
 
 
+def test_one_vector_for_every_user_is_ranked_once_with_the_same_answer():
+    """Popularity (every user the same vector) is ranked from one order of the items: the same
+    items in the same order as ranking each user's masked scores, ties and long histories
+    included (a user with fewer than k items left goes the per-user way)."""
+    from components import metrics
+
+    rng = np.random.default_rng(3)
+    n_users, n_items, k = 300, 400, 20
+    items = rng.integers(0, 30, size=(n_items, 1)).astype(np.float32)  # counts: many ties
+    users = np.ones((n_users, 1), dtype=np.float32)
+    lengths = rng.integers(0, 60, size=n_users)
+    lengths[:3] = [n_items - k, n_items - k + 1, n_items]  # exactly k left, fewer, none
+    rows = [np.sort(rng.choice(n_items, n, replace=False)) for n in lengths]
+    exclude = sp.csr_matrix((np.ones(lengths.sum()), np.concatenate(rows), np.r_[0, np.cumsum(lengths)]),
+                            shape=(n_users, n_items))
+    dense = np.repeat(items.T, n_users, axis=0)
+    dense[exclude.toarray() > 0] = -np.inf
+    assert np.array_equal(rank(users, items, exclude, k, batch_size=64), metrics.top_k(dense, k))
+
+
 @pytest.mark.parametrize("k", [1, 10, 100])
-def test_the_fast_block_top_k_gives_the_exact_answer(k):
+@pytest.mark.parametrize("group", [1024, 8, 13])
+def test_the_fast_block_top_k_gives_the_exact_answer(k, group, monkeypatch):
     """Blocks past FAST_TOP_K_MIN_SIZE go through torch.topk: the same items in the same order
     as `metrics.top_k`, ties at the k-th place, rows with fewer than k finite scores (history
-    excluded) and integer-valued scores (popularity counts) included."""
+    excluded) and integer-valued scores (popularity counts) included; with small groups, rows
+    are long enough to be ranked among their best groups (13: a short last group)."""
+    import components.evaluate as ev
     from components import metrics
     from components.evaluate import FAST_TOP_K_MIN_SIZE, block_top_k
+
+    monkeypatch.setattr(ev, "TOP_K_GROUP", group)
 
     rng = np.random.default_rng(k)
     n_rows, n_items = 256, FAST_TOP_K_MIN_SIZE // 256 + 7
@@ -56,6 +81,8 @@ def test_the_fast_block_top_k_gives_the_exact_answer(k):
     row = scores[44]
     row[np.argsort(-row)[k - 1:k + 2]] = row.max() + 1  # k+1 items tied for the top places
     scores[45, [5, 17]] = np.nan  # a broken vector: numpy ranks NaN last, torch first
+    scores[46, 3::group] = scores[46].max() + 1  # every group's best score tied
+    scores[47, -1] = scores[47].max() + 1  # the best score in the short last group
     assert scores.size >= FAST_TOP_K_MIN_SIZE
     got = block_top_k(scores, k)
     assert np.array_equal(got, metrics.top_k(scores, k))

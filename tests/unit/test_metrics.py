@@ -114,3 +114,14 @@ def test_paired_bootstrap_ratio_rejects_bad_input():
         paired_bootstrap_ratio(np.ones(3), np.ones(4))
     with pytest.raises(ValueError, match="zero"):
         paired_bootstrap_ratio(np.ones(3), np.zeros(3))
+
+
+def test_top_k_breaks_ties_at_the_cut_by_index():
+    """Among scores tied at the k-th place the lowest indices win, whatever argpartition picks:
+    the top k is that of a stable sort (integer counts and -inf histories tie a lot)."""
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=(200, 500)).astype(np.float32)
+    scores[:20, rng.integers(0, 500, 400)] = -np.inf
+    scores[20:25, 10:] = -np.inf  # fewer than k finite: the lowest-index -inf fill the rest
+    for k in (1, 7, 40):
+        assert np.array_equal(metrics.top_k(scores, k), np.argsort(-scores, axis=1, kind="stable")[:, :k])

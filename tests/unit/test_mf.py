@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from components.config import ParamsError
 from components.evaluate import FactorModel, rank
 from components.features import build_features
 from components.sequences import Sequences
@@ -51,7 +52,23 @@ def test_als_learns_block_structure():
     assert (top_new >= 10).all()
 
 
-def test_train_mf_outputs(tmp_path, params):
+def test_conjugate_gradient_fold_in_matches_the_closed_form():
+    # train_mf refines the fitted users by CG steps; the closed form is the reference.
+    rng = np.random.default_rng(1)
+    rows = [sorted(rng.choice(30, 8, replace=False)) for _ in range(60)]
+    cfg = tiny_params("mf.factors=8", "mf.iterations=10", "mf.recency_half_life=0").mf
+    X = confidence_matrix(seqs_of(rows, 30), "valid", cfg)
+    model = fit_als(X, cfg, seed=0, show_progress=False)
+    fitted = model.user_factors.copy()
+    exact = fold_in(model, X)
+    refined = fold_in(model, X, start=model.user_factors)
+    assert refined is model.user_factors  # in place: no second user table
+    assert np.abs(refined - exact).max() < 1e-3 * np.abs(exact).max()
+    # Not a no-op: the fitted users were solved against the previous item factors.
+    assert np.abs(fitted - exact).max() > 10 * np.abs(refined - exact).max()
+
+
+def _features(tmp_path, params):
     from components.synthetic import generate
     from components.datasets import RawDataset, normalize
 
@@ -59,7 +76,34 @@ def test_train_mf_outputs(tmp_path, params):
     (tmp_path / "data").mkdir()
     inter.write_parquet(tmp_path / "data" / "interactions.parquet")
     items.write_parquet(tmp_path / "data" / "items.parquet")
-    feats = build_features(tmp_path / "data", tmp_path / "features", params.features)
+    return build_features(tmp_path / "data", tmp_path / "features", params.features)
+
+
+def test_refit_continues_from_the_validation_model(tmp_path):
+    params = tiny_params("mf.refit_iterations=0")
+    _features(tmp_path, params)
+    still = FactorModel.load(train_mf(tmp_path / "features", tmp_path / "mf0", params.mf, params.seed).factors_path)
+    # No refit iterations: the validation model's items, users folded in from the longer history.
+    assert np.array_equal(still.items["valid"], still.items["test"])
+    assert not np.allclose(still.users["valid"], still.users["test"])
+    params = tiny_params("mf.refit_iterations=2")
+    moved = FactorModel.load(train_mf(tmp_path / "features", tmp_path / "mf2", params.mf, params.seed).factors_path)
+    # The validation tables are kept as they were (the refit works on copies) ...
+    assert np.array_equal(moved.items["valid"], still.items["valid"])
+    assert np.array_equal(moved.users["valid"], still.users["valid"])
+    # ... and two iterations from them move the items less than a fresh fit's distance away.
+    fresh = FactorModel.load(train_mf(tmp_path / "features", tmp_path / "mf", tiny_params().mf, params.seed).factors_path)
+    step = np.abs(moved.items["test"] - moved.items["valid"]).mean()
+    assert 0 < step < np.abs(fresh.items["test"] - fresh.items["valid"]).mean()
+    record = json.loads((tmp_path / "mf2" / "model.json").read_text())
+    assert record["refit_iterations"] == 2 and set(record["phase_seconds"]) == {
+        "fit_valid", "fold_in_valid", "fit_test", "fold_in_test"}
+    with pytest.raises(ParamsError, match="mf.refit_iterations must be at least 0"):
+        tiny_params("mf.refit_iterations=-1")
+
+
+def test_train_mf_outputs(tmp_path, params):
+    feats = _features(tmp_path, params)
     res = train_mf(tmp_path / "features", tmp_path / "mf", params.mf, params.seed)
     model = FactorModel.load(res.factors_path)
     for split in ("valid", "test"):
