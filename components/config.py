@@ -149,13 +149,16 @@ class MFConfig:
     recency_half_life: float
     recency_boost: float
     num_threads: int
-    # The test model's fit (training + validation): null = a fresh fit of `iterations`; N = N
-    # iterations continued from the validation model's factors (cheaper at scale).
-    refit_iterations: int | None
+    # The test model (fitted on training + validation): retrain = a fresh fit of `iterations`;
+    # continue = `refit_iterations` more from the validation model's factors (cheaper at scale).
+    refit: Literal["retrain", "continue"]
+    refit_iterations: int
+    # Where ALS fits: auto (implicit's CUDA build when it finds a GPU), cpu or cuda.
+    device: Literal["auto", "cpu", "cuda"]
 
     def __post_init__(self) -> None:
-        if self.refit_iterations is not None and self.refit_iterations < 0:
-            raise ParamsError(f"mf.refit_iterations must be at least 0 (null: a fresh fit), got {self.refit_iterations}")
+        if self.refit_iterations < 0:
+            raise ParamsError(f"mf.refit_iterations must be at least 0, got {self.refit_iterations}")
 
 
 @dataclass(frozen=True)

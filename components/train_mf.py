@@ -18,11 +18,11 @@ time-blind MF use it. `recency_half_life: 0` turns it off (plain ALS).
 Protocol. The validation user vectors come from a model fitted on the training split; the test
 user vectors from a model refitted on training + validation, i.e. on everything before the test
 item (what a deployed model would have seen, and the protocol behind the published ALS
-figures); `mf.refit_iterations` makes that refit continue from the validation model for a few
-iterations instead (cheaper at scale). In both cases the user vectors are then solved again
-from the user's full history with the final item factors fixed (conjugate-gradient steps from
-the fitted users; the closed form above for a new history): that is also how a deployed MF
-reflects a user's newest interactions without retraining.
+figures); `mf.refit: continue` makes that refit continue from the validation model for
+`mf.refit_iterations` instead (cheaper at scale). In both cases the user vectors are then
+solved again from the user's full history with the final item factors fixed (conjugate-gradient
+steps from the fitted users; the closed form above for a new history): that is also how a
+deployed MF reflects a user's newest interactions without retraining.
 """
 
 from __future__ import annotations
@@ -76,8 +76,31 @@ def fit_als(train: sp.csr_matrix, cfg: MFConfig, seed: int, show_progress: bool 
         )
         if start is not None:
             model.user_factors, model.item_factors = start.user_factors.copy(), start.item_factors.copy()
+        if als_device(cfg.device) == "cuda":
+            # The same model on the GPU (implicit's own conversions), back on the CPU for the rest.
+            gpu = model.to_gpu()
+            gpu.fit(train, show_progress=show_progress)
+            return gpu.to_cpu()
         model.fit(train, show_progress=show_progress)
     return model
+
+
+def als_device(wanted: str) -> str:
+    """"cuda" where implicit's CUDA build finds a GPU and `wanted` allows it, else "cpu"; asking
+    for "cuda" without one is an error saying what to install."""
+    if wanted == "cpu":
+        return "cpu"
+    import warnings
+
+    with warnings.catch_warnings():  # implicit warns at import when it finds no GPU
+        warnings.simplefilter("ignore")
+        import implicit.gpu
+    if implicit.gpu.HAS_CUDA:
+        return "cuda"
+    if wanted == "cuda":
+        raise RuntimeError("mf.device=cuda, but implicit finds no GPU: on a CUDA machine, `pip install rmm-cu12` "
+                           "(or rmm-cu13) beside implicit enables its GPU build; or set mf.device=auto / cpu")
+    return "cpu"
 
 
 def confidence_matrix(seqs: Sequences, split: str, cfg: MFConfig) -> sp.csr_matrix:
@@ -130,9 +153,9 @@ def train_mf(features_dir: Path, out_dir: Path, cfg: MFConfig, seed: int) -> MFR
     model = None
     for split in ("valid", "test"):
         # Fit on everything before `split`; fold users in from the same history. The test fit
-        # continues from the validation model where `refit_iterations` says so.
+        # continues from the validation model where `mf.refit` says so.
         history = confidence_matrix(seqs, split, cfg)
-        warm = split == "test" and cfg.refit_iterations is not None
+        warm = split == "test" and cfg.refit == "continue"
         iterations = cfg.refit_iterations if warm else cfg.iterations
         log.info("ALS on everything before %s: %d users x %d items, %d interactions, %d iterations%s",
                  split, *history.shape, history.nnz, iterations, " from the validation model" if warm else "")
@@ -166,6 +189,8 @@ def train_mf(features_dir: Path, out_dir: Path, cfg: MFConfig, seed: int) -> MFR
                 "regularization": cfg.regularization,
                 "alpha": cfg.alpha,
                 "iterations": cfg.iterations,
+                "refit": cfg.refit,
+                "device": als_device(cfg.device),
                 "refit_iterations": cfg.refit_iterations,
                 "use_weights": cfg.use_weights,
                 "recency_half_life": cfg.recency_half_life,

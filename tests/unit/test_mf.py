@@ -80,13 +80,13 @@ def _features(tmp_path, params):
 
 
 def test_refit_continues_from_the_validation_model(tmp_path):
-    params = tiny_params("mf.refit_iterations=0")
+    params = tiny_params("mf.refit=continue", "mf.refit_iterations=0")
     _features(tmp_path, params)
     still = FactorModel.load(train_mf(tmp_path / "features", tmp_path / "mf0", params.mf, params.seed).factors_path)
     # No refit iterations: the validation model's items, users folded in from the longer history.
     assert np.array_equal(still.items["valid"], still.items["test"])
     assert not np.allclose(still.users["valid"], still.users["test"])
-    params = tiny_params("mf.refit_iterations=2")
+    params = tiny_params("mf.refit=continue", "mf.refit_iterations=2")
     moved = FactorModel.load(train_mf(tmp_path / "features", tmp_path / "mf2", params.mf, params.seed).factors_path)
     # The validation tables are kept as they were (the refit works on copies) ...
     assert np.array_equal(moved.items["valid"], still.items["valid"])
@@ -96,10 +96,23 @@ def test_refit_continues_from_the_validation_model(tmp_path):
     step = np.abs(moved.items["test"] - moved.items["valid"]).mean()
     assert 0 < step < np.abs(fresh.items["test"] - fresh.items["valid"]).mean()
     record = json.loads((tmp_path / "mf2" / "model.json").read_text())
-    assert record["refit_iterations"] == 2 and set(record["phase_seconds"]) == {
+    assert record["refit"] == "continue" and record["refit_iterations"] == 2 and set(record["phase_seconds"]) == {
         "fit_valid", "fold_in_valid", "fit_test", "fold_in_test"}
     with pytest.raises(ParamsError, match="mf.refit_iterations must be at least 0"):
         tiny_params("mf.refit_iterations=-1")
+
+
+def test_als_device():
+    import implicit.gpu
+
+    from components.train_mf import als_device
+
+    if implicit.gpu.HAS_CUDA:
+        pytest.skip("implicit's CUDA build finds a GPU here")
+    # No CUDA build here: auto fits on the CPU, cuda says what to install.
+    assert als_device("auto") == als_device("cpu") == "cpu"
+    with pytest.raises(RuntimeError, match="rmm-cu12"):
+        als_device("cuda")
 
 
 def test_train_mf_outputs(tmp_path, params):
