@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
@@ -214,3 +215,23 @@ def test_everything_filtered_is_an_error(tmp_path):
 def test_missing_snapshot_explains(tmp_path):
     with pytest.raises(FileNotFoundError, match="run validation first"):
         build_features(tmp_path / "nope", tmp_path / "f", tiny_params().features)
+
+
+def test_integer_codes_sort_on_one_user_time_key_in_the_same_order():
+    """User codes and timestamps packed into one key: the order of sorting on the columns,
+    item and weight ties included; a span too wide to pack sorts on the columns."""
+    from components.features import _user_time_key
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    df = pl.DataFrame({"user_id": rng.integers(0, 50, n).astype(np.uint32), "item_id": rng.integers(0, 30, n).astype(np.uint32),
+                       "timestamp": rng.integers(-5, 40, n), "weight": rng.integers(1, 4, n).astype(np.float32),
+                       "split": rng.choice(["train", "valid", "test"], n)})
+    assert _user_time_key(df) is not None
+    expected = df.sort(["user_id", "timestamp", "item_id", "weight", "split"],
+                       descending=[False, False, False, True, False], maintain_order=True)
+    assert order_chronologically(df).equals(expected)
+    wide = df.with_columns(timestamp=pl.when(pl.col("item_id") == 0).then(-(2**62)).otherwise(pl.col("timestamp")))
+    assert _user_time_key(wide) is None
+    assert order_chronologically(wide).equals(wide.sort(["user_id", "timestamp", "item_id", "weight", "split"],
+                                                        descending=[False, False, False, True, False], maintain_order=True))
