@@ -124,7 +124,8 @@ def rank(
     k = min(k, item_vectors.shape[0])
     exclude = exclude.tocsr()
     shared = np.diff(exclude.indptr) + k <= item_vectors.shape[0]
-    if n_users and shared.any() and (user_vectors == user_vectors[:1]).all():
+    if (n_users > 1 and shared.any() and (user_vectors[1] == user_vectors[0]).all()
+            and (user_vectors == user_vectors[:1]).all()):
         # Popularity: no score block per user (at 1M items, as costly as ranking MF's).
         common = user_vectors[0].astype(np.float32) @ item_vectors.T.astype(np.float32)
         if np.isfinite(common).all():
@@ -156,8 +157,12 @@ def _rank_shared(scores: np.ndarray, exclude: sp.csr_matrix, k: int) -> np.ndarr
     counts = np.diff(exclude.indptr)
     out = np.empty((exclude.shape[0], k), dtype=np.int64)
     by_count = np.argsort(counts, kind="stable")  # blocks of users with alike history lengths
-    for lo in range(0, by_count.size, 1024):
-        block = by_count[lo:lo + 1024]
+    lo = 0
+    while lo < by_count.size:
+        # At most ~4M places a block (fewer users where histories are long).
+        rows_wanted = max(1, min(1024, (4 << 20) // (int(counts[by_count[min(lo + 1023, by_count.size - 1)]]) + k)))
+        block = by_count[lo:lo + rows_wanted]
+        lo += block.size
         # A user's k best lie among the first k + (history length) places of the order.
         length = int(counts[block].max()) + k
         rows = exclude[block]

@@ -78,10 +78,18 @@ def _counts(ids: pl.Series) -> np.ndarray | pl.Expr:
     """How many rows share each row's id. Integer codes (what the component works on) are
     counted by `np.bincount`: at 100M rows several times faster than a window over a hash
     table, and it stays in cache better as the table grows."""
-    if ids.dtype.is_integer() and ids.len() and ids.min() >= 0:
-        codes = ids.to_numpy()
-        return np.bincount(codes)[codes]
-    return pl.len().over(ids.name)
+    codes = _dense_codes(ids)
+    return pl.len().over(ids.name) if codes is None else np.bincount(codes)[codes]
+
+
+def _dense_codes(ids: pl.Series) -> np.ndarray | None:
+    """`ids` as a numpy array where they are small non-negative integers without nulls (the
+    component's codes: a table of max + 1 counts stays within a few times the column), else
+    None: other ids go through Polars' hashing."""
+    if (not ids.dtype.is_integer() or not ids.len() or ids.null_count() or ids.min() < 0
+            or ids.max() > 8 * ids.len()):
+        return None
+    return ids.to_numpy()
 
 
 def id_sort_key(column: str, df: pl.DataFrame) -> pl.Expr:
@@ -124,9 +132,10 @@ def _user_time_key(df: pl.DataFrame) -> pl.Expr | None:
         return None
     first = int(ts.min())
     bits = (int(ts.max()) - first).bit_length()
-    if int(users.max()).bit_length() + bits > 64:
+    if bits >= 64 or int(users.max()).bit_length() + bits > 64:
         return None
-    return pl.col("user_id").cast(pl.UInt64) * pl.lit(1 << bits, pl.UInt64) + (pl.col("timestamp") - first).cast(pl.UInt64)
+    offset = (pl.col("timestamp").cast(pl.Int64) - first).cast(pl.UInt64)  # narrow types would wrap
+    return pl.col("user_id").cast(pl.UInt64) * pl.lit(1 << bits, pl.UInt64) + offset
 
 
 def drop_exact_duplicates(df: pl.DataFrame) -> pl.DataFrame:
@@ -141,12 +150,14 @@ def leave_one_out(df: pl.DataFrame) -> pl.DataFrame:
     """Last interaction of each user -> test, second-to-last -> valid, the rest -> train.
 
     Users with fewer than 3 interactions cannot give all three; they stay in train only.
-    Expects `df` in chronological order per user.
+    Expects `df` in chronological order per user, each user's rows together.
     """
     # A user's rows are adjacent (chronological order sorts by user first), so a row's place
     # from the end of its user's run and the run's length come from the run boundaries alone.
     users = df["user_id"].to_numpy()
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if users.size else np.zeros(0, np.int64)
+    if starts.size != df["user_id"].n_unique():
+        raise ValueError("leave_one_out needs each user's rows together, in chronological order (order_chronologically)")
     lengths = np.diff(np.r_[starts, users.size])
     from_end = np.repeat(starts + lengths, lengths) - np.arange(users.size)  # n, n-1, ..., 1
     code = np.zeros(users.size, dtype=np.int8)
@@ -212,10 +223,10 @@ def index_ids(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFram
     for column in ("user_id", "item_id"):
         index = column.replace("_id", "_idx")
         ids = df[column]
-        if ids.dtype.is_integer() and ids.len() and ids.min() >= 0:
+        codes = _dense_codes(ids)
+        if codes is not None:
             # Integer codes: the ones present, in order, and each row's place among them by
             # lookup; no join over the whole table.
-            codes = ids.to_numpy()
             present = np.bincount(codes) > 0
             place = np.cumsum(present, dtype=np.int64) - 1
             maps[column] = pl.DataFrame({index: np.arange(int(present.sum()), dtype=np.int32),
@@ -331,6 +342,8 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig, source: D
     write_sequences(out_dir, indptr, item_idx.astype(np.int32), df["timestamp"].to_numpy(), df["weight"].to_numpy(),
                     split_codes)
 
+    if user_idx.size and (np.diff(user_idx) < 0).any():  # what the sequences and the CSR below rely on
+        raise ValueError("the feature table must come in user order")
     train = split_codes == 0
     # Rows are grouped by user already: CSR directly, no coordinate detour.
     train_matrix = sp.csr_matrix(

@@ -38,7 +38,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from components.config import MFConfig
+from components.config import MFConfig, ParamsError
 from components.factors import FILE_NAME, FactorModel
 from components.sequences import SPLIT_CODES, Sequences, load_sequences
 
@@ -77,10 +77,13 @@ def fit_als(train: sp.csr_matrix, cfg: MFConfig, seed: int, show_progress: bool 
         if start is not None:
             model.user_factors, model.item_factors = start.user_factors.copy(), start.item_factors.copy()
         if als_device(cfg.device) == "cuda":
-            # The same model on the GPU (implicit's own conversions), back on the CPU for the rest.
+            # The same model on the GPU (implicit's own conversions), back on the CPU for the
+            # rest. implicit's GPU fit does not apply alpha itself (its CPU fit and the fold-in do).
             gpu = model.to_gpu()
-            gpu.fit(train, show_progress=show_progress)
-            return gpu.to_cpu()
+            gpu.fit(train.astype(np.float32) * np.float32(cfg.alpha), show_progress=show_progress)
+            model = gpu.to_cpu()
+            model.num_threads = cfg.num_threads
+            return model
         model.fit(train, show_progress=show_progress)
     return model
 
@@ -98,7 +101,7 @@ def als_device(wanted: str) -> str:
     if implicit.gpu.HAS_CUDA:
         return "cuda"
     if wanted == "cuda":
-        raise RuntimeError("mf.device=cuda, but implicit finds no GPU: on a CUDA machine, `pip install rmm-cu12` "
+        raise ParamsError("mf.device=cuda, but implicit finds no GPU: on a CUDA machine, `pip install rmm-cu12` "
                            "(or rmm-cu13) beside implicit enables its GPU build; or set mf.device=auto / cpu")
     return "cpu"
 
@@ -146,6 +149,7 @@ def fold_in(model, history: sp.csr_matrix, start: np.ndarray | None = None) -> n
 
 def train_mf(features_dir: Path, out_dir: Path, cfg: MFConfig, seed: int) -> MFResult:
     """Train ALS on the training split and write `factors.npz` + `ids.json` + `model.json`."""
+    device = als_device(cfg.device)  # a device that cannot be had fails before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     seqs = load_sequences(features_dir)
     start = time.perf_counter()
@@ -166,8 +170,8 @@ def train_mf(features_dir: Path, out_dir: Path, cfg: MFConfig, seed: int) -> MFR
         phase = time.perf_counter()
         users[split] = fold_in(model, history, start=model.user_factors)
         phases[f"fold_in_{split}"] = time.perf_counter() - phase
-        # A copy: a warm refit updates the validation model's tables in place.
-        items[split] = np.array(model.item_factors, dtype=np.float32)
+        # The validation tables stay as they are: a continued fit works on copies.
+        items[split] = np.asarray(model.item_factors, dtype=np.float32)
         del history
     del model
     train_seconds = time.perf_counter() - start
@@ -190,7 +194,7 @@ def train_mf(features_dir: Path, out_dir: Path, cfg: MFConfig, seed: int) -> MFR
                 "alpha": cfg.alpha,
                 "iterations": cfg.iterations,
                 "refit": cfg.refit,
-                "device": als_device(cfg.device),
+                "device": device,
                 "refit_iterations": cfg.refit_iterations,
                 "use_weights": cfg.use_weights,
                 "recency_half_life": cfg.recency_half_life,
@@ -203,8 +207,7 @@ def train_mf(features_dir: Path, out_dir: Path, cfg: MFConfig, seed: int) -> MFR
             indent=2,
         )
     )
-    log.info("ALS: %d factors, %d iterations in %.1f s (%s)", cfg.factors, cfg.iterations, train_seconds,
-             ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    log.info("ALS: %d factors in %.1f s (%s)", cfg.factors, train_seconds, ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return MFResult(factors_path, seqs.n_users, seqs.n_items, train_seconds)
 
 

@@ -235,3 +235,22 @@ def test_integer_codes_sort_on_one_user_time_key_in_the_same_order():
     assert _user_time_key(wide) is None
     assert order_chronologically(wide).equals(wide.sort(["user_id", "timestamp", "item_id", "weight", "split"],
                                                         descending=[False, False, False, True, False], maintain_order=True))
+
+
+def test_the_fast_paths_hand_back_what_they_cannot_take():
+    """Interleaved users are refused by leave-one-out (it reads runs); narrow or too wide
+    timestamps and null or huge integer ids go the general way, with the same answers."""
+    from components.features import _user_time_key
+
+    interleaved = pl.DataFrame({"user_id": [1, 2, 1, 2, 1, 2], "item_id": [1, 2, 3, 4, 5, 6], "timestamp": [1, 1, 2, 2, 3, 3]})
+    with pytest.raises(ValueError, match="each user's rows together"):
+        leave_one_out(interleaved)
+    narrow = pl.DataFrame({"user_id": [0, 0, 1], "timestamp": pl.Series([2_000_000_000, -2_000_000_000, 5], dtype=pl.Int32),
+                           "item_id": [0, 1, 2]})
+    assert order_chronologically(narrow)["timestamp"].to_list() == [-2_000_000_000, 2_000_000_000, 5]
+    assert _user_time_key(pl.DataFrame({"user_id": [0, 0], "timestamp": [-(2**62), 2**62]})) is None
+    with_null = pl.DataFrame({"user_id": [5, 5, None, 7], "item_id": [1, 2, 1, 1], "timestamp": [1, 2, 3, 4]})
+    assert k_core(with_null, 0, 3)["item_id"].to_list() == [1, 1, 1]
+    huge = pl.DataFrame({"user_id": [10**12, 10**12, 3], "item_id": [1, 2, 1], "timestamp": [1, 2, 3]})
+    out, users, _ = index_ids(huge)
+    assert users["user_id"].to_list() == [3, 10**12] and out["user_idx"].to_list() == [1, 1, 0]

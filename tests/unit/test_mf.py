@@ -111,7 +111,7 @@ def test_als_device():
         pytest.skip("implicit's CUDA build finds a GPU here")
     # No CUDA build here: auto fits on the CPU, cuda says what to install.
     assert als_device("auto") == als_device("cpu") == "cpu"
-    with pytest.raises(RuntimeError, match="rmm-cu12"):
+    with pytest.raises(ParamsError, match="rmm-cu12"):  # a one-line error from the CLI, exit 2
         als_device("cuda")
 
 
