@@ -202,3 +202,44 @@ def test_factor_files_load_memory_mapped(tmp_path):
     np.savez_compressed(tmp_path / "z.npz", items_valid=model.items["valid"], users_valid=model.users["valid"],
                         items_test=model.items["test"], users_test=model.users["test"])
     assert np.array_equal(FactorModel.load(tmp_path / "z.npz", mapped=True).users["test"], model.users["test"])
+
+
+@pytest.mark.parametrize("tile", [64, 1000])
+def test_ranking_in_order_of_item_norm_gives_the_answer_of_scoring_every_item(tile, monkeypatch):
+    """Past NORM_TILE items, users stop scoring once no remaining item can reach their top k:
+    the same items in the same order as scoring every item (integer vectors, so every dot
+    product is exact whatever the order of its sums), with ties at the cut, histories, users
+    with fewer than k items left, a NaN user, negative scores and a short last tile; and most
+    users do stop early (the point of it)."""
+    import components.evaluate as ev
+    from components import metrics
+
+    monkeypatch.setattr(ev, "NORM_TILE", tile)
+    rng = np.random.default_rng(7)
+    n_users, n_items, dim, k = 120, 3001, 6, 20
+    # Norms spread over two orders of magnitude, as in ALS factors (popular items long).
+    items = (rng.integers(-9, 10, size=(n_items, dim)) * rng.integers(1, 40, size=(n_items, 1))).astype(np.float32)
+    users = rng.integers(-9, 10, size=(n_users, dim)).astype(np.float32)
+    users[:10] = users[0]  # the same vector: ties everywhere those users share items
+    users[10] = np.nan
+    users[11] = 0.0  # every score 0: all tied
+    lengths = rng.integers(0, 80, size=n_users)
+    lengths[12:14] = [n_items - k, n_items - k + 1]  # exactly k left, fewer than k
+    rows = [np.sort(rng.choice(n_items, n, replace=False)) for n in lengths]
+    exclude = sp.csr_matrix((np.ones(lengths.sum()), np.concatenate(rows), np.r_[0, np.cumsum(lengths)]),
+                            shape=(n_users, n_items))
+    dense = users @ items.T
+    dense[exclude.toarray() > 0] = -np.inf
+    scored = []
+    real_top = ev._torch_top
+    monkeypatch.setattr(ev, "_torch_top", lambda scores, m: scored.append(scores.shape) or real_top(scores, m))
+    got = rank(users, items, exclude, k, batch_size=32)
+    keep = np.ones(n_users, dtype=bool)
+    keep[10] = False  # NaN ranks last in numpy and is re-ranked the same way by `_rank_blocks`
+    assert np.array_equal(got[keep], metrics.top_k(dense[keep], k))
+    assert np.array_equal(got[10], metrics.top_k(dense[10:11], k)[0])
+    if tile == 64:
+        assert sum(r * c for r, c in scored) < 0.5 * n_users * n_items  # most items never scored
+    # At or below NORM_TILE items every item is scored, as before.
+    monkeypatch.setattr(ev, "NORM_TILE", n_items)
+    assert np.array_equal(rank(users, items, exclude, k, batch_size=32), got)
