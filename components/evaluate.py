@@ -168,7 +168,9 @@ NORM_TILE = 16384
 def _rank_by_norm(
     user_vectors: np.ndarray, item_vectors: np.ndarray, exclude: sp.csr_matrix, k: int, batch_size: int,
 ) -> np.ndarray:
-    """`rank`, the same answer, without scoring items that cannot reach a user's top k.
+    """`rank`, the same answer, without scoring items that cannot reach a user's top k (the
+    same up to scores equal but for float32's last bit, which any two block sizes of
+    `_rank_blocks` may already order differently: BLAS rounds a product by its shape).
 
     Items are scored in tiles of decreasing norm, keeping each user's k+1 best so far. By
     Cauchy-Schwarz no item after position j scores above |u| * |v_j| (|v_j|: the norm at j,
@@ -187,7 +189,10 @@ def _rank_by_norm(
     order = np.argsort(-norms, kind="stable")  # NaN norms last: every user scans them
     place = np.empty(n_items, dtype=np.int64)
     place[order] = np.arange(n_items)
+    # float32 rounds a d-term dot product by at most ~d eps/2 of sum |u_i v_i| <= |u| |v|, plus
+    # an absolute half step per operation among subnormals; both widened here.
     slack = 1.0 + 4.0 * dim * float(np.finfo(np.float32).eps)
+    floor = 4.0 * dim * float(np.finfo(np.float32).smallest_subnormal)
     reach = norms[order] * slack
     tiles = torch.from_numpy(np.ascontiguousarray(items[order]))
     user_norms = _row_norms(users)
@@ -225,7 +230,9 @@ def _rank_by_norm(
             start, width = stop, 2 * width
             if start < n_items:
                 kth = best[torch.from_numpy(active), k - 1].numpy().astype(np.float64)
-                active = active[~(kth > user_norms[lo + active] * reach[start])]
+                # An overflowed (+inf) k-th score may tie items further on: never done.
+                done = np.isfinite(kth) & (kth > user_norms[lo + active] * reach[start] + floor)
+                active = active[~done]
         values, at = best.numpy(), best_at.numpy()
         redo.append(lo + np.flatnonzero((values[:, k - 1] == values[:, k]) | np.isnan(values).any(axis=1)))
         ids = order[np.minimum(at[:, :k], n_items - 1)]

@@ -13,8 +13,8 @@ Losses:
   items involved get representations computed, so it scales to catalogues where the full softmax
   does not.
 - `gbce`: gSASRec's generalised binary cross-entropy (Petrov & Macdonald, RecSys 2023) over
-  `num_negatives` items drawn uniformly: -beta log sigmoid(s+) - sum log(1 - sigmoid(s-)). With
-  k negatives out of N-1, plain BCE over-predicts the positive's probability by about (N-1)/k;
+  `num_negatives` items drawn uniformly, -(beta log sigmoid(s+) + sum log(1 - sigmoid(s-)))
+  averaged over the k + 1 terms. With k negatives out of N-1, plain BCE over-predicts the positive's probability by about (N-1)/k;
   raising sigmoid(s+) to beta = a (t (1 - 1/a) + 1/a), a = k / (N - 1), removes a fraction t of
   that (t = `gbce_t`: 0 is plain BCE, 1 fully calibrated). The same representation saving as
   `sampled`; accidental hits are masked.
@@ -130,9 +130,10 @@ class SeqRecModule(pl.LightningModule):
         if self.hparams.loss == "gbce":
             pos = (hidden * out[lookup[positives]]).sum(-1)
             neg = hidden @ out[lookup[negatives]].T
-            # -log sigmoid(x) = softplus(-x); -log(1 - sigmoid(x)) = softplus(x).
+            # -log sigmoid(x) = softplus(-x); -log(1 - sigmoid(x)) = softplus(x). Averaged over
+            # the k + 1 terms of a position, as in the paper (the gradient's scale, under clipping).
             return (gbce_beta(k, self.model.cfg.n_items, self.hparams.gbce_t) * F.softplus(-pos)
-                    + F.softplus(neg).masked_fill(accidental, 0.0).sum(-1)).mean()
+                    + F.softplus(neg).masked_fill(accidental, 0.0).sum(-1)).mean() / (k + 1)
         log_q = torch.log(self.proposal)
         pos_logit = (hidden * out[lookup[positives]]).sum(-1, keepdim=True) - log_q[positives, None]
         neg_logit = hidden @ out[lookup[negatives]].T - log_q[negatives][None, :]

@@ -202,7 +202,8 @@ def test_gbce_beta_spans_plain_bce_to_full_calibration():
 
 def test_gbce_loss_is_beta_weighted_bce_over_uniform_negatives_without_accidental_hits():
     """With every score 0 each term is log 2: the positive's weighs beta, and each negative
-    that is not the position's own positive weighs 1 (the draw reproduced from the seed)."""
+    that is not the position's own positive weighs 1 (the draw reproduced from the seed); a
+    position's sum is averaged over its k + 1 terms, as in the paper."""
     from components.bert.module import gbce_beta
 
     c = cfg(mode="id", text_dim=0, n_items=7, dropout=0.0)
@@ -219,7 +220,7 @@ def test_gbce_loss_is_beta_weighted_bce_over_uniform_negatives_without_accidenta
     negatives = torch.randint(7, (20,))  # uniform, whatever negative_sampling says
     positives = y[y >= 0]
     kept = (negatives[None, :] != positives[:, None]).sum(1).double()
-    expected = (np.log(2) * (gbce_beta(20, 7, 0.5) + kept)).mean().item()
+    expected = (np.log(2) * (gbce_beta(20, 7, 0.5) + kept)).mean().item() / 21  # over the k + 1 terms
     assert value == pytest.approx(expected, rel=1e-5)
 
 

@@ -243,3 +243,30 @@ def test_ranking_in_order_of_item_norm_gives_the_answer_of_scoring_every_item(ti
     # At or below NORM_TILE items every item is scored, as before.
     monkeypatch.setattr(ev, "NORM_TILE", n_items)
     assert np.array_equal(rank(users, items, exclude, k, batch_size=32), got)
+
+
+def test_ranking_in_order_of_item_norm_stops_only_on_a_safe_bound(monkeypatch):
+    """Two edges of the bound: a k-th score overflowed to +inf ties items further down the norm
+    order (never a reason to stop), and among subnormals a product rounds up by an absolute
+    half step that no relative widening covers."""
+    import components.evaluate as ev
+    from components import metrics
+
+    monkeypatch.setattr(ev, "NORM_TILE", 8)
+    none = sp.csr_matrix((2, 12))
+    items = np.zeros((12, 2), np.float32)
+    items[0, 0] = 5e19  # 1e20 x 5e19 overflows to +inf, from the smallest norm of those that do
+    items[1:6, 1] = 1e21  # the longest vectors, scoring 0
+    items[6:9, 0] = 1e20  # overflow too
+    items[9:, 0] = 1.0
+    users = np.array([[1e20, 0.0], [0.0, 1.0]], np.float32)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(rank(users, items, none, 3, batch_size=2), metrics.top_k(users @ items.T, 3))
+
+    tiny = np.float32(2.0 ** -74)
+    items = np.zeros((12, 1), np.float32)
+    items[0] = np.float32(0.7) * tiny  # 0.7 x 2^-149 exactly: rounds up to 2^-149
+    items[1:5] = items[6:9] = -1.0  # the longest vectors, scoring below zero
+    items[5] = tiny  # 2^-149 exactly
+    users = np.array([[2.0 ** -75], [1.0]], np.float32)
+    assert np.array_equal(rank(users, items, none, 1, batch_size=2), metrics.top_k(users @ items.T, 1))
