@@ -214,6 +214,8 @@ class BertRecConfig:
     intermediate_size: int
     dropout: float
     text_whitening: bool
+    text_adaptor: Literal["linear", "moe"]
+    text_experts: int
     similarity: Literal["dot", "cosine"]
     temperature: float
     loss: Literal["full", "sampled", "gbce"]
@@ -237,6 +239,8 @@ class BertRecConfig:
     trainer: TrainerConfig
 
     def __post_init__(self) -> None:
+        if self.text_experts < 1:
+            raise ParamsError(f"bert.text_experts must be at least 1, got {self.text_experts}")
         if not 0.0 <= self.gbce_t <= 1.0:
             raise ParamsError(f"bert.gbce_t must be in [0, 1], got {self.gbce_t}")
         if self.loss != "full" and self.num_negatives < 1:

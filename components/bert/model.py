@@ -7,7 +7,8 @@ Item representation (mode by `bert.mode`):
     text+id  proj(text_embedding[i]) + id_embedding[i]
 With `text_whitening`, proj reads the PCA-whitened embedding (x - mean) W, mean and W fixed
 buffers computed once from the catalogue's text embeddings and saved with the weights, so new
-items from text go through the same transform.
+items from text go through the same transform. proj is one linear layer (`text_adaptor:
+linear`) or UniSRec's mixture of parametric-whitening experts (`moe`, `MoEAdaptor`).
 
 The text embeddings are the pretrained encoder's mean-pooled vectors (frozen), or, when the top
 layers of the text encoder are fine-tuned, computed on the fly by `TextTower`.
@@ -59,6 +60,9 @@ class SeqRecConfig:
     similarity: str = "dot"
     temperature: float = 1.0
     text_whitening: bool = False
+    # The text projection: "linear" or "moe" (`MoEAdaptor` with `text_experts` experts).
+    text_adaptor: str = "linear"
+    text_experts: int = 8
     # Text tower (only when the text encoder's top layers are fine-tuned): where it came from and
     # how many of its layers train.
     text_encoder_path: str | None = None
@@ -78,6 +82,8 @@ class SeqRecConfig:
             raise ValueError("hidden_size must be divisible by num_heads")
         if self.inference not in ("causal", "cloze"):
             raise ValueError("inference must be 'causal' or 'cloze'")
+        if self.text_adaptor not in ("linear", "moe") or self.text_experts < 1:
+            raise ValueError("text_adaptor must be 'linear' or 'moe', with at least one expert")
         if self.similarity not in ("dot", "cosine") or self.temperature <= 0:
             raise ValueError("similarity must be 'dot' or 'cosine', with a positive temperature")
         for name, sizes, full in (("layer_heads", self.layer_heads, self.num_heads),
@@ -127,6 +133,31 @@ def bert_config(cfg: SeqRecConfig):
         # The mask is built in `SeqRecModel.attention_mask`; BERT itself stays bidirectional.
         is_decoder=False,
     )
+
+
+class MoEAdaptor(nn.Module):
+    """UniSRec's text adaptor (Hou et al., KDD 2022): G experts, each a parametric whitening
+    (x - b_g) W_g with its own learned centre and projection, mixed per item by a softmax gate
+    over x. Several views of a frozen sentence embedding instead of one linear map, so the
+    recommender can pick the directions of the text space that matter for behaviour."""
+
+    def __init__(self, d_in: int, d_out: int, experts: int, dropout: float):
+        super().__init__()
+        self.centre = nn.Parameter(torch.zeros(experts, d_in))
+        self.weight = nn.Parameter(torch.empty(experts, d_in, d_out))
+        for w in self.weight:
+            nn.init.xavier_uniform_(w)
+        # A zero gate starts as the plain average of the experts.
+        self.gate = nn.Linear(d_in, experts, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x)
+        gates = torch.softmax(self.gate(x), dim=-1)  # [n, G]
+        # (x - b_g) W_g = x W_g - b_g W_g, without an [n, G, d_in] copy of x.
+        views = torch.einsum("nd,gdh->ngh", x, self.weight) - torch.einsum("gd,gdh->gh", self.centre, self.weight)
+        return (gates.unsqueeze(-1) * views).sum(dim=1)
 
 
 class TextTower(nn.Module):
@@ -233,7 +264,10 @@ class SeqRecModel(nn.Module):
                     text_features = torch.zeros((cfg.n_items, cfg.text_dim))
                 # Saved with the weights, so the model is whole without the embeddings file.
                 self.register_buffer("text_features", text_features.float().clone())
-            self.text_projection = nn.Linear(cfg.text_dim, h)
+            if cfg.text_adaptor == "moe":
+                self.text_projection = MoEAdaptor(cfg.text_dim, h, cfg.text_experts, cfg.dropout)
+            else:
+                self.text_projection = nn.Linear(cfg.text_dim, h)
 
     # ---- items ---------------------------------------------------------------------------
 

@@ -238,6 +238,7 @@ def model_config(cfg: BertRecConfig, n_items: int, text_dim: int, inference: str
         intermediate_size=cfg.intermediate_size, max_len=cfg.max_len, dropout=cfg.dropout,
         inference=inference, similarity=cfg.similarity, temperature=cfg.temperature,
         text_whitening=cfg.text_whitening and "text" in cfg.mode,
+        text_adaptor=cfg.text_adaptor, text_experts=cfg.text_experts,
         text_encoder_path=str(resolve_encoder_path(cfg.text_encoder.path)) if tower else None,
         text_finetune_layers=cfg.text_encoder.finetune_layers if tower else 0,
         text_max_length=cfg.text_encoder.max_length,

@@ -191,6 +191,39 @@ def test_sampled_loss_applies_log_q_and_masks_accidental_hits():
     assert value < np.log(51) + 1e-4
 
 
+def test_moe_adaptor_mixes_parametric_whitening_experts_by_its_gate(tmp_path):
+    """Each expert is (x - b_g) W_g; the output is their softmax(x G)-weighted sum (computed
+    here the long way); a zero gate starts as the experts' average; one expert with a zero
+    centre is a linear map without bias. The model saves and loads with it."""
+    from components.bert.model import MoEAdaptor
+
+    torch.manual_seed(0)
+    a = MoEAdaptor(8, 5, experts=3, dropout=0.0)
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        views = torch.stack([(x - a.centre[g]) @ a.weight[g] for g in range(3)], dim=1)
+        assert torch.allclose(a(x), views.mean(dim=1), atol=1e-5)  # zero gate
+        a.gate.weight.normal_()
+        a.centre.normal_()
+        views = torch.stack([(x - a.centre[g]) @ a.weight[g] for g in range(3)], dim=1)
+        weights = torch.softmax(x @ a.gate.weight.T, dim=1)
+        assert torch.allclose(a(x), (weights[:, :, None] * views).sum(1), atol=1e-5)
+        one = MoEAdaptor(8, 5, experts=1, dropout=0.0)
+        assert torch.allclose(one(x), x @ one.weight[0], atol=1e-5)
+
+    m = model(mode="text+id", text_adaptor="moe", text_experts=4)
+    assert isinstance(m.text_projection, MoEAdaptor)
+    with torch.no_grad():
+        m.text_projection.centre.normal_()
+    save_model(m, tmp_path)
+    back = load_model(tmp_path)
+    probe = torch.randn(3, m.cfg.text_dim)
+    with torch.no_grad():
+        assert torch.allclose(back.project_text(probe), m.project_text(probe), atol=1e-6)
+    with pytest.raises(ValueError, match="text_adaptor"):
+        cfg(text_adaptor="mlp")
+
+
 def test_gbce_beta_spans_plain_bce_to_full_calibration():
     from components.bert.module import gbce_beta
 

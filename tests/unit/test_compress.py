@@ -118,6 +118,37 @@ def test_onnx_matches_pytorch_at_several_shapes(exported):
     assert parity["max_abs_diff"] < 1e-4 and parity["min_top10_identical"] >= 0.99
 
 
+def test_moe_text_adaptor_exports_and_matches_pytorch(tmp_path):
+    """UniSRec's adaptor (einsums over experts) goes through the same export: the sequence
+    graph and the item-from-text projection (what cold-start items take) match PyTorch."""
+    from components.onnx_graphs import _export
+
+    m = tiny(text_adaptor="moe", text_experts=3)
+    with torch.no_grad():  # a gate that is not uniform, centres that are not zero
+        m.text_projection.gate.weight.normal_()
+        m.text_projection.centre.normal_()
+    path = tmp_path / "sequence.onnx"
+    export_sequence(m, path, k=15)
+    parity = check_sequence_parity(m, path, histories(30), k=15, batch_sizes=(1, 5), lengths=(2, 8))
+    assert parity["max_abs_diff"] < 1e-4 and parity["min_top10_identical"] >= 0.99
+
+    class Project(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, text):
+            return self.model.project_text(text)
+
+    text = torch.randn(4, 8)
+    _export(Project(m), (text,), tmp_path / "text.onnx", ["text"], ["item"],
+            {"text": {0: torch.export.Dim("batch", min=1, max=1024)}})
+    probe = torch.randn(7, 8)
+    (got,) = session(tmp_path / "text.onnx").run(None, {"text": probe.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, m.project_text(probe).numpy(), atol=1e-5)
+
+
 def test_onnx_excludes_items_and_returns_k(exported):
     m, path = exported
     hs = histories(16, 1)
