@@ -92,7 +92,7 @@ bench: install
 # The real datasets (../shared/datasets): quality of every model, the compression trade-off, and
 # the online replay.
 bench-real: install
-	$(PY) -m benchmarks.quality --dataset movielens-100k --models popularity,mf,bert,bert-no-pretrain,bert-id-only,fused --out artifacts/bench/quality-movielens-100k.json
+	$(PY) -m benchmarks.quality --dataset movielens-100k --models popularity,mf,bert,bert-cloze,bert-id-only,fused --out artifacts/bench/quality-movielens-100k.json
 	# The Amazon preset fine-tunes only: its bert is the no-pretrain ablation.
 	$(PY) -m benchmarks.quality --dataset amazon-scientific --models popularity,mf,bert,bert-id-only,fused --out artifacts/bench/quality-amazon-scientific.json
 	$(PY) -m benchmarks.compression --dataset movielens-100k --out artifacts/bench/compression.json

@@ -174,7 +174,7 @@ def recover(model: SeqRecModel, features_dir: Path, cfg: CompressConfig, bert: B
     module = SeqRecModule(
         dataclasses.asdict(model.cfg), objective="next", lr=cfg.prune.recovery_lr,
         weight_decay=bert.weight_decay, warmup_fraction=bert.warmup_fraction, loss=bert.loss,
-        num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, gbce_t=bert.gbce_t, item_counts=dm.item_counts,
+        num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, item_counts=dm.item_counts,
     )
     module.model.load_state_dict(model.state_dict())
     trainer = pl_.Trainer(

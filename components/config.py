@@ -218,12 +218,9 @@ class BertRecConfig:
     text_experts: int
     similarity: Literal["dot", "cosine"]
     temperature: float
-    loss: Literal["full", "sampled", "gbce"]
+    loss: Literal["full", "sampled"]
     num_negatives: int
     negative_sampling: Literal["uniform", "popularity"]
-    # gbce's calibration t in [0, 1]: 0 = plain binary cross-entropy over the sampled negatives,
-    # 1 = fully calibrated to the full softmax's probabilities (gSASRec).
-    gbce_t: float
     batch_size: int
     # Training batches of similar-length histories: pools of this many batches sorted by length
     # (0: a plain shuffle). Batches are padded to their longest history, so this skips padding.
@@ -241,8 +238,6 @@ class BertRecConfig:
     def __post_init__(self) -> None:
         if self.text_experts < 1:
             raise ParamsError(f"bert.text_experts must be at least 1, got {self.text_experts}")
-        if not 0.0 <= self.gbce_t <= 1.0:
-            raise ParamsError(f"bert.gbce_t must be in [0, 1], got {self.gbce_t}")
         if self.loss != "full" and self.num_negatives < 1:
             raise ParamsError(f"bert.num_negatives must be at least 1 with bert.loss={self.loss}, got {self.num_negatives}")
 

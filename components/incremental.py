@@ -253,7 +253,7 @@ def train_steps(model: SeqRecModel, sequences: list[np.ndarray], steps: int, lr:
     module = SeqRecModule(
         dataclasses.asdict(dataclasses.replace(model.cfg, text_finetune_layers=0, text_encoder_path=None)),
         objective="next", lr=lr, weight_decay=bert.weight_decay, warmup_fraction=0.0, loss=bert.loss,
-        num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, gbce_t=bert.gbce_t, item_counts=item_counts)
+        num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, item_counts=item_counts)
     module.model = model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -12,12 +12,6 @@ Losses:
   sampled softmax an unbiased estimate of the full one, and accidental hits masked. Only the
   items involved get representations computed, so it scales to catalogues where the full softmax
   does not.
-- `gbce`: gSASRec's generalised binary cross-entropy (Petrov & Macdonald, RecSys 2023) over
-  `num_negatives` items drawn uniformly, -(beta log sigmoid(s+) + sum log(1 - sigmoid(s-)))
-  averaged over the k + 1 terms. With k negatives out of N-1, plain BCE over-predicts the positive's probability by about (N-1)/k;
-  raising sigmoid(s+) to beta = a (t (1 - 1/a) + 1/a), a = k / (N - 1), removes a fraction t of
-  that (t = `gbce_t`: 0 is plain BCE, 1 fully calibrated). The same representation saving as
-  `sampled`; accidental hits are masked.
 
 No full-softmax step waits on the GPU (the sampled loss still does, in `torch.unique`): training
 batches carry the flat indices of their target positions
@@ -61,7 +55,6 @@ class SeqRecModule(pl.LightningModule):
         loss: str = "full",
         num_negatives: int = 256,
         negative_sampling: str = "popularity",
-        gbce_t: float = 0.75,
         item_counts: np.ndarray | None = None,
         text_features: torch.Tensor | None = None,
         texts: list[str] | None = None,
@@ -69,8 +62,8 @@ class SeqRecModule(pl.LightningModule):
         super().__init__()
         if objective not in ("next", "cloze"):
             raise ValueError("objective must be 'next' or 'cloze'")
-        if loss not in ("full", "sampled", "gbce"):
-            raise ValueError("loss must be 'full', 'sampled' or 'gbce'")
+        if loss not in ("full", "sampled"):
+            raise ValueError("loss must be 'full' or 'sampled'")
         # Big tensors stay out of the hyperparameters (they are in the state dict).
         self.save_hyperparameters(ignore=["item_counts", "text_features", "texts"])
         self.model = SeqRecModel(SeqRecConfig(**model_cfg), text_features=text_features, texts=texts)
@@ -114,11 +107,7 @@ class SeqRecModule(pl.LightningModule):
             hidden = m.output_users(at_targets(encode(inputs, table, causal=causal)))
             return F.cross_entropy(hidden @ m.output_items(table).T, positives)
 
-        k = self.hparams.num_negatives
-        if self.hparams.loss == "gbce":  # its calibration assumes uniform negatives
-            negatives = torch.randint(self.model.cfg.n_items, (k,), device=inputs.device)
-        else:
-            negatives = torch.multinomial(self.proposal, k, replacement=True)
+        negatives = torch.multinomial(self.proposal, self.hparams.num_negatives, replacement=True)
         needed = torch.unique(torch.cat([inputs[inputs >= 0], positives, negatives]))
         lookup = torch.full((self.model.cfg.n_items,), -1, dtype=torch.long, device=inputs.device)
         lookup[needed] = torch.arange(needed.numel(), device=inputs.device)
@@ -126,18 +115,10 @@ class SeqRecModule(pl.LightningModule):
         local_inputs = torch.where(inputs >= 0, lookup[inputs.clamp(min=0)], inputs)
         hidden = m.output_users(at_targets(encode(local_inputs, table, causal=causal)))
         out = m.output_items(table)
-        accidental = negatives[None, :] == positives[:, None]
-        if self.hparams.loss == "gbce":
-            pos = (hidden * out[lookup[positives]]).sum(-1)
-            neg = hidden @ out[lookup[negatives]].T
-            # -log sigmoid(x) = softplus(-x); -log(1 - sigmoid(x)) = softplus(x). Averaged over
-            # the k + 1 terms of a position, as in the paper (the gradient's scale, under clipping).
-            return (gbce_beta(k, self.model.cfg.n_items, self.hparams.gbce_t) * F.softplus(-pos)
-                    + F.softplus(neg).masked_fill(accidental, 0.0).sum(-1)).mean() / (k + 1)
         log_q = torch.log(self.proposal)
         pos_logit = (hidden * out[lookup[positives]]).sum(-1, keepdim=True) - log_q[positives, None]
         neg_logit = hidden @ out[lookup[negatives]].T - log_q[negatives][None, :]
-        neg_logit = neg_logit.masked_fill(accidental, float("-inf"))
+        neg_logit = neg_logit.masked_fill(negatives[None, :] == positives[:, None], float("-inf"))
         logits = torch.cat([pos_logit, neg_logit], dim=1)
         return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
 
@@ -224,12 +205,6 @@ class SeqRecModule(pl.LightningModule):
             torch.nn.utils.clip_grad_norm_(
                 [p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val
             )
-
-
-def gbce_beta(num_negatives: int, n_items: int, t: float) -> float:
-    """gSASRec's beta for `num_negatives` uniform negatives out of the n_items - 1 others."""
-    alpha = min(1.0, num_negatives / max(n_items - 1, 1))
-    return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:

@@ -252,7 +252,7 @@ def build_module(
     module = SeqRecModule(
         dataclasses.asdict(mcfg), objective=objective, lr=stage.lr, weight_decay=cfg.weight_decay,
         warmup_fraction=cfg.warmup_fraction, loss=cfg.loss, num_negatives=cfg.num_negatives,
-        negative_sampling=cfg.negative_sampling, gbce_t=cfg.gbce_t, item_counts=item_counts,
+        negative_sampling=cfg.negative_sampling, item_counts=item_counts,
         text_features=text_features, texts=texts,
     )
     module.compile_setting, module.compile_mode = cfg.trainer.compile, cfg.trainer.compile_mode

@@ -150,9 +150,9 @@ def test_cloze_collate_masks_at_least_one_position():
     assert x.tolist() == [[PAD, PAD, MASK, MASK, MASK]] and y.tolist() == [[PAD, PAD, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled", "gbce"])
+@pytest.mark.parametrize("loss", ["full", "sampled"])
 def test_losses_train_a_memorisable_sequence(loss):
-    """Every loss can fit 'after item k comes item k+1' on a tiny catalogue."""
+    """Both losses can fit 'after item k comes item k+1' on a tiny catalogue."""
     torch.manual_seed(0)
     c = cfg(mode="id", text_dim=0, dropout=0.0)
     module = SeqRecModule(
@@ -224,49 +224,16 @@ def test_moe_adaptor_mixes_parametric_whitening_experts_by_its_gate(tmp_path):
         cfg(text_adaptor="mlp")
 
 
-def test_gbce_beta_spans_plain_bce_to_full_calibration():
-    from components.bert.module import gbce_beta
-
-    assert gbce_beta(256, 1001, 0.0) == pytest.approx(1.0)  # t = 0: plain BCE
-    assert gbce_beta(256, 1001, 1.0) == pytest.approx(256 / 1000)  # t = 1: beta = alpha
-    assert gbce_beta(256, 1001, 0.75) == pytest.approx(0.256 * (0.75 * (1 - 1 / 0.256) + 1 / 0.256))
-    assert gbce_beta(5000, 1001, 0.75) == pytest.approx(1.0)  # every other item: nothing to correct
-
-
-def test_gbce_loss_is_beta_weighted_bce_over_uniform_negatives_without_accidental_hits():
-    """With every score 0 each term is log 2: the positive's weighs beta, and each negative
-    that is not the position's own positive weighs 1 (the draw reproduced from the seed); a
-    position's sum is averaged over its k + 1 terms, as in the paper."""
-    from components.bert.module import gbce_beta
-
-    c = cfg(mode="id", text_dim=0, n_items=7, dropout=0.0)
-    module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
-                          loss="gbce", num_negatives=20, negative_sampling="popularity", gbce_t=0.5,
-                          item_counts=np.array([1000, 1, 1, 1, 1, 1, 1]))
-    with torch.no_grad():
-        module.model.id_embedding.weight.zero_()
-        module.model.special.weight.zero_()
-    x, y, _ = NextItemCollate(6)([np.array([0, 1, 2, 3])])
-    torch.manual_seed(3)
-    value = module._loss(x, y).item()
-    torch.manual_seed(3)
-    negatives = torch.randint(7, (20,))  # uniform, whatever negative_sampling says
-    positives = y[y >= 0]
-    kept = (negatives[None, :] != positives[:, None]).sum(1).double()
-    expected = (np.log(2) * (gbce_beta(20, 7, 0.5) + kept)).mean().item() / 21  # over the k + 1 terms
-    assert value == pytest.approx(expected, rel=1e-5)
-
-
 def test_bert_loss_settings_are_checked_by_name():
     from components.config import ParamsError, load_params
 
-    with pytest.raises(ParamsError, match="bert.gbce_t must be in"):
-        load_params(overrides=["bert.loss=gbce", "bert.gbce_t=1.5"])
     with pytest.raises(ParamsError, match="bert.num_negatives must be at least 1"):
-        load_params(overrides=["bert.loss=gbce", "bert.num_negatives=0"])
+        load_params(overrides=["bert.loss=sampled", "bert.num_negatives=0"])
     with pytest.raises(ParamsError, match="bert.loss"):
         load_params(overrides=["bert.loss=bpr"])
-    assert load_params(overrides=["bert.loss=gbce"]).bert.loss == "gbce"
+    with pytest.raises(ParamsError, match="bert.text_experts must be at least 1"):
+        load_params(overrides=["bert.text_adaptor=moe", "bert.text_experts=0"])
+    assert load_params(overrides=["bert.text_adaptor=moe"]).bert.text_adaptor == "moe"
 
 
 def test_padding_length_does_not_change_the_user_vector():
@@ -395,7 +362,7 @@ def _next_item_batch(batch: int, width: int, n_items: int, seed: int) -> tuple[t
     return items, targets
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled", "gbce"])
+@pytest.mark.parametrize("loss", ["full", "sampled"])
 def test_compiled_encoder_trains_as_the_eager_one_at_every_batch_width(loss):
     """One graph for several widths and batch sizes (dynamic shapes), with the eager module's
     loss and gradients; aot_eager traces exactly what inductor compiles, without its codegen."""
