@@ -110,16 +110,30 @@ def order_chronologically(df: pl.DataFrame) -> pl.DataFrame:
     # come largest weight first, then by split name: the row de-duplication keeps is decided by
     # the values alone, not by where a reader happened to put it (engines read files in
     # different orders).
-    keys: list[str | pl.Expr] = [id_sort_key("user_id", df), "timestamp", id_sort_key("item_id", df)]
-    descending = [False, False, False]
+    ties = [(c, d) for c, d in (("weight", True), ("split", False)) if c in df.columns]
     user_time = _user_time_key(df)
-    if user_time is not None:
-        keys, descending = [user_time, keys[2]], [False, False]
-    for col, desc in (("weight", True), ("split", False)):
-        if col in df.columns:
-            keys.append(col)
-            descending.append(desc)
-    return df.sort(keys, descending=descending, nulls_last=True, maintain_order=True)
+    if user_time is None:
+        keys = [id_sort_key("user_id", df), "timestamp", id_sort_key("item_id", df), *(c for c, _ in ties)]
+        return df.sort(keys, descending=[False, False, False, *(d for _, d in ties)], nulls_last=True,
+                       maintain_order=True)
+    # One stable sort on the packed key (timsort: logs come mostly in order), then only the rows
+    # that share a (user, timestamp) with a neighbour sorted again on the remaining keys, in
+    # their places. The 100M synthetic table: ~10 s instead of ~23 s for a Polars sort on the
+    # key and the item, and 4 GB less at the peak (the multi-column sort encodes every row).
+    packed = df.select(user_time)[:, 0].to_numpy()
+    order = np.argsort(packed, kind="stable")
+    ranked = packed[order]
+    del packed
+    same = ranked[1:] == ranked[:-1]
+    tied = np.flatnonzero(np.r_[same, False] | np.r_[False, same])
+    del same
+    if tied.size:
+        group = df[order[tied]].with_columns(_key=pl.Series(ranked[tied]), _row=pl.Series(order[tied]))
+        keys = ["_key", id_sort_key("item_id", df), *(c for c, _ in ties)]
+        group = group.sort(keys, descending=[False, False, *(d for _, d in ties)], nulls_last=True,
+                           maintain_order=True)
+        order[tied] = group["_row"].to_numpy()
+    return df[order]
 
 
 def _user_time_key(df: pl.DataFrame) -> pl.Expr | None:

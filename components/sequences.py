@@ -72,8 +72,10 @@ class Sequences:
         return out
 
 
-def load_sequences(features_dir: Path) -> Sequences:
-    data = np.load(features_dir / FILE_NAME)
+def load_sequences(features_dir: Path, mapped: bool = False) -> Sequences:
+    """`mapped`: the arrays memory-mapped read-only, read when used (ALS never reads the 100M
+    timestamps of a 100M-interaction table)."""
+    data = npz.load_mapped(features_dir / FILE_NAME) if mapped else np.load(features_dir / FILE_NAME)
     stats = json.loads((features_dir / "stats.json").read_text())
     return Sequences(
         indptr=data["indptr"],

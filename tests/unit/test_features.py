@@ -231,6 +231,12 @@ def test_integer_codes_sort_on_one_user_time_key_in_the_same_order():
     expected = df.sort(["user_id", "timestamp", "item_id", "weight", "split"],
                        descending=[False, False, False, True, False], maintain_order=True)
     assert order_chronologically(df).equals(expected)
+    # Logs mostly in order already (what the stable packed sort is for), missing weights last.
+    logged = expected.with_columns(weight=pl.when(pl.col("item_id") == 3).then(None).otherwise(pl.col("weight")))
+    logged = pl.concat([logged[100:], logged[:100]])
+    assert order_chronologically(logged).equals(logged.sort(["user_id", "timestamp", "item_id", "weight", "split"],
+                                                            descending=[False, False, False, True, False],
+                                                            nulls_last=True, maintain_order=True))
     wide = df.with_columns(timestamp=pl.when(pl.col("item_id") == 0).then(-(2**62)).otherwise(pl.col("timestamp")))
     assert _user_time_key(wide) is None
     assert order_chronologically(wide).equals(wide.sort(["user_id", "timestamp", "item_id", "weight", "split"],

@@ -33,6 +33,22 @@ def test_recency_confidence_worked_example():
     assert plain.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
 
 
+def test_confidence_matrix_matches_a_row_by_row_reference():
+    # Users of any length (empty ones too), later splits anywhere in a row.
+    rng = np.random.default_rng(3)
+    rows = [list(rng.integers(0, 12, rng.integers(0, 9))) for _ in range(50)]
+    splits = [list(rng.choice(3, len(r), p=[0.6, 0.2, 0.2])) for r in rows]
+    seqs = seqs_of([r or [] for r in rows], 12, splits)
+    cfg = tiny_params("mf.recency_half_life=1.5", "mf.recency_boost=2.0").mf
+    for split, code in (("valid", 1), ("test", 2)):
+        expected = np.zeros((len(rows), 12))
+        for u, (row, sp_) in enumerate(zip(rows, splits)):
+            kept = [i for i, s in zip(row, sp_) if s < code]
+            for k, item in enumerate(reversed(kept)):
+                expected[u, item] += 1 + 2.0 * 0.5 ** (k / 1.5)
+        assert np.allclose(confidence_matrix(seqs, split, cfg).toarray(), expected, rtol=1e-6), split
+
+
 def test_als_learns_block_structure():
     # Two communities: users 0-19 use items 0-9, users 20-39 use items 10-19.
     rng = np.random.default_rng(0)
@@ -63,8 +79,9 @@ def test_conjugate_gradient_fold_in_matches_the_closed_form():
     exact = fold_in(model, X)
     refined = fold_in(model, X, start=model.user_factors)
     assert refined is model.user_factors  # in place: no second user table
-    assert np.abs(refined - exact).max() < 1e-3 * np.abs(exact).max()
-    # Not a no-op: the fitted users were solved against the previous item factors.
+    # Two CG steps from the fitted users (FOLD_IN_CG_STEPS) land within 0.5 % of the closed form ...
+    assert np.abs(refined - exact).max() < 5e-3 * np.abs(exact).max()
+    # ... and are not a no-op: the fitted users were solved against the previous item factors.
     assert np.abs(fitted - exact).max() > 10 * np.abs(refined - exact).max()
 
 
