@@ -338,7 +338,9 @@ def main() -> int:
     if not engines or (unknown := sorted(set(engines) - set(ENGINES))):
         parser.error(f"--engine: unknown engines {', '.join(unknown)} (of {', '.join(ENGINES)})")
 
-    out: dict[str, Any] = {**{e: {} for e in engines}, "generation": {}}
+    out: dict[str, Any] = {**{e: {} for e in engines}, "generation": {},
+                           "settings": {"command": " ".join(["python -m benchmarks.scaling", *sys.argv[1:]]),
+                                        "overrides": args.overrides, "max_users": args.max_users}}
     for n in sizes:
         source = args.workdir / "source" / str(n)
         record = source / "generation.json"

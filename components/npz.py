@@ -35,15 +35,21 @@ def _write_npy(f, array: np.ndarray) -> None:
     if not array.flags.c_contiguous or array.dtype.hasobject:
         np.lib.format.write_array(f, array, allow_pickle=False)
         return
-    header = io.BytesIO()
     meta = np.lib.format.header_data_from_array_1_0(array)
-    try:  # the smallest version that holds the header, as write_array picks it
-        np.lib.format.write_array_header_1_0(header, meta)
-    except ValueError:
+    # The smallest version that holds the header, as write_array picks it; a header only version
+    # 3.0 holds (field names beyond latin-1) goes to write_array itself.
+    for write_header in (np.lib.format.write_array_header_1_0, np.lib.format.write_array_header_2_0):
         header = io.BytesIO()
-        np.lib.format.write_array_header_2_0(header, meta)
+        try:
+            write_header(header, meta)
+            break
+        except (ValueError, UnicodeEncodeError):
+            continue
+    else:
+        np.lib.format.write_array(f, array, allow_pickle=False)
+        return
     f.write(header.getvalue())
-    data = array.reshape(-1).view(np.uint8)
+    data = np.asarray(array).reshape(-1).view(np.uint8)  # np.matrix stays 2-d under reshape
     for start in range(0, data.size, _PIECE):
         f.write(data[start:start + _PIECE])
 
@@ -51,8 +57,9 @@ def _write_npy(f, array: np.ndarray) -> None:
 def load_mapped(path: Path) -> dict[str, np.ndarray]:
     """The arrays of an `.npz` written by `save`, memory-mapped read-only: nothing is read until
     a row is used (evaluation of a sample of 5M users touches 100k rows of each user table).
-    A compressed entry is read whole, as `numpy.load` would. The file must not be rewritten while
-    its arrays are in use (the pipeline's stages of one folder run one at a time)."""
+    A compressed entry (or one of format 3.0) is read whole, as `numpy.load` would. The file
+    must not be rewritten while its arrays are in use (the pipeline's stages of one folder run
+    one at a time)."""
     out: dict[str, np.ndarray] = {}
     with zipfile.ZipFile(path) as zf, path.open("rb") as raw:
         for info in zf.infolist():
@@ -66,6 +73,10 @@ def load_mapped(path: Path) -> dict[str, np.ndarray]:
             name_len, extra_len = np.frombuffer(raw.read(4), dtype="<u2")
             raw.seek(info.header_offset + 30 + int(name_len) + int(extra_len))
             version = np.lib.format.read_magic(raw)
+            if version not in ((1, 0), (2, 0)):  # 3.0 (UTF-8 field names) has no public reader
+                with zf.open(info) as f:
+                    out[name] = np.lib.format.read_array(f, allow_pickle=False)
+                continue
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read_header(raw)

@@ -65,6 +65,12 @@ def fit_als(train: sp.csr_matrix, cfg: MFConfig, seed: int, show_progress: bool 
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
+    n = cfg.iterations if iterations is None else iterations
+
+    def progress(iteration: int, seconds: float, _loss) -> None:
+        if not show_progress:  # a terminal gets implicit's bar; a log (a 100M fit: 15 min) a line each
+            log.info("ALS iteration %d/%d: %.1f s", iteration + 1, n, seconds)
+
     # implicit parallelises over users itself; a multi-threaded BLAS underneath only contends
     # (and implicit warns about it when the model is built).
     with threadpool_limits(1, "blas"):
@@ -72,7 +78,7 @@ def fit_als(train: sp.csr_matrix, cfg: MFConfig, seed: int, show_progress: bool 
             factors=cfg.factors,
             regularization=cfg.regularization,
             alpha=cfg.alpha,
-            iterations=cfg.iterations if iterations is None else iterations,
+            iterations=n,
             random_state=seed,
             num_threads=cfg.num_threads,
         )
@@ -82,11 +88,11 @@ def fit_als(train: sp.csr_matrix, cfg: MFConfig, seed: int, show_progress: bool 
             # The same model on the GPU (implicit's own conversions), back on the CPU for the
             # rest. implicit's GPU fit does not apply alpha itself (its CPU fit and the fold-in do).
             gpu = model.to_gpu()
-            gpu.fit(train.astype(np.float32) * np.float32(cfg.alpha), show_progress=show_progress)
+            gpu.fit(train.astype(np.float32) * np.float32(cfg.alpha), show_progress=show_progress, callback=progress)
             model = gpu.to_cpu()
             model.num_threads = cfg.num_threads
             return model
-        model.fit(train, show_progress=show_progress)
+        model.fit(train, show_progress=show_progress, callback=progress)
     return model
 
 
@@ -114,8 +120,9 @@ def confidence_matrix(seqs: Sequences, split: str, cfg: MFConfig) -> sp.csr_matr
     Built as CSR directly from the sequences (already grouped by user), in 32-bit arrays: at
     100M interactions a COO detour with 64-bit indices and float64 decay costs ~4 GB more."""
     keep = seqs.split < SPLIT_CODES[split]
-    # Each row's start minus the dropped entries before it; the dropped (the later splits) are a
-    # few per user, so a search among them beats a cumulative count over every entry (~15x).
+    # Each row's start minus the dropped entries before it: a search among the dropped (the later
+    # splits: two per user with leave-one-out) beats a cumulative count over every entry (~15x
+    # at 100M).
     indptr = seqs.indptr - np.searchsorted(np.flatnonzero(~keep), seqs.indptr)
     counts = np.diff(indptr)
     values = seqs.weights[keep].astype(np.float32) if cfg.use_weights else np.ones(int(indptr[-1]), np.float32)
@@ -143,8 +150,9 @@ def fold_in(model, history: sp.csr_matrix, start: np.ndarray | None = None) -> n
             return model.recalculate_user(np.arange(history.shape[0]), history.tocsr())
         # The solver of one ALS half-iteration, from users already near the answer, with two
         # conjugate-gradient steps (implicit's fit takes three): at 100M interactions several
-        # times faster than the closed form (a 128 x 128 solve per user), with the same metrics
-        # to four decimals on both datasets' inner split (benchmarks/README.md, "Scale").
+        # times faster than the closed form (a 128 x 128 solve per user). On both datasets'
+        # inner split the default refit's metrics are the same as with three steps to four
+        # decimals; a refit continued for 3 loses 1.5 % on MovieLens (benchmarks/README.md, "Scale").
         users = np.require(start, np.float32, ["C", "W"])
         confidence = history.tocsr().astype(np.float32) * np.float32(model.alpha)
         model.solver(confidence, users, model.item_factors, model.regularization, num_threads=model.num_threads,

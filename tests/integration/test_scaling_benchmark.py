@@ -44,6 +44,9 @@ def test_scaling_benchmark_measures_every_stage_per_size(tmp_path):
         assert result["generation"][n]["users"] == max(100, int(n) // 20) // parts * parts
         assert result["generation"][n]["items"] == max(50, int(n) // 100)
     assert result["growth"]["4000->8000"]["size_ratio"] == 2.0 and "evaluate" in result["growth"]["4000->8000"]
+    # What was run is recorded beside what it measured.
+    assert result["settings"]["overrides"] == ["validation.batch_rows=1500"] and result["settings"]["max_users"] == 50
+    assert result["settings"]["command"].startswith("python -m benchmarks.scaling --sizes 4000,8000")
     # The evaluation scored the requested sample of users, from the generated source.
     metrics = json.loads((tmp_path / "work" / "default" / "8000" / "eval" / "metrics.json").read_text())
     assert metrics["mf"]["n_users"] == 50 and metrics["mf"]["n_users_eligible"] > 300

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import numpy as np
 import polars as pl
@@ -132,9 +134,13 @@ def test_als_device():
         als_device("cuda")
 
 
-def test_train_mf_outputs(tmp_path, params):
+def test_train_mf_outputs(tmp_path, params, caplog, monkeypatch):
     feats = _features(tmp_path, params)
-    res = train_mf(tmp_path / "features", tmp_path / "mf", params.mf, params.seed)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, even under `pytest -s`
+    with caplog.at_level("INFO", logger="components.train_mf"):
+        res = train_mf(tmp_path / "features", tmp_path / "mf", params.mf, params.seed)
+    # Off a terminal, each iteration of both fits is a log line (a 100M fit runs 15 minutes).
+    assert sum("ALS iteration" in r.getMessage() for r in caplog.records) == 2 * params.mf.iterations
     model = FactorModel.load(res.factors_path)
     for split in ("valid", "test"):
         assert model.items[split].shape == (feats.n_items, params.mf.factors)
