@@ -29,7 +29,7 @@ from components import npz
 from components.config import DataConfig, FeaturesConfig
 from components.feature_table import (NUMERIC_ID, FeatureTable, check_split_settings, check_temporal_fractions,
                                       no_interactions_left)
-from components.sequences import SPLIT_CODES, write_sequences
+from components.sequences import SPLIT_CODES, places_from_end, write_sequences
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,9 @@ def leave_one_out(df: pl.DataFrame) -> pl.DataFrame:
     if starts.size != df["user_id"].n_unique():
         raise ValueError("leave_one_out needs each user's rows together, in chronological order (order_chronologically)")
     lengths = np.diff(np.r_[starts, users.size])
-    from_end = np.repeat(starts + lengths, lengths) - np.arange(users.size)  # n, n-1, ..., 1
+    from_end = places_from_end(lengths)
     code = np.zeros(users.size, dtype=np.int8)
-    code[from_end == 1], code[from_end == 2] = 2, 1
+    code[from_end == 0], code[from_end == 1] = 2, 1
     code[np.repeat(lengths < 3, lengths)] = 0
     names = pl.Series(code).replace_strict({0: "train", 1: "valid", 2: "test"}, return_dtype=pl.Utf8)
     return df.with_columns(split=names)

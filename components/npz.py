@@ -32,26 +32,28 @@ def _write_npy(f, array: np.ndarray) -> None:
     """`numpy.lib.format.write_array`'s bytes. A zip entry is not a real file, so numpy would
     copy a C-ordered array out in 16 MiB pieces; its own buffer goes out in place instead (a 5M x
     128 user table: 8.1 s -> 1.9 s)."""
-    if not array.flags.c_contiguous or array.dtype.hasobject:
+    header = _header(array) if array.flags.c_contiguous and not array.dtype.hasobject else None
+    if header is None:
         np.lib.format.write_array(f, array, allow_pickle=False)
         return
+    f.write(header)
+    data = np.asarray(array).reshape(-1).view(np.uint8)  # np.matrix stays 2-d under reshape
+    for start in range(0, data.size, _PIECE):
+        f.write(data[start:start + _PIECE])
+
+
+def _header(array: np.ndarray) -> bytes | None:
+    """The smallest header version 1.0 or 2.0 that holds `array`'s, as write_array picks it;
+    None for one only version 3.0 holds (field names beyond latin-1)."""
     meta = np.lib.format.header_data_from_array_1_0(array)
-    # The smallest version that holds the header, as write_array picks it; a header only version
-    # 3.0 holds (field names beyond latin-1) goes to write_array itself.
     for write_header in (np.lib.format.write_array_header_1_0, np.lib.format.write_array_header_2_0):
         header = io.BytesIO()
         try:
             write_header(header, meta)
-            break
+            return header.getvalue()
         except (ValueError, UnicodeEncodeError):
             continue
-    else:
-        np.lib.format.write_array(f, array, allow_pickle=False)
-        return
-    f.write(header.getvalue())
-    data = np.asarray(array).reshape(-1).view(np.uint8)  # np.matrix stays 2-d under reshape
-    for start in range(0, data.size, _PIECE):
-        f.write(data[start:start + _PIECE])
+    return None
 
 
 def load_mapped(path: Path) -> dict[str, np.ndarray]:

@@ -40,7 +40,7 @@ import scipy.sparse as sp
 
 from components.config import MFConfig, ParamsError
 from components.factors import FILE_NAME, FactorModel
-from components.sequences import SPLIT_CODES, Sequences, load_sequences
+from components.sequences import SPLIT_CODES, Sequences, load_sequences, places_from_end
 
 FOLD_IN_CG_STEPS = 2  # see fold_in
 
@@ -127,12 +127,9 @@ def confidence_matrix(seqs: Sequences, split: str, cfg: MFConfig) -> sp.csr_matr
     counts = np.diff(indptr)
     values = seqs.weights[keep].astype(np.float32) if cfg.use_weights else np.ones(int(indptr[-1]), np.float32)
     if cfg.recency_half_life > 0:
-        # k = how many later kept interactions the user has: its row's end minus its place, in
-        # 32-bit where it fits (a tenth of the 64-bit version's time at 100M).
-        index = np.int32 if values.size < 2**31 else np.int64
-        from_end = np.repeat(indptr[1:].astype(index), counts)
-        from_end -= np.arange(1, values.size + 1, dtype=index)
-        values *= 1.0 + np.float32(cfg.recency_boost) * np.exp2(-from_end.astype(np.float32) / np.float32(cfg.recency_half_life))
+        # k = how many later kept interactions the user has.
+        from_end = places_from_end(counts).astype(np.float32)
+        values *= 1.0 + np.float32(cfg.recency_boost) * np.exp2(-from_end / np.float32(cfg.recency_half_life))
         del from_end
     matrix = sp.csr_matrix((values, seqs.items[keep].astype(np.int32), indptr), shape=(seqs.n_users, seqs.n_items))
     matrix.sum_duplicates()
