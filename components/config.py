@@ -213,6 +213,10 @@ class BertRecConfig:
     num_heads: int
     intermediate_size: int
     dropout: float
+    # Dropout on the attention weights, apart from the rest: on a CPU it is most of a step's time
+    # (a random mask over every [head, position, position]) and it keeps attention off the fused
+    # kernel; see benchmarks/README.md "CPU fine-tuning speed".
+    attention_dropout: float
     text_whitening: bool
     text_adaptor: Literal["linear", "moe"]
     text_experts: int
@@ -236,6 +240,9 @@ class BertRecConfig:
     trainer: TrainerConfig
 
     def __post_init__(self) -> None:
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ParamsError(f"bert.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.text_experts < 1:
             raise ParamsError(f"bert.text_experts must be at least 1, got {self.text_experts}")
         if self.loss != "full" and self.num_negatives < 1:

@@ -72,6 +72,8 @@ class SeqRecConfig:
     # from num_heads / intermediate_size (None = unpruned).
     layer_heads: list[int] | None = None
     layer_intermediate: list[int] | None = None
+    # Dropout on the attention weights (None: `dropout`, as models saved before it was separate).
+    attention_dropout: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -129,7 +131,7 @@ def bert_config(cfg: SeqRecConfig):
         max_position_embeddings=cfg.max_len,
         type_vocab_size=1,
         hidden_dropout_prob=cfg.dropout,
-        attention_probs_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout if cfg.attention_dropout is None else cfg.attention_dropout,
         # The mask is built in `SeqRecModel.attention_mask`; BERT itself stays bidirectional.
         is_decoder=False,
     )

@@ -461,3 +461,14 @@ def test_length_buckets_batch_similar_lengths_and_reshuffle_every_epoch():
         assert list(rank1) == order0
     with pytest.raises(ValueError):
         LengthBucketSampler(lengths, batch_size=0, pool_batches=4)
+
+
+def test_attention_dropout_is_its_own_setting():
+    from components.bert.model import bert_config
+
+    assert bert_config(cfg(dropout=0.3)).attention_probs_dropout_prob == 0.3  # None: as saved before the split
+    separate = bert_config(cfg(dropout=0.3, attention_dropout=0.0))
+    assert separate.attention_probs_dropout_prob == 0.0 and separate.hidden_dropout_prob == 0.3
+    # A saved model keeps its setting.
+    m = SeqRecModel(cfg(attention_dropout=0.1), text_features=torch.randn(30, 8))
+    assert m.encoder.config.attention_probs_dropout_prob == 0.1

@@ -140,3 +140,8 @@ def test_spark_settings_are_a_mapping_of_spark_names():
         load_params(base, ["data.spark.conf=[spark.driver.memory]"])
     with pytest.raises(ParamsError, match="data.engine: expected one of 'default' | 'spark'"):
         load_params(base, ["data.engine=duckdb"])
+
+
+def test_dropout_rates_are_checked():
+    with pytest.raises(ParamsError, match=r"bert\.attention_dropout must be in \[0, 1\), got 1\.0"):
+        load_params(REPO / "params.yaml", ["bert.attention_dropout=1.0"])
