@@ -332,9 +332,10 @@ def _step_timer(warmup: int):
 
 
 def throughput(features_dir: Path, params, accelerator: str, steps: int, warmup: int,
-               profile: bool = False) -> dict[str, Any]:
+               profile: bool = False, embeddings: Path | None = None) -> dict[str, Any]:
     """Training throughput of the product's module and data module for a fixed number of steps
-    (no validation): sequences/s and peak memory; with `profile`, where the steps' time goes."""
+    (no validation): sequences/s and peak memory; with `profile`, where the steps' time goes.
+    `embeddings`: the item text embeddings (default: `embeddings.npy` in `features_dir`)."""
     import pytorch_lightning as pl
     import torch
 
@@ -347,7 +348,7 @@ def throughput(features_dir: Path, params, accelerator: str, steps: int, warmup:
         torch.set_float32_matmul_precision("high")
     text_features = None
     if "text" in cfg.mode:
-        text_features = torch.from_numpy(np.load(features_dir / "embeddings.npy"))
+        text_features = torch.from_numpy(np.load(embeddings or features_dir / "embeddings.npy"))
     dm = SequenceDataModule(features_dir, cfg.max_len, cfg.batch_size, "next", validate=False,
                             bucket_batches=cfg.bucket_batches)
     dm.setup()

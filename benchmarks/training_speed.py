@@ -1,0 +1,147 @@
+"""Fine-tuning speed of the sequence recommender, recipe by recipe, side by side in one run.
+
+    python -m benchmarks.training_speed --dataset movielens-100k,amazon-scientific --out X.json
+
+For each dataset the pipeline's own validation, features and item text embeddings run first
+(cached in `--workdir`); then the product's training module and data module
+(`benchmarks.gpu.throughput`: `SeqRecModule`, `SequenceDataModule`, no validation) take one
+warm-up epoch and `--epochs` timed epochs under each variant of `--variants`. The variants are
+interleaved `--repeats` times and each keeps its median, so a drift in the machine's speed
+falls on all of them alike. Speed-ups are ratios to the first variant. What a variant does to
+quality is not measured here: that takes whole trainings on several seeds (`benchmarks.quality`
+on the inner split; benchmarks/README.md "CPU fine-tuning speed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.common import dataset_params, save
+from components.cli import add_params_arguments, run_main
+
+log = logging.getLogger("benchmarks.training_speed")
+
+# Each variant: the overrides it lays over the dataset's settings (`bert` is the dataset's own
+# section, for settings defined relative to it).
+VARIANTS: dict[str, Callable[[Any], list[str]]] = {
+    # The recipe before attention dropout was set apart: dropout on the attention weights at the
+    # rate of the rest, every batch padded to its longest history drawn from a plain shuffle.
+    "before": lambda bert: [f"bert.attention_dropout={bert.dropout}", "bert.bucket_batches=0"],
+    "no-attention-dropout": lambda bert: ["bert.attention_dropout=0.0", "bert.bucket_batches=0"],
+    "buckets": lambda bert: [f"bert.attention_dropout={bert.dropout}", "bert.bucket_batches=4"],
+    "buckets+compile": lambda bert: [f"bert.attention_dropout={bert.dropout}", "bert.bucket_batches=4",
+                                     "bert.trainer.compile=true"],
+    "both": lambda bert: ["bert.attention_dropout=0.0", "bert.bucket_batches=4"],
+    "both+compile": lambda bert: ["bert.attention_dropout=0.0", "bert.bucket_batches=4", "bert.trainer.compile=true"],
+}
+
+
+def _batches_per_epoch(features: Path, params) -> int:
+    from components.bert.data import SequenceDataModule
+
+    dm = SequenceDataModule(features, params.bert.max_len, params.bert.batch_size, "next", validate=False)
+    dm.setup()
+    return math.ceil(len(dm.train_sequences) / params.bert.batch_size)
+
+
+def measure(dataset: str, params, variants: list[str], epochs: int, repeats: int, work: Path) -> dict[str, Any]:
+    from benchmarks.gpu import throughput
+    from components import pipeline
+    from components.config import apply_overrides, params_from_dict
+    from components.pipeline import Artifacts
+
+    art = Artifacts(work / dataset)
+    pipeline.run(params, art, until="item_text_embeddings")
+    batches = _batches_per_epoch(art.features, params)
+    settings = {name: VARIANTS[name](params.bert) for name in variants}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name in variants:
+            # On the CPU even where a GPU is there: the product's CPU path is what this measures.
+            variant = params_from_dict(apply_overrides(params.to_dict(), [*settings[name], "bert.trainer.accelerator=cpu"]))
+            row = throughput(art.features, variant, "cpu", steps=epochs * batches, warmup=batches,
+                             embeddings=art.text_embeddings / "embeddings.npy")
+            runs[name].append(row)
+            log.info("%s %s (%d/%d): %.0f sequences/s, %.0f ms a step", dataset, name, repeat + 1, repeats,
+                     row["sequences_per_second"], row["step_ms"])
+    first = variants[0]
+    rows: dict[str, Any] = {}
+    for name in variants:
+        speeds = [r["sequences_per_second"] for r in runs[name]]
+        rows[name] = {"overrides": settings[name], "sequences_per_second": statistics.median(speeds),
+                      "runs_sequences_per_second": speeds,
+                      "step_ms": statistics.median(r["step_ms"] for r in runs[name]),
+                      "graphs": runs[name][-1]["graphs"], "graph_breaks": runs[name][-1]["graph_breaks"]}
+    for name in variants:
+        rows[name][f"speedup_vs_{first}"] = round(rows[name]["sequences_per_second"] / rows[first]["sequences_per_second"], 3)
+    return {"batches_per_epoch": batches, "timed_steps": epochs * batches, "warmup_steps": batches,
+            "model": {k: getattr(params.bert, k) for k in ("mode", "hidden_size", "num_layers", "max_len",
+                                                             "batch_size", "dropout", "loss")},
+            "variants": rows}
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(out["datasets"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), squeeze=False)
+    for ax, dataset in zip(axes[0], names):
+        rows = out["datasets"][dataset]["variants"]
+        labels = list(rows)
+        speeds = [rows[v]["sequences_per_second"] for v in labels]
+        bars = ax.barh(labels, speeds, color="tab:blue")
+        for bar, v in zip(bars, labels):
+            ratio = next(value for key, value in rows[v].items() if key.startswith("speedup_vs_"))
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {ratio:.2f}x", va="center")
+        ax.invert_yaxis()
+        ax.set_xlabel("training sequences / s")
+        ax.set_title(f"{dataset} (max_len {out['datasets'][dataset]['model']['max_len']})")
+        ax.set_xlim(0, max(speeds) * 1.25)
+    fig.suptitle(f"Fine-tuning throughput, {out['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_params_arguments(parser, artifacts=False)
+    parser.add_argument("--dataset", default="movielens-100k", help="comma-separated dataset names")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per variant, after one warm-up epoch")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/training-speed"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"unknown variant(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(VARIANTS)}")
+    if args.epochs < 1 or args.repeats < 1:
+        parser.error("--epochs and --repeats must be at least 1")
+
+    import torch
+
+    out: dict[str, Any] = {
+        "command": "python -m benchmarks.training_speed " + " ".join(sys.argv[1:]),
+        "device": f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}",
+        "epochs": args.epochs, "repeats": args.repeats, "datasets": {},
+    }
+    for dataset in (d.strip() for d in args.dataset.split(",") if d.strip()):
+        params = dataset_params(args.params, dataset, overrides=args.overrides, override_files=args.override_files)
+        out["datasets"][dataset] = measure(dataset, params, variants, args.epochs, args.repeats, args.workdir)
+    save(out, args.out, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
