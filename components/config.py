@@ -194,6 +194,9 @@ class TrainerConfig:
     num_threads: int
     # Compare parameter hashes across DDP ranks after the first step.
     check_replicas: bool
+    # Training on a CPU: dropout masks four elements to a 64-bit random draw
+    # (`components.bert.dropout`), attention weights included. GPUs keep torch's own dropout.
+    packed_dropout: bool
     # torch.compile of the sequence encoder in training (dynamic shapes: one graph for every
     # batch width). Off by default: on an H100 it cost ~40 s per run for 7-18 % more fp32
     # throughput over fixed steps (benchmarks/README.md "GPU").

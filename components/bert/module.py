@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from components import metrics
 from components.bert.data import target_positions
+from components.bert.dropout import use_packed_dropout
 from components.bert.model import SeqRecConfig, SeqRecModel
 
 EVAL_K = 10
@@ -77,6 +78,8 @@ class SeqRecModule(pl.LightningModule):
         self.compile_setting = False
         self.compile_mode = "default"
         self._compiled_encode = None
+        # `bert.trainer.packed_dropout` (set by `build_module`): on a CPU only.
+        self.packed_dropout_setting = False
 
     def compile_encoder(self, backend: str = "inductor", mode: str | None = None) -> None:
         """Train through a compiled `SeqRecModel.encode` (see the module docstring)."""
@@ -84,6 +87,10 @@ class SeqRecModule(pl.LightningModule):
         self._compiled_encode = torch.compile(self.model.encode, dynamic=True, backend=backend, **options)
 
     def on_fit_start(self) -> None:
+        # A compiled encoder draws its masks in the generated code (and dynamo breaks its graph
+        # on the packed draws), so packing is for eager training only.
+        if self.packed_dropout_setting and self.device.type == "cpu" and not self.compile_setting:
+            use_packed_dropout(self.model.encoder)
         if self.compile_setting and self._compiled_encode is None:
             self.compile_encoder(mode=self.compile_mode)
 

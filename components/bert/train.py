@@ -257,6 +257,7 @@ def build_module(
         text_features=text_features, texts=texts,
     )
     module.compile_setting, module.compile_mode = cfg.trainer.compile, cfg.trainer.compile_mode
+    module.packed_dropout_setting = cfg.trainer.packed_dropout
     return module
 
 
