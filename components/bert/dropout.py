@@ -41,9 +41,13 @@ def packed_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
         return x
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    keep = 1.0 - _threshold(p) / _LEVELS
-    # masked_fill keeps the boolean mask for backward: one byte an element, no float mask.
-    return (x * (1.0 / keep)).masked_fill(drop_mask(x.shape, p, x.device), 0.0)
+    # One pass each way for the mask (where keeps the boolean mask for backward: one byte an
+    # element); an out-of-place masked_fill would copy first.
+    return torch.where(drop_mask(x.shape, p, x.device), 0.0, x) * (1.0 / _keep(p))
+
+
+def _keep(p: float) -> float:
+    return 1.0 - _threshold(p) / _LEVELS
 
 
 class PackedDropout(nn.Dropout):
@@ -63,11 +67,14 @@ def packed_dropout_attention(module, query, key, value, attention_mask, scaling=
                                                dropout=0.0, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    # The weights [B, heads, L, L] are the big tensor, each pass over them a cost: both scalings
+    # go onto the small ones (query, and value for dropout's 1 / keep).
+    weights = torch.matmul(query * scaling, key.transpose(2, 3))
     if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = packed_dropout(torch.softmax(weights, dim=-1), dropout)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+        weights = weights.add_(attention_mask)
+    weights = torch.softmax(weights, dim=-1)
+    weights = torch.where(drop_mask(weights.shape, dropout, weights.device), 0.0, weights)
+    return torch.matmul(weights, value * (1.0 / _keep(dropout))).transpose(1, 2).contiguous(), weights
 
 
 def use_packed_dropout(encoder: nn.Module) -> None:
