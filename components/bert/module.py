@@ -80,6 +80,9 @@ class SeqRecModule(pl.LightningModule):
         self._compiled_encode = None
         # `bert.trainer.packed_dropout` (set by `build_module`): on a CPU only.
         self.packed_dropout_setting = False
+        # The data module's `positions_per_batch` (length-bucketed batches): a batch's summed loss
+        # is divided by it instead of by its own positions. None: the mean over the batch.
+        self.loss_normaliser: float | None = None
 
     def compile_encoder(self, backend: str = "inductor", mode: str | None = None) -> None:
         """Train through a compiled `SeqRecModel.encode` (see the module docstring)."""
@@ -87,6 +90,8 @@ class SeqRecModule(pl.LightningModule):
         self._compiled_encode = torch.compile(self.model.encode, dynamic=True, backend=backend, **options)
 
     def on_fit_start(self) -> None:
+        data = self._trainer.datamodule if self._trainer is not None else None
+        self.loss_normaliser = getattr(data, "positions_per_batch", None)
         # A compiled encoder draws its masks in the generated code (and dynamo breaks its graph
         # on the packed draws), so packing is for eager training only.
         if self.packed_dropout_setting and self.device.type == "cpu" and not self.compile_setting:
@@ -112,7 +117,7 @@ class SeqRecModule(pl.LightningModule):
         if self.hparams.loss == "full":
             table = m.item_representations()
             hidden = m.output_users(at_targets(encode(inputs, table, causal=causal)))
-            return F.cross_entropy(hidden @ m.output_items(table).T, positives)
+            return self._cross_entropy(hidden @ m.output_items(table).T, positives)
 
         negatives = torch.multinomial(self.proposal, self.hparams.num_negatives, replacement=True)
         needed = torch.unique(torch.cat([inputs[inputs >= 0], positives, negatives]))
@@ -127,7 +132,12 @@ class SeqRecModule(pl.LightningModule):
         neg_logit = hidden @ out[lookup[negatives]].T - log_q[negatives][None, :]
         neg_logit = neg_logit.masked_fill(negatives[None, :] == positives[:, None], float("-inf"))
         logits = torch.cat([pos_logit, neg_logit], dim=1)
-        return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+        return self._cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.loss_normaliser is None:
+            return F.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, targets, reduction="sum") / self.loss_normaliser
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         inputs, targets, *positions = batch
