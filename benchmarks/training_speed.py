@@ -81,9 +81,9 @@ def measure(dataset: str, params, variants: list[str], epochs: int, repeats: int
     rows: dict[str, Any] = {}
     for name in variants:
         speeds = [r["sequences_per_second"] for r in runs[name]]
-        rows[name] = {"overrides": settings[name], "sequences_per_second": statistics.median(speeds),
+        rows[name] = {"overrides": settings[name], "sequences_per_second": round(statistics.median(speeds), 1),
                       "runs_sequences_per_second": speeds,
-                      "step_ms": statistics.median(r["step_ms"] for r in runs[name]),
+                      "step_ms": round(statistics.median(r["step_ms"] for r in runs[name]), 2),
                       "graphs": runs[name][-1]["graphs"], "graph_breaks": runs[name][-1]["graph_breaks"]}
     for name in variants:
         rows[name][f"speedup_vs_{first}"] = round(rows[name]["sequences_per_second"] / rows[first]["sequences_per_second"], 3)

@@ -216,9 +216,8 @@ class BertRecConfig:
     num_heads: int
     intermediate_size: int
     dropout: float
-    # Dropout on the attention weights, apart from the rest: on a CPU it is most of a step's time
-    # (a random mask over every [head, position, position]) and it keeps attention off the fused
-    # kernel; see benchmarks/README.md "CPU fine-tuning speed".
+    # Dropout on the attention weights, apart from the rest: on a CPU it keeps attention off the
+    # fused kernel (see benchmarks/README.md "CPU fine-tuning speed").
     attention_dropout: float
     text_whitening: bool
     text_adaptor: Literal["linear", "moe"]

@@ -472,3 +472,38 @@ def test_attention_dropout_is_its_own_setting():
     # A saved model keeps its setting.
     m = SeqRecModel(cfg(attention_dropout=0.1), text_features=torch.randn(30, 8))
     assert m.encoder.config.attention_probs_dropout_prob == 0.1
+
+
+def test_bucketed_batches_weigh_every_target_position_alike(monkeypatch, tmp_path):
+    """With length buckets, a batch's summed loss is divided by the epoch's average positions per
+    batch (not by its own), so a position of a short history weighs what one of a long history
+    does, as in a random batch on average."""
+    from components.bert import data
+    from components.sequences import Sequences
+
+    lengths = [3, 12, 5, 9, 2, 11, 4]  # training items per user (the last one of each is valid)
+    rows = [np.arange(1, n + 2) % 29 for n in lengths]
+    split = np.concatenate([np.r_[np.zeros(n, np.int8), 1] for n in lengths])
+    items = np.concatenate(rows).astype(np.int32)
+    seqs = Sequences(np.r_[0, np.cumsum([len(r) for r in rows])], items, np.arange(items.size),
+                     np.ones(items.size, np.float32), split, 30)
+    monkeypatch.setattr(data, "load_sequences", lambda folder: seqs)
+    plain = data.SequenceDataModule(tmp_path, max_len=8, batch_size=3, objective="next", validate=False)
+    plain.setup()
+    assert plain.positions_per_batch is None
+    bucketed = data.SequenceDataModule(tmp_path, max_len=8, batch_size=3, objective="next", validate=False,
+                                       bucket_batches=2)
+    bucketed.setup()
+    # Each kept sequence (its last max_len + 1 items) has one target per item after its first,
+    # over ceil(7 / 3) = 3 batches.
+    assert bucketed.positions_per_batch == pytest.approx(sum(min(n, 9) - 1 for n in lengths) / 3)
+
+    c = cfg(mode="id", text_dim=0, max_len=8)
+    torch.manual_seed(0)
+    module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0)
+    module.eval()
+    items_, targets, positions = NextItemCollate(8)(bucketed.train_sequences[:2])
+    mean = module._loss(items_, targets, positions)
+    module.loss_normaliser = bucketed.positions_per_batch
+    assert module._loss(items_, targets, positions).item() == pytest.approx(
+        mean.item() * positions.numel() / bucketed.positions_per_batch, rel=1e-6)
