@@ -29,23 +29,27 @@ log = logging.getLogger("benchmarks.training_speed")
 
 # Each variant: the overrides it lays over the dataset's settings (`bert` is the dataset's own
 # section, for settings defined relative to it).
+def _recipe(packed: bool, buckets: int, compiled: bool = False, attention_dropout: float | None = None):
+    """Overrides of one variant; `attention_dropout` None: the dataset's `dropout`, as before the
+    two were separate settings."""
+    def overrides(bert) -> list[str]:
+        rate = bert.dropout if attention_dropout is None else attention_dropout
+        return [f"bert.attention_dropout={rate}", f"bert.bucket_batches={buckets}",
+                f"bert.trainer.packed_dropout={str(packed).lower()}", f"bert.trainer.compile={str(compiled).lower()}"]
+    return overrides
+
+
 VARIANTS: dict[str, Callable[[Any], list[str]]] = {
     # The recipe before this benchmark: torch's dropout, on the attention weights at the rate of
     # the rest, every batch padded to its longest history drawn from a plain shuffle.
-    "before": lambda bert: [f"bert.attention_dropout={bert.dropout}", "bert.bucket_batches=0",
-                            "bert.trainer.packed_dropout=false"],
-    "packed-dropout": lambda bert: [f"bert.attention_dropout={bert.dropout}", "bert.bucket_batches=0",
-                                    "bert.trainer.packed_dropout=true"],
-    "buckets": lambda bert: [f"bert.attention_dropout={bert.dropout}", "bert.bucket_batches=4",
-                             "bert.trainer.packed_dropout=false"],
-    "packed+buckets": lambda bert: [f"bert.attention_dropout={bert.dropout}", "bert.bucket_batches=4",
-                                    "bert.trainer.packed_dropout=true"],
+    "before": _recipe(packed=False, buckets=0),
+    "packed-dropout": _recipe(packed=True, buckets=0),
+    "buckets": _recipe(packed=False, buckets=4),
+    "packed+buckets": _recipe(packed=True, buckets=4),
     # Compiled, the encoder's dropout is drawn in the generated code (packing applies to eager only).
-    "buckets+compile": lambda bert: [f"bert.attention_dropout={bert.dropout}", "bert.bucket_batches=4",
-                                     "bert.trainer.compile=true"],
+    "buckets+compile": _recipe(packed=False, buckets=4, compiled=True),
     # No dropout on the attention weights at all (what is learned changes: rejected on quality).
-    "no-attention-dropout+buckets": lambda bert: ["bert.attention_dropout=0.0", "bert.bucket_batches=4",
-                                                  "bert.trainer.packed_dropout=false"],
+    "no-attention-dropout+buckets": _recipe(packed=False, buckets=4, attention_dropout=0.0),
 }
 
 

@@ -177,6 +177,7 @@ def recover(model: SeqRecModel, features_dir: Path, cfg: CompressConfig, bert: B
         num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, item_counts=dm.item_counts,
     )
     module.model.load_state_dict(model.state_dict())
+    module.packed_dropout_setting = bert.trainer.packed_dropout
     trainer = pl_.Trainer(
         max_epochs=epochs, gradient_clip_val=bert.grad_clip or None, logger=False, enable_checkpointing=False,
         limit_val_batches=0, enable_model_summary=False, enable_progress_bar=interactive(),

@@ -25,7 +25,10 @@ _LEVELS = 1 << 16
 
 
 def _threshold(p: float) -> int:
-    return round(p * _LEVELS)
+    threshold = round(p * _LEVELS)
+    if not 0 <= threshold < _LEVELS:
+        raise ValueError(f"dropout probability must be in [0, 1 - 2^-17), got {p}")
+    return threshold
 
 
 def drop_mask(shape: torch.Size, p: float, device: torch.device | None = None) -> torch.Tensor:
@@ -39,8 +42,6 @@ def drop_mask(shape: torch.Size, p: float, device: torch.device | None = None) -
 def packed_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if not training or p == 0.0:
         return x
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     # One pass each way for the mask (where keeps the boolean mask for backward: one byte an
     # element); an out-of-place masked_fill would copy first.
     return torch.where(drop_mask(x.shape, p, x.device), 0.0, x) * (1.0 / _keep(p))

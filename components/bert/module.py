@@ -102,8 +102,9 @@ class SeqRecModule(pl.LightningModule):
     # ---- training ------------------------------------------------------------------------
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean loss over the target positions; `positions` = `target_positions(targets)` as the
-        collate made them (computed from `targets` when omitted: a device sync on a GPU)."""
+        """Loss over the target positions: their mean, or with `loss_normaliser` (bucketed
+        batches) their sum divided by it; `positions` = `target_positions(targets)` as the collate
+        made them (computed from `targets` when omitted: a device sync on a GPU)."""
         causal = self.objective == "next"
         if positions is None:
             positions = target_positions(targets)

@@ -22,7 +22,7 @@ def test_variants_side_by_side(tmp_path):
                         "bert.dropout=0.3"] for a in ("--set", o)]
     out = tmp_path / "speed.json"
     cmd = [sys.executable, "-m", "benchmarks.training_speed", "--dataset", "synthetic", "--variants",
-           "before,buckets+compile,buckets", "--epochs", "1", "--repeats", "2", "--workdir", str(tmp_path / "w"),
+           "before,buckets+compile,packed+buckets", "--epochs", "1", "--repeats", "2", "--workdir", str(tmp_path / "w"),
            "--out", str(out), *sets]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,10 +31,12 @@ def test_variants_side_by_side(tmp_path):
     # 150 users, batches of 64: every epoch is whole, one to warm up and one timed.
     assert row["batches_per_epoch"] == row["timed_steps"] == row["warmup_steps"] == 3
     variants = row["variants"]
-    assert list(variants) == ["before", "buckets+compile", "buckets"]
+    assert list(variants) == ["before", "buckets+compile", "packed+buckets"]
     # "before" is the dataset's own dropout on the attention weights, whatever the default is now.
     assert variants["before"]["overrides"] == ["bert.attention_dropout=0.3", "bert.bucket_batches=0",
-                                               "bert.trainer.packed_dropout=false"]
+                                               "bert.trainer.packed_dropout=false", "bert.trainer.compile=false"]
+    assert variants["packed+buckets"]["overrides"] == ["bert.attention_dropout=0.3", "bert.bucket_batches=4",
+                                                       "bert.trainer.packed_dropout=true", "bert.trainer.compile=false"]
     assert variants["before"]["speedup_vs_before"] == 1.0
     for name, v in variants.items():
         assert len(v["runs_sequences_per_second"]) == 2 and v["sequences_per_second"] > 0, name

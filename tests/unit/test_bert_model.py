@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -503,7 +505,13 @@ def test_bucketed_batches_weigh_every_target_position_alike(monkeypatch, tmp_pat
     module = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0)
     module.eval()
     items_, targets, positions = NextItemCollate(8)(bucketed.train_sequences[:2])
+    # Fit start reads the scale off the trainer's data module: none for plain batches.
+    module._trainer = SimpleNamespace(datamodule=plain)
+    module.on_fit_start()
+    assert module.loss_normaliser is None
     mean = module._loss(items_, targets, positions)
-    module.loss_normaliser = bucketed.positions_per_batch
+    module._trainer = SimpleNamespace(datamodule=bucketed)
+    module.on_fit_start()
+    assert module.loss_normaliser == bucketed.positions_per_batch
     assert module._loss(items_, targets, positions).item() == pytest.approx(
         mean.item() * positions.numel() / bucketed.positions_per_batch, rel=1e-6)

@@ -52,8 +52,10 @@ def test_dropout_keeps_the_expectation_and_its_gradient_is_the_mask():
 def test_no_dropout_when_evaluating_or_at_zero_and_bad_rates_refused():
     x = torch.randn(8, 5)
     assert packed_dropout(x, 0.3, training=False) is x and packed_dropout(x, 0.0) is x
-    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\), got 1.0"):
-        packed_dropout(x, 1.0)
+    # A rate that rounds to 1 would drop nothing and scale by 1 / 0.
+    for p in (1.0, 1 - 2**-18):
+        with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1 - 2\^-17\), got"):
+            packed_dropout(x, p)
 
 
 def test_attention_is_softmax_attention_with_the_packed_mask():
