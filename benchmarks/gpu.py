@@ -189,7 +189,8 @@ def _device_name(accelerator: str) -> str:
     return f"CPU ({machine()['cpus']} cores); torch {torch.__version__}"
 
 
-def _params(folder: Path, overrides: list[str]):
+def exported_params(folder: Path, overrides: list[str]):
+    """The resolved settings `export` wrote for one dataset's folder, with `overrides`."""
     from components.config import apply_overrides, params_from_dict
 
     return params_from_dict(apply_overrides(json.loads((folder / "params.json").read_text()), overrides))
@@ -248,7 +249,7 @@ def train_once(input_dir: Path, dataset: str, accelerator: str, precision: str, 
     from components.sequences import load_sequences
 
     folder = input_dir / dataset
-    params = _params(folder, [f"bert.trainer.accelerator={accelerator}", f"bert.trainer.precision={precision}",
+    params = exported_params(folder, [f"bert.trainer.accelerator={accelerator}", f"bert.trainer.precision={precision}",
                               *overrides])
     cfg = params.bert
     out = work / name
@@ -595,7 +596,7 @@ class Run:
                 self.save()
 
     def _large_params(self, dataset: str, batch: int, precision: str, variant: str, settings=None):
-        return _params(self.args.input / dataset, [
+        return exported_params(self.args.input / dataset, [
             *self.overrides, *(settings or self.sizes.large), f"bert.batch_size={batch}", *COMPILE_VARIANTS[variant],
             f"bert.trainer.accelerator={self.accelerator}", f"bert.trainer.precision={precision}"])
 
@@ -636,7 +637,7 @@ class Run:
         for loss, precision in [("sampled", p) for p in self.precisions] + [("full", self.precisions[-1])]:
             if not self.time_left():
                 break
-            params = _params(settings, [*base, f"bert.loss={loss}", f"bert.trainer.precision={precision}"])
+            params = exported_params(settings, [*base, f"bert.loss={loss}", f"bert.trainer.precision={precision}"])
             key = f"{loss} {precision}"
             try:
                 out[key] = throughput(folder, params, self.accelerator, s.throughput_steps, s.warmup_steps)
@@ -671,7 +672,7 @@ class Run:
         AutoModel.from_config(AutoConfig.from_pretrained(source)).save_pretrained(encoder)
         corpus = json.loads((self.args.input / "texts.json").read_text())
         texts = [corpus[i % len(corpus)] for i in range(s.texts)]
-        params = _params(self.args.input / self.datasets[-1], self.overrides)
+        params = exported_params(self.args.input / self.datasets[-1], self.overrides)
         max_length = params.bert.text_encoder.max_length
         device = "cuda" if self.accelerator == "gpu" else "cpu"
         # As the text-embedding stage runs: full fp32 (the training sections turned TF32 on).

@@ -27,32 +27,50 @@ process is killed, not left running).
   users) and scored once on the test split: NDCG@10 mean and sd over the seeds, and with both
   models, each seed's bert / mf ratio with its paired-bootstrap 95 % interval.
 
-Output: `{DATASET: {MODEL: {"study", "best": {...}, "best_value", "trials": [...], "test": {...}},
-"bert_over_mf": {...}}}` and a plot of every trial's value (the best so far as a line).
+- The study starts from the dataset's own settings: they are queued as a trial (once, where
+  the space holds them), so its best is never below them.
+- `--jobs N`: N processes share the study (its SQLite file), each with --minutes of trials.
+- `--input DIR` (with `--test-input DIR` for `--score-test`): the sequence model is tuned on
+  the folders `python -m benchmarks.gpu export --set features.holdout=inner` (and without it)
+  wrote, its fine-tuning stage alone: what a GPU machine with PyTorch alone runs.
+- `--ablate KEY=VALUE` (repeatable): the best settings and each single change on the inner
+  holdout, `--seeds` seeds each (the quality table's rows).
+- `--score-test` also writes each model's per-user test NDCG@10 (`X.<model>.test.npz`, with a
+  fingerprint of the test split); `--ratio BERT_NPZ MF_NPZ` pairs two such files, say a GPU
+  machine's bert and this machine's MF, and refuses files of different splits.
+
+Output: `{DATASET: {MODEL: {"study", "best": {...}, "best_value", "trials": [...], "test": {...},
+"ablation": {...}}, "bert_over_mf": {...}}}` and a plot of every trial's value (the best so far
+as a line). Results at the datasets' size: benchmarks/README.md "Tuning".
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import re
+import shutil
 import signal
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from benchmarks.common import dataset_params, datasets, save
+from benchmarks.common import dataset_params, datasets, save, write_json
+from benchmarks.gpu import exported_params
 from components import pipeline
-from components.cli import add_params_arguments, run_main
+from components.cli import add_params_arguments, run_main, setup_logging
 from components.config import Params, params_from_dict
 from components.pipeline import Artifacts
 
@@ -197,6 +215,47 @@ def train_and_score(model: str, params: Params, art: Artifacts,
     return float(per_user.mean()), per_user
 
 
+def train_exported(folder: Path, params: Params, out: Path,
+                   on_epoch: Callable[[int, float], None] | None = None) -> tuple[float, np.ndarray]:
+    """The sequence model's fine-tuning stage alone on a dataset folder that `python -m
+    benchmarks.gpu export` wrote (a machine with PyTorch alone: a GPU's), scored on that
+    folder's test split as `train_and_score` scores; `on_epoch` likewise, from each epoch's
+    validation. `out` is removed afterwards (a study's trials would fill the disk)."""
+    import pytorch_lightning as pl
+
+    from components.bert.train import run_stage
+    from components.evaluate import per_user_ndcg
+    from components.factors import FILE_NAME, FactorModel
+    from components.sequences import load_sequences
+
+    class Report(pl.Callback):
+        def on_validation_end(self, trainer, module) -> None:
+            value = trainer.callback_metrics.get("val_ndcg10")
+            if on_epoch is not None and not trainer.sanity_checking and value is not None:
+                on_epoch(trainer.current_epoch + 1, float(value))
+
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        run_stage("finetune", folder, folder, out, out / "checkpoints", out / "epochs.csv", params.bert, params.seed,
+                  params.evaluation.batch_size, callbacks=[Report()])
+        factors = FactorModel.load(out / FILE_NAME)
+        per_user = per_user_ndcg(factors, load_sequences(folder), "test", K, params.evaluation.batch_size)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return float(per_user.mean()), per_user
+
+
+def test_fingerprint(features_dir: Path) -> str:
+    """A digest of the test split's users and targets: per-user scores from two machines pair
+    up only when they agree."""
+    from components.sequences import load_sequences
+
+    targets = load_sequences(features_dir).target_matrix("test")
+    digest = hashlib.sha256(np.asarray(targets.indptr, dtype=np.int64).tobytes())
+    digest.update(np.asarray(targets.indices, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------------------------
 # The study
 # --------------------------------------------------------------------------------------------
@@ -215,64 +274,152 @@ def study_name(dataset: str, model: str, params: Params, space: dict[str, Any]) 
     return f"{dataset}-{model}-{digest.hexdigest()[:10]}"
 
 
-def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], work: Path, storage: str,
-               name: str, minutes: float, max_trials: int | None) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One process's share of a study (pickled into the processes `--jobs` spawns)."""
+
+    model: str
+    inner: dict[str, Any]  # the settings, features.holdout=inner
+    space: dict[str, dict[str, list]]
+    storage: str
+    name: str
+    seconds: float  # this process starts no trial after this long
+    max_trials: int | None  # trials of the whole study
+    work: str
+    exported: str | None  # an exported folder (train_exported) instead of the pipeline
+    worker: int
+
+
+def _open_study(storage: str, name: str, seed: int, create: bool) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():  # both "experimental" since Optuna 2.9: noise to a user
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Trials beat every minute; one that has not beaten for 3 minutes (its call was killed)
+        # is marked failed when a call opens the study, instead of staying "running" for ever.
+        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180,
+                                         engine_kwargs={"connect_args": {"timeout": 60}})
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3)
+        study = (optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
+                                     pruner=pruner) if create else
+                 optuna.load_study(study_name=name, storage=rdb, pruner=pruner))
+        if create:
+            optuna.storages.fail_stale_trials(study)
+    # Seeded by the trials already stored: a resumed study (or another process of this one)
+    # draws new points, not the same ones again. TPE models the results after 4 random trials
+    # (Optuna's default 10 would leave an hour's study of a sequence model, 5-9 minutes a trial
+    # on a CPU, random search); the constant liar keeps parallel processes apart.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=4, constant_liar=True)
+    return study
+
+
+def start_from(study: Any, space: dict[str, dict[str, list]], params: Params) -> None:
+    """Queue the settings the study starts from (the dataset's preset) as its next trial, once,
+    where the space holds them: a study then never reports a best below what it was to improve
+    on (a wide space's random start can miss a hand-chosen point)."""
+    current = {}
+    for key, spec in space.items():
+        kind, values = next(iter(spec.items()))
+        value = _lookup(params.to_dict(), key)
+        inside = value in values if kind == "choice" else values[0] <= value <= values[1]
+        if not inside:
+            log.info("the current %s=%r lies outside the space: not queued as a trial", key, value)
+            return
+        current[key] = value
+    if any(t.params == current for t in study.trials):
+        return
+    log.info("queued the current settings as a trial: %s", current)
+    study.enqueue_trial(current, skip_if_exists=True)
+
+
+def optimize(job: Job) -> None:
+    """Run trials of the stored study until `job.seconds` or the study's `max_trials`."""
     import optuna
 
     from components.pipeline import StageFailed
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Trials beat every minute; one that has not beaten for 3 minutes (its call was killed) is
-    # marked failed when this call opens the study, instead of staying "running" for ever.
-    with warnings.catch_warnings():  # both "experimental" since Optuna 2.9: noise to a user
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
-        study = optuna.create_study(study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
-                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=3))
-        optuna.storages.fail_stale_trials(study)
-    # Seeded by the trials already stored: a resumed study draws new points, not its first ones
-    # again. TPE models the results after 4 random trials (Optuna's default 10 would leave an
-    # hour's study of a sequence model, 5-9 minutes a trial here, random search).
-    study.sampler = optuna.samplers.TPESampler(seed=params.seed + len(study.trials), n_startup_trials=4)
-    inner = with_settings(params, {"features.holdout": "inner"})
-    art = Artifacts(work / f"{model}-inner")  # one root: data, features and text stay up to date across trials
-    left = minutes * 60 - spent_seconds(study)
-    done = len(study.trials)
-    log.info("%s: study %r holds %d trials (%.1f min); %.1f min of the %.0f-min budget left", model, name,
-             done, spent_seconds(study) / 60, max(left, 0) / 60, minutes)
+    inner = params_from_dict(job.inner)
+    study = _open_study(job.storage, job.name, inner.seed + 1000 * job.worker, create=False)
+    # One root per process: data, features and text stay up to date across its trials, and no
+    # two processes write one stage's folder.
+    root = Path(job.work) / (f"{job.model}-inner" if job.worker == 0 else f"{job.model}-inner-{job.worker}")
+    tag = f"{job.model}" if job.worker == 0 else f"{job.model} (process {job.worker})"
 
     def objective(trial: Any) -> float:
-        settings = suggest(trial, space)
-        log.info("%s trial %d: %s", model, trial.number, settings)
+        settings = suggest(trial, job.space)
+        log.info("%s trial %d: %s", tag, trial.number, settings)
         start = time.perf_counter()
 
         def on_epoch(epoch: int, value: float) -> None:
             trial.report(value, epoch)
             if trial.should_prune():
-                log.info("%s trial %d pruned after epoch %d (validation NDCG@10 %.4f)", model, trial.number, epoch,
+                log.info("%s trial %d pruned after epoch %d (validation NDCG@10 %.4f)", tag, trial.number, epoch,
                          value)
                 raise optuna.TrialPruned()
 
+        run = with_settings(inner, settings)
         try:
-            value, _ = train_and_score(model, with_settings(inner, settings), art, on_epoch)
+            if job.exported:
+                value, _ = train_exported(Path(job.exported), run, root / f"trial-{trial.number}", on_epoch)
+            else:
+                value, _ = train_and_score(job.model, run, Artifacts(root), on_epoch)
         finally:
             trial.set_user_attr("seconds", time.perf_counter() - start)
-        log.info("%s trial %d: inner-holdout NDCG@10 %.4f", model, trial.number, value)
+        log.info("%s trial %d: inner-holdout NDCG@10 %.4f", tag, trial.number, value)
         return value
 
+    callbacks = [optuna.study.MaxTrialsCallback(job.max_trials, states=None)] if job.max_trials else []
+    study.optimize(objective, timeout=job.seconds, callbacks=callbacks, catch=(StageFailed,))
+
+
+def _worker(job: Job) -> None:
+    setup_logging()
+    optimize(job)
+
+
+def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], work: Path, storage: str,
+               name: str, minutes: float, max_trials: int | None, jobs: int = 1,
+               exported: Path | None = None) -> dict[str, Any]:
+    """The study of `model`: `jobs` processes for `minutes` each (the budget is `jobs` x
+    `minutes` of trials, what the stored ones spent deducted), then its summary."""
+    import optuna
+
+    study = _open_study(storage, name, params.seed, create=True)
+    start_from(study, space, params)
+    inner = with_settings(params, {"features.holdout": "inner"})
+    left = minutes * 60 * jobs - spent_seconds(study)
+    done = sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)  # the queued one is to run
+    log.info("%s: study %r holds %d trials (%.1f min); %.1f of the %.0f trial-minutes left (%d process%s)", model,
+             name, done, spent_seconds(study) / 60, max(left, 0) / 60, minutes * jobs, jobs, "es" if jobs > 1 else "")
     if left > 0 and (max_trials is None or done < max_trials):
-        study.optimize(objective, timeout=left, n_trials=None if max_trials is None else max_trials - done,
-                       catch=(StageFailed,))
+        share = [Job(model, inner.to_dict(), space, storage, name, left / jobs, max_trials, str(work),
+                     None if exported is None else str(exported), worker) for worker in range(jobs)]
+        if jobs == 1:
+            optimize(share[0])
+        else:
+            # Spawned, not forked: each process starts CUDA (and Optuna's database engine) of its own.
+            context = multiprocessing.get_context("spawn")
+            processes = [context.Process(target=_worker, args=(job,), daemon=True) for job in share]
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join()
+            failed = [p.exitcode for p in processes if p.exitcode]
+            if failed:
+                log.warning("%s: %d of %d processes exited with %s", model, len(failed), jobs, failed)
     else:
-        log.info("%s: the budget is spent (%.0f min or %s trials); reporting the stored study", model, minutes,
-                 max_trials)
+        log.info("%s: the budget is spent (%.0f min or %s trials); reporting the stored study", model,
+                 minutes * jobs, max_trials)
+    study = _open_study(storage, name, params.seed, create=False)  # what every process stored
     trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                "seconds": t.user_attrs.get("seconds"), "epochs_reported": len(t.intermediate_values)}
               for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise TuningError(f"{model}: no trial of study {name!r} completed; give it more --minutes")
-    return {"study": name, "budget_minutes": minutes, "spent_minutes": spent_seconds(study) / 60,
+    return {"study": name, "budget_minutes": minutes * jobs, "processes": jobs,
+            "spent_minutes": spent_seconds(study) / 60,
             "trials": trials, "complete": len(complete),
             "pruned": sum(t["state"] == "PRUNED" for t in trials), "failed": sum(t["state"] == "FAIL" for t in trials),
             "best": study.best_trial.params, "best_value": study.best_value, "space": space}
@@ -290,34 +437,131 @@ def write_preset(path: Path, dataset: str, model: str, result: dict[str, Any], d
     print(f"wrote {path}")
 
 
+def _score_exported(task: tuple[str, dict[str, Any], str]) -> np.ndarray:
+    folder, settings, out = task
+    return train_exported(Path(folder), params_from_dict(settings), Path(out))[1]
+
+
 def score_test(models: dict[str, dict[str, Any]], params: Params, work: Path, seeds: int,
-               on_model: Callable[[str, dict[str, Any]], None]) -> dict[str, Any]:
+               on_model: Callable[[str, dict[str, Any]], None], exported: Path | None = None,
+               jobs: int = 1) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     """Every model with its best settings, trained once per seed with `features.holdout=test`
     (the models of one seed in one root: the same features, so the same users in the same order)
-    and scored on the test split. `on_model(model, result)` as each model's seeds are done."""
+    and scored on the test split; or, from an `exported` folder (holdout=test), the sequence
+    model's seeds, `jobs` at a time. `on_model(model, result)` as each model's seeds are done.
+    Returns the results and each model's per-user NDCG@10 by seed."""
     from components.metrics import paired_bootstrap_ratio
 
     best = {k: v for result in models.values() for k, v in result["best"].items()}
+    runs = [with_settings(params, {**best, "features.holdout": "test", "seed": params.seed + i}) for i in range(seeds)]
     per_user: dict[str, list[np.ndarray]] = {m: [] for m in models}
-    for i in range(seeds):
-        seed = params.seed + i
-        run = with_settings(params, {**best, "features.holdout": "test", "seed": seed})
-        art = Artifacts(work / f"test-seed{seed}")
-        for model in models:
-            value, users = train_and_score(model, run, art)
-            log.info("%s, seed %d: test NDCG@10 %.4f", model, seed, value)
-            per_user[model].append(users)
+    # Each seed's test split (a synthetic dataset is drawn by the seed; a real one is not).
+    splits = []
+    if exported is not None:
+        tasks = [(str(exported), run.to_dict(), str(work / f"test-seed{run.seed}")) for run in runs]
+        with ProcessPoolExecutor(min(jobs, seeds), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=setup_logging) as pool:
+            per_user["bert"] = list(pool.map(_score_exported, tasks))
+        splits = [test_fingerprint(exported)] * len(runs)
+    else:
+        for run in runs:
+            art = Artifacts(work / f"test-seed{run.seed}")
+            for model in models:
+                per_user[model].append(train_and_score(model, run, art)[1])
+            splits.append(test_fingerprint(art.features))
     out: dict[str, Any] = {}
     for model in models:
         values = [float(u.mean()) for u in per_user[model]]
-        out[model] = {"seeds": [params.seed + i for i in range(seeds)], "ndcg@10": values,
-                      "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if seeds > 1 else None}
+        for run, value in zip(runs, values):
+            log.info("%s, seed %d: test NDCG@10 %.4f", model, run.seed, value)
+        out[model] = {"seeds": [run.seed for run in runs], "ndcg@10": values, "mean": float(np.mean(values)),
+                      "sd": float(np.std(values, ddof=1)) if seeds > 1 else None, "test_splits": splits}
         on_model(model, out[model])
     if {"mf", "bert"} <= models.keys():
         ratios = [paired_bootstrap_ratio(b, m, seed=params.seed) for b, m in zip(per_user["bert"], per_user["mf"])]
-        out["bert_over_mf"] = {"per_seed": [{"ratio": r, "ci95": [lo, hi]} for r, lo, hi in ratios],
-                               "mean": float(np.mean([r[0] for r in ratios])),
-                               "sd": float(np.std([r[0] for r in ratios], ddof=1)) if seeds > 1 else None}
+        out["bert_over_mf"] = ratio_summary(ratios)
+    return out, per_user
+
+
+def ablate(model: str, best: dict[str, Any], changes: list[str], params: Params, work: Path, seeds: int,
+           exported: Path | None = None, jobs: int = 1) -> dict[str, Any]:
+    """`model` with its tuned settings and each single change (`KEY=VALUE`) on the inner
+    holdout, `seeds` seeds each: the quality table's rows, measured where the settings were chosen (the test
+    split unread). From an `exported` folder (features.holdout=inner), `jobs` runs at a time."""
+    from components.config import apply_overrides
+
+    rows = {"tuned": best}
+    for change in changes:
+        key, _, value = change.partition("=")
+        if not key.startswith(f"{model}.") or not value:
+            raise TuningError(f"--ablate {change!r}: expected {model}.KEY=VALUE (a setting of the tuned model)")
+        # Parsed as --set parses it (yes -> true, 1e-4 -> a number), onto the tuned settings.
+        tuned = with_settings(params, best).to_dict()
+        rows[change] = {**best, key: _lookup(apply_overrides(tuned, [change]), key)}
+    runs = {(name, i): with_settings(params, {**settings, "features.holdout": "inner", "seed": params.seed + i})
+            for name, settings in rows.items() for i in range(seeds)}
+    if exported is not None:
+        tasks = [(str(exported), run.to_dict(), str(work / f"ablation-{n}-{i}")) for n, ((_, i), run)
+                 in enumerate(runs.items())]
+        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=setup_logging) as pool:
+            values = [float(v.mean()) for v in pool.map(_score_exported, tasks)]
+    else:
+        values = [train_and_score(model, run, Artifacts(work / f"ablation-seed{run.seed}"))[0] for run in runs.values()]
+    out: dict[str, Any] = {}
+    for ((name, i), run), value in zip(runs.items(), values):
+        row = out.setdefault(name, {"settings": rows[name], "seeds": [], "ndcg@10": []})
+        row["seeds"].append(run.seed)
+        row["ndcg@10"].append(value)
+    for name, row in out.items():
+        row["mean"] = float(np.mean(row["ndcg@10"]))
+        row["sd"] = float(np.std(row["ndcg@10"], ddof=1)) if seeds > 1 else None
+        row["vs_tuned"] = row["mean"] / out["tuned"]["mean"] - 1 if out["tuned"]["mean"] else None
+        log.info("ablation %s: inner-holdout NDCG@10 %.4f%s", name, row["mean"],
+                 f" ± {row['sd']:.4f}" if row["sd"] is not None else "")
+    return out
+
+
+def _lookup(raw: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        raw = raw[part]
+    return raw
+
+
+def ratio_summary(ratios: list[tuple[float, float, float]]) -> dict[str, Any]:
+    return {"per_seed": [{"ratio": r, "ci95": [lo, hi]} for r, lo, hi in ratios],
+            "mean": float(np.mean([r[0] for r in ratios])),
+            "sd": float(np.std([r[0] for r in ratios], ddof=1)) if len(ratios) > 1 else None}
+
+
+def save_per_user(path: Path, result: dict[str, Any], per_user: list[np.ndarray]) -> None:
+    """One model's per-user test NDCG@10 by seed, with each seed's split's fingerprint (`--ratio`)."""
+    np.savez(path, test_splits=np.asarray(result["test_splits"]), seeds=np.asarray(result["seeds"]),
+             **{f"seed{seed}": values for seed, values in zip(result["seeds"], per_user)})
+
+
+def ratio(bert_file: Path, mf_file: Path, seed: int = 0) -> dict[str, Any]:
+    """bert / mf from two `save_per_user` files (say a GPU machine's bert and this machine's
+    MF), over the seeds both hold: per seed, the paired-bootstrap 95 % interval. An error where
+    a seed's test splits differ, or no seed is shared."""
+    from components.metrics import paired_bootstrap_ratio
+
+    files = {"bert": np.load(bert_file), "mf": np.load(mf_file)}
+    splits = {name: dict(zip((int(s) for s in f["seeds"]), (str(x) for x in f["test_splits"])))
+              for name, f in files.items()}
+    seeds = [s for s in splits["bert"] if s in splits["mf"]]
+    if not seeds:
+        raise TuningError(f"{bert_file} and {mf_file} share no seed ({sorted(splits['bert'])} vs {sorted(splits['mf'])})")
+    differ = [s for s in seeds if splits["bert"][s] != splits["mf"][s]]
+    if differ:
+        raise TuningError(f"{bert_file} and {mf_file} were scored on different test splits for seed(s) {differ}")
+    ratios = [paired_bootstrap_ratio(files["bert"][f"seed{s}"], files["mf"][f"seed{s}"], seed=seed) for s in seeds]
+    out: dict[str, Any] = {"seeds": seeds, "test_splits": [splits["bert"][s] for s in seeds]}
+    for name, f in files.items():
+        values = [float(f[f"seed{s}"].mean()) for s in seeds]
+        out[name] = {"ndcg@10": values, "mean": float(np.mean(values)),
+                     "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+    out["bert_over_mf"] = ratio_summary(ratios)
     return out
 
 
@@ -359,22 +603,61 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="dataset folder")
     parser.add_argument("--models", default="mf,bert", help=f"comma-separated: {', '.join(TRAINED_BY)}")
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-time budget of each model's study")
-    parser.add_argument("--max-trials", type=int, default=None, help="and at most this many trials per study")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes sharing each study (and the test seeds of --input), for --minutes each")
+    parser.add_argument("--max-trials", type=int, default=None, help="and at most this many trials per study (with --jobs, trials "
+                        "already running when it is reached finish too)")
     parser.add_argument("--space", type=Path, default=None, help="YAML search spaces by model (default: SPACES)")
     parser.add_argument("--study-db", type=Path, default=Path("artifacts/tune/studies.db"),
                         help="SQLite file of the studies (resumed when it exists)")
+    parser.add_argument("--input", type=Path, default=None,
+                        help="tune bert on folders `python -m benchmarks.gpu export --set features.holdout=inner` "
+                             "wrote (a GPU machine with PyTorch alone), not through the pipeline")
+    parser.add_argument("--test-input", type=Path, default=None,
+                        help="with --input and --score-test: the export with features.holdout=test")
     parser.add_argument("--score-test", action="store_true", help="then train the best settings and score the test split")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the test scoring")
+    parser.add_argument("--ratio", type=Path, nargs=2, metavar=("BERT_NPZ", "MF_NPZ"),
+                        help="only compare two models' per-user test scores (X.<model>.test.npz of --score-test "
+                             "calls, say bert's from a GPU machine and MF's from here)")
+    parser.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE",
+                        help="after the study: the best settings and each such single change on the inner "
+                             "holdout, --seeds seeds each (repeatable; the quality table's rows)")
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/tune"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.ratio:
+        result = ratio(*args.ratio)
+        write_json(args.out, result)
+        cmp = result["bert_over_mf"]
+        print(f"bert / mf {cmp['mean']:.3f} (per seed: " +
+              ", ".join(f"{r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" for r in cmp["per_seed"]) + ")")
+        return 0
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in TRAINED_BY]
     if not models or unknown:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(TRAINED_BY)}")
-    if not args.minutes > 0 or args.seeds < 1 or (args.max_trials is not None and args.max_trials < 1):
-        parser.error("--minutes must be above 0, --seeds and --max-trials at least 1")
-    params = dataset_params(args.params, args.dataset, args.data_dir, args.overrides, args.override_files)
+    if not args.minutes > 0 or args.seeds < 1 or args.jobs < 1 or (args.max_trials is not None and args.max_trials < 1):
+        parser.error("--minutes must be above 0, --seeds, --jobs and --max-trials at least 1")
+    if args.ablate and len(models) != 1:
+        parser.error("--ablate changes one model's settings: name it alone in --models")
+    exported = test_exported = None
+    if args.input:
+        if models != ["bert"]:
+            parser.error("--input trains the sequence model alone: --models bert (MF needs the pipeline)")
+        exported = args.input / args.dataset
+        params = exported_params(exported, args.overrides)
+        if params.features.holdout != "inner":
+            parser.error(f"{exported}: exported with features.holdout={params.features.holdout}; tuning reads an "
+                         "export with --set features.holdout=inner")
+        if args.score_test:
+            if args.test_input is None:
+                parser.error("--score-test with --input needs --test-input (the export with features.holdout=test)")
+            test_exported = args.test_input / args.dataset
+            if exported_params(test_exported, []).features.holdout != "test":
+                parser.error(f"{test_exported}: not exported with features.holdout=test")
+    else:
+        params = dataset_params(args.params, args.dataset, args.data_dir, args.overrides, args.override_files)
     spaces = yaml.safe_load(args.space.read_text()) if args.space else SPACES
     if not isinstance(spaces, dict):
         parser.error(f"{args.space}: expected a mapping of models to their search spaces")
@@ -391,12 +674,17 @@ def main() -> int:
         start = time.perf_counter()
         results[model] = tune_model(model, params, spaces[model], work, storage,
                                     study_name(args.dataset, model, params, spaces[model]), args.minutes,
-                                    args.max_trials)
+                                    args.max_trials, args.jobs, exported)
         write_preset(args.out.with_name(f"{args.out.stem}.{model}.yaml"), args.dataset, model, results[model],
                      args.study_db)
         print(f"{args.dataset} {model}: best inner-holdout NDCG@10 {results[model]['best_value']:.4f} "
               f"({results[model]['complete']} complete, {results[model]['pruned']} pruned; "
               f"{time.perf_counter() - start:.0f} s this call) with {results[model]['best']}")
+        save(out, args.out, plot)
+    if args.ablate:
+        model = models[0]
+        results[model]["ablation"] = ablate(model, results[model]["best"], args.ablate, params, work, args.seeds,
+                                            exported, args.jobs)
         save(out, args.out, plot)
     if args.score_test:
         def scored(model: str, test: dict[str, Any]) -> None:
@@ -405,7 +693,10 @@ def main() -> int:
             print(f"{args.dataset} {model}: test NDCG@10 {test['mean']:.4f}{sd} over {args.seeds} seeds")
             save(out, args.out, plot)
 
-        test = score_test(results, params, work, args.seeds, scored)
+        test_params = params if test_exported is None else exported_params(test_exported, args.overrides)
+        test, per_user = score_test(results, test_params, work, args.seeds, scored, test_exported, args.jobs)
+        for model in models:
+            save_per_user(args.out.with_name(f"{args.out.stem}.{model}.test.npz"), test[model], per_user[model])
         if "bert_over_mf" in test:
             results["bert_over_mf"] = test["bert_over_mf"]
             per_seed = ", ".join(f"{r['ratio']:.3f}" for r in test["bert_over_mf"]["per_seed"])

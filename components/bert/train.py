@@ -332,10 +332,11 @@ def _load_inputs(features_dir: Path, text_dir: Path, cfg: BertRecConfig):
 def run_stage(
     stage_name: str, features_dir: Path, text_dir: Path, out_dir: Path, checkpoint_dir: Path, epochs_file: Path,
     cfg: BertRecConfig, seed: int, eval_batch_size: int, init_from: Path | None = None,
-    earlier_curve: Path | None = None, run_key: str | None = None,
+    earlier_curve: Path | None = None, run_key: str | None = None, callbacks: list | None = None,
 ) -> StageResult:
     """Train one stage (`pretrain` or `finetune`) into `out_dir`; see the module docstring.
-    Without a `run_key` the stage never resumes."""
+    Without a `run_key` the stage never resumes. `callbacks`: more Lightning callbacks (a
+    tuner's pruning reads each epoch's validation score)."""
     stage = cfg.pretrain if stage_name == "pretrain" else cfg.finetune
     objective = "cloze" if stage_name == "pretrain" else "next"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,7 +389,7 @@ def run_stage(
     callbacks = [
         checkpoint, latest,
         pl_.callbacks.EarlyStopping(monitor="val_ndcg10", mode="max", patience=stage.patience),
-        epoch_log,
+        epoch_log, *(callbacks or []),
     ]
     if cfg.trainer.check_replicas:
         callbacks.append(ReplicaCheck(out_dir / "replica_check.json"))

