@@ -79,3 +79,13 @@ def dataset_params(params_path: Path, dataset: str, data_dir: Path | None = None
     preset = [PRESETS / f"{dataset}.yaml"] if dataset != "synthetic" else []
     where = [f"data.path={data_dir}"] if data_dir else []
     return load_params(params_path, [*where, *overrides], [*preset, *override_files])
+
+
+def names_of(parser: Any, option: str, value: str, known: Any) -> list[str]:
+    """The names a comma-separated option lists, each one of `known`; otherwise a usage error
+    (exit 2) naming the unknown ones and the choices."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        parser.error(f"{option}: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
+    return names

@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from benchmarks.common import dataset_params, datasets, write_json
+from benchmarks.common import dataset_params, datasets, names_of, write_json
 from components import pipeline
 from components.cli import add_params_arguments, run_main
 from components.config import Params, apply_overrides, params_from_dict
@@ -136,10 +136,7 @@ def main() -> int:
     args = parser.parse_args()
 
     names = [d.strip() for d in args.dataset.split(",") if d.strip()]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in known]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    models = names_of(parser, "--models", args.models, known)
     if args.data_dir and len(names) > 1:
         parser.error("--data-dir needs a single --dataset")
 

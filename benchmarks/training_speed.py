@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import dataset_params, save
+from benchmarks.common import dataset_params, names_of, save
 from components.cli import add_params_arguments, run_main
 
 log = logging.getLogger("benchmarks.training_speed")
@@ -133,10 +133,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/training-speed"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        parser.error(f"unknown variant(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(VARIANTS)}")
+    variants = names_of(parser, "--variants", args.variants, VARIANTS)
     if args.epochs < 1 or args.repeats < 1:
         parser.error("--epochs and --repeats must be at least 1")
 

@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks.common import dataset_params, datasets, save, write_json
+from benchmarks.common import dataset_params, datasets, names_of, save, write_json
 from benchmarks.gpu import exported_params
 from components import pipeline
 from components.cli import add_params_arguments, run_main, setup_logging
@@ -633,10 +633,7 @@ def main() -> int:
         print(f"bert / mf {cmp['mean']:.3f} (per seed: " +
               ", ".join(f"{r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" for r in cmp["per_seed"]) + ")")
         return 0
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in TRAINED_BY]
-    if not models or unknown:
-        parser.error(f"--models: unknown {unknown}; choose from {', '.join(TRAINED_BY)}")
+    models = names_of(parser, "--models", args.models, TRAINED_BY)
     if not args.minutes > 0 or args.seeds < 1 or args.jobs < 1 or (args.max_trials is not None and args.max_trials < 1):
         parser.error("--minutes must be above 0, --seeds, --jobs and --max-trials at least 1")
     if args.ablate and len(models) != 1:
