@@ -488,16 +488,7 @@ def ablate(model: str, best: dict[str, Any], changes: list[str], params: Params,
     """`model` with its tuned settings and each single change (`KEY=VALUE`) on the inner
     holdout, `seeds` seeds each: the quality table's rows, measured where the settings were chosen (the test
     split unread). From an `exported` folder (features.holdout=inner), `jobs` runs at a time."""
-    from components.config import apply_overrides
-
-    rows = {"tuned": best}
-    for change in changes:
-        key, _, value = change.partition("=")
-        if not key.startswith(f"{model}.") or not value:
-            raise TuningError(f"--ablate {change!r}: expected {model}.KEY=VALUE (a setting of the tuned model)")
-        # Parsed as --set parses it (yes -> true, 1e-4 -> a number), onto the tuned settings.
-        tuned = with_settings(params, best).to_dict()
-        rows[change] = {**best, key: _lookup(apply_overrides(tuned, [change]), key)}
+    rows = {"tuned": best, **{change: {**best, **changed(model, params, best, change)} for change in changes}}
     runs = {(name, i): with_settings(params, {**settings, "features.holdout": "inner", "seed": params.seed + i})
             for name, settings in rows.items() for i in range(seeds)}
     if exported is not None:
@@ -520,6 +511,21 @@ def ablate(model: str, best: dict[str, Any], changes: list[str], params: Params,
         log.info("ablation %s: inner-holdout NDCG@10 %.4f%s", name, row["mean"],
                  f" ± {row['sd']:.4f}" if row["sd"] is not None else "")
     return out
+
+
+def changed(model: str, params: Params, best: dict[str, Any], change: str) -> dict[str, Any]:
+    """{KEY: value} of an `--ablate KEY=VALUE`, the value parsed as `--set` parses it (yes ->
+    true, 1e-4 -> a number) and checked on the tuned settings: a ParamsError naming a bad key
+    or value, so a call refuses it before its study runs."""
+    from components.config import apply_overrides
+
+    key, _, value = change.partition("=")
+    if not key.startswith(f"{model}.") or not value:
+        raise TuningError(f"--ablate {change!r}: expected {model}.KEY=VALUE (a setting of the tuned model)")
+    tuned = with_settings(params, best)
+    setting = {key: _lookup(apply_overrides(tuned.to_dict(), [change]), key)}
+    with_settings(tuned, setting)  # the value's type and range
+    return setting
 
 
 def _lookup(raw: dict[str, Any], key: str) -> Any:
@@ -655,6 +661,11 @@ def main() -> int:
                 parser.error(f"{test_exported}: not exported with features.holdout=test")
     else:
         params = dataset_params(args.params, args.dataset, args.data_dir, args.overrides, args.override_files)
+    for change in args.ablate:  # refused now, not after the study
+        try:
+            changed(models[0], params, {}, change)
+        except TuningError as e:
+            parser.error(str(e))
     spaces = yaml.safe_load(args.space.read_text()) if args.space else SPACES
     if not isinstance(spaces, dict):
         parser.error(f"{args.space}: expected a mapping of models to their search spaces")

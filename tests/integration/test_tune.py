@@ -118,6 +118,12 @@ def test_a_bad_search_space_is_refused_by_name(tmp_path):
     space.write_text(yaml.safe_dump({"bert": {"bert.dropout": {"float": [0.1, 0.3]}}}))
     proc = _tune(tmp_path, [], "--models", "mf", "--space", str(space))
     assert proc.returncode == 2 and "no search space for 'mf'" in proc.stderr
+    # An ablation's change is checked before the study runs (no trial, no study stored).
+    for change, message in (("bert.nope=3", "unknown key bert.nope"), ("bert.mode=foo", "bert.mode: expected one of"),
+                            ("mf.factors=8", "expected bert.KEY=VALUE")):
+        proc = _tune(tmp_path, [], "--models", "bert", "--space", str(space), "--ablate", change)
+        assert proc.returncode == 2 and message in proc.stderr and "queued" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "studies.db").exists()
 
 
 def test_a_pruned_trial_kills_the_stage_process(tmp_path):
