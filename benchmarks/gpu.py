@@ -189,11 +189,18 @@ def _device_name(accelerator: str) -> str:
     return f"CPU ({machine()['cpus']} cores); torch {torch.__version__}"
 
 
-def exported_params(folder: Path, overrides: list[str]):
-    """The resolved settings `export` wrote for one dataset's folder, with `overrides`."""
-    from components.config import apply_overrides, params_from_dict
+def exported_params(folder: Path, overrides: list[str], override_files: list[Path] = ()):
+    """The resolved settings `export` wrote for one dataset's folder, with partial settings files
+    (presets) and then `overrides` laid over them; a ValueError when the folder holds no export."""
+    from components.config import apply_overrides, merge_file, params_from_dict
 
-    return params_from_dict(apply_overrides(json.loads((folder / "params.json").read_text()), overrides))
+    written = folder / "params.json"
+    if not written.is_file():
+        raise ValueError(f"{folder}: no export here ({written.name} missing): `python -m benchmarks.gpu export` writes one")
+    raw = json.loads(written.read_text())
+    for file in override_files:
+        raw = merge_file(raw, file)
+    return params_from_dict(apply_overrides(raw, overrides))
 
 
 def _reset_memory(accelerator: str) -> None:

@@ -13,8 +13,9 @@ process is killed, not left running).
 - The search: TPE over the space in `SPACES` (or `--space FILE`: YAML by model, each
   `key: {log|float|int: [low, high]}` or `key: {choice: [...]}`; a model tunes its own section
   only, `mf.*` or `bert.*`, so no space can reach the holdout, the data or the seed).
-- The budget is wall time, the same `--minutes` for every model of the call (trials are not
-  interrupted: the last one started before the budget ran out finishes). The study lives in
+- The budget is trial time, the same `--minutes` for every model of the call, per process
+  (`--jobs N`: N x `--minutes` of trials; trials are not interrupted: the last one started
+  before the budget ran out finishes). The study lives in
   SQLite (`--study-db`), named by the dataset, the model and a hash of the settings and the
   space, so a second call with the same ones resumes it with what is left of the budget (the
   seconds every stored trial recorded; a trial cut off by a killed call counts nothing) and
@@ -27,8 +28,9 @@ process is killed, not left running).
   users) and scored once on the test split: NDCG@10 mean and sd over the seeds, and with both
   models, each seed's bert / mf ratio with its paired-bootstrap 95 % interval.
 
-- The study starts from the dataset's own settings: they are queued as a trial (once, where
-  the space holds them), so its best is never below them.
+- The study starts from the dataset's own settings: they are queued as a trial that is never
+  pruned (again if it failed or was cut off), so its best is never below them. A setting outside
+  the space is left to the sampler in that trial, by name.
 - `--jobs N`: N processes share the study (its SQLite file), each with --minutes of trials.
 - `--input DIR` (with `--test-input DIR` for `--score-test`): the sequence model is tuned on
   the folders `python -m benchmarks.gpu export --set features.holdout=inner` (and without it)
@@ -71,12 +73,17 @@ from benchmarks.common import dataset_params, datasets, names_of, save, write_js
 from benchmarks.gpu import exported_params
 from components import pipeline
 from components.cli import add_params_arguments, run_main, setup_logging
-from components.config import Params, params_from_dict
+from components.config import DEFAULT_PARAMS, Params, params_from_dict, set_key
 from components.pipeline import Artifacts
 
 log = logging.getLogger("benchmarks.tune")
 
 K = 10
+# Settings an export (`--input`) fixed when it was written: its text embeddings, and the stages
+# before fine-tuning, which it does not run.
+EXPORTED = ("bert.pretrain.", "bert.text_encoder.")
+# A process of a study stops after this many failed trials in a row (a broken setup, not bad luck).
+FAILURES_IN_A_ROW = 3
 # The stage that trains each model.
 TRAINED_BY = {"mf": "train_mf", "bert": "finetune_bert"}
 # The search spaces: dotted params key -> (kind, arguments). Ranges around the published
@@ -137,17 +144,6 @@ def check_space(model: str, space: Any, params: Params) -> dict[str, dict[str, l
     return space
 
 
-def _set(raw: dict[str, Any], key: str, value: Any) -> None:
-    """raw[a][b][c] = value for key "a.b.c", an existing setting only."""
-    *parents, leaf = key.split(".")
-    node = raw
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or leaf not in node:
-        raise ValueError(f"{key!r} is not a setting of params.yaml")
-    node[leaf] = value
-
-
 def suggest(trial: Any, space: dict[str, dict[str, list]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, spec in space.items():
@@ -166,7 +162,7 @@ def with_settings(params: Params, settings: dict[str, Any]) -> Params:
     would read 1e-05 as a string)."""
     raw = params.to_dict()
     for key, value in settings.items():
-        _set(raw, key, value)
+        set_key(raw, key.split("."), value)
     return params_from_dict(raw)
 
 
@@ -314,29 +310,48 @@ def _open_study(storage: str, name: str, seed: int, create: bool) -> Any:
     return study
 
 
+# The user attribute that marks the trial a study starts from (`start_from`).
+START = "start"
+
+
 def start_from(study: Any, space: dict[str, dict[str, list]], params: Params) -> None:
-    """Queue the settings the study starts from (the dataset's preset) as its next trial, once,
-    where the space holds them: a study then never reports a best below what it was to improve
-    on (a wide space's random start can miss a hand-chosen point)."""
-    current = {}
+    """Queue the settings the study starts from (the dataset's preset) as a trial, so that a
+    study never reports a best below what it was to improve on (a wide space's random start can
+    miss a hand-chosen point). Once: again only when that trial failed or was cut off (an earlier
+    version's pruned one included; the objective never prunes it now). A setting the space does
+    not hold (a choice it lacks, a value outside a range: TPE cannot model a weight decay of 0
+    on a log range) is left to the sampler, by name; the rest still start from the preset."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    held = (state.COMPLETE, state.RUNNING, state.WAITING)
+    if any(t.user_attrs.get(START) and t.state in held for t in study.trials):
+        return
+    current, outside = {}, []
     for key, spec in space.items():
         kind, values = next(iter(spec.items()))
         value = _lookup(params.to_dict(), key)
         inside = value in values if kind == "choice" else values[0] <= value <= values[1]
-        if not inside:
-            log.info("the current %s=%r lies outside the space: not queued as a trial", key, value)
-            return
-        current[key] = value
-    if any(t.params == current for t in study.trials):
+        if inside:
+            current[key] = value
+        else:
+            outside.append(f"{key}={value!r}")
+    if not current:
+        log.info("the current settings lie outside the space (%s): no trial starts from them", ", ".join(outside))
         return
-    log.info("queued the current settings as a trial: %s", current)
-    study.enqueue_trial(current, skip_if_exists=True)
+    # A study an earlier version started ran these settings unmarked.
+    if not outside and any(t.params == current and t.state == state.COMPLETE for t in study.trials):
+        return
+    log.info("queued the current settings as a trial: %s%s", current,
+             f" (outside the space, left to the sampler: {', '.join(outside)})" if outside else "")
+    study.enqueue_trial(current, user_attrs={START: True})
 
 
 def optimize(job: Job) -> None:
     """Run trials of the stored study until `job.seconds` or the study's `max_trials`."""
     import optuna
 
+    from components.config import ParamsError
     from components.pipeline import StageFailed
 
     inner = params_from_dict(job.inner)
@@ -348,32 +363,62 @@ def optimize(job: Job) -> None:
 
     def objective(trial: Any) -> float:
         settings = suggest(trial, job.space)
-        log.info("%s trial %d: %s", tag, trial.number, settings)
-        start = time.perf_counter()
+        start = bool(trial.user_attrs.get(START))  # the preset's trial runs to its end
+        log.info("%s trial %d%s: %s", tag, trial.number, " (the current settings)" if start else "", settings)
+        began = time.perf_counter()
 
         def on_epoch(epoch: int, value: float) -> None:
             trial.report(value, epoch)
-            if trial.should_prune():
+            if not start and trial.should_prune():
                 log.info("%s trial %d pruned after epoch %d (validation NDCG@10 %.4f)", tag, trial.number, epoch,
                          value)
                 raise optuna.TrialPruned()
 
-        run = with_settings(inner, settings)
         try:
+            run = with_settings(inner, settings)
             if job.exported:
                 value, _ = train_exported(Path(job.exported), run, root / f"trial-{trial.number}", on_epoch)
             else:
                 value, _ = train_and_score(job.model, run, Artifacts(root), on_epoch)
+        except failures as e:  # the reason stays with the trial, in the output too
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[-1000:])
+            raise
         finally:
-            trial.set_user_attr("seconds", time.perf_counter() - start)
+            trial.set_user_attr("seconds", time.perf_counter() - began)
         log.info("%s trial %d: inner-holdout NDCG@10 %.4f", tag, trial.number, value)
         return value
 
-    callbacks = [optuna.study.MaxTrialsCallback(job.max_trials, states=None)] if job.max_trials else []
-    study.optimize(objective, timeout=job.seconds, callbacks=callbacks, catch=(StageFailed,))
+    # What settings can cause fails the trial, not the study: settings that do not go together
+    # (ParamsError), a stage process's failure (StageFailed); a stage run in this process (an
+    # export) raises a ValueError or runs out of memory (RuntimeError, torch's CUDA one included). A study
+    # whose trials keep failing stops rather than spend its budget on them.
+    failures = (StageFailed, ValueError, RuntimeError, MemoryError) if job.exported else (StageFailed, ParamsError)
+    streak = [0]
+
+    def give_up(study: Any, trial: Any) -> None:
+        streak[0] = streak[0] + 1 if trial.state == optuna.trial.TrialState.FAIL else 0
+        if streak[0] >= FAILURES_IN_A_ROW:
+            log.error("%s: %d trials in a row failed (the last: %s); this process stops", tag, streak[0],
+                      trial.user_attrs.get("error"))
+            study.stop()
+
+    callbacks = [give_up]
+    if job.max_trials:
+        callbacks.append(optuna.study.MaxTrialsCallback(job.max_trials, states=None))
+    for left_over in root.glob("trial-*"):  # a killed call's exported trial (its process gone)
+        shutil.rmtree(left_over, ignore_errors=True)
+    study.optimize(objective, timeout=job.seconds, callbacks=callbacks, catch=failures)
 
 
 def _worker(job: Job) -> None:
+    """One of `--jobs` processes: it dies with the call (a SIGKILLed parent runs no handler),
+    and a SIGTERM unwinds it, so the running trial's stage processes and folder go too."""
+    from components.pipeline import die_with_parent
+
+    arm = die_with_parent()
+    if arm is not None:
+        arm()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     setup_logging()
     optimize(job)
 
@@ -386,13 +431,13 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
     import optuna
 
     study = _open_study(storage, name, params.seed, create=True)
-    start_from(study, space, params)
     inner = with_settings(params, {"features.holdout": "inner"})
     left = minutes * 60 * jobs - spent_seconds(study)
-    done = sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)  # the queued one is to run
+    done = sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)  # a queued one is to run
     log.info("%s: study %r holds %d trials (%.1f min); %.1f of the %.0f trial-minutes left (%d process%s)", model,
              name, done, spent_seconds(study) / 60, max(left, 0) / 60, minutes * jobs, jobs, "es" if jobs > 1 else "")
     if left > 0 and (max_trials is None or done < max_trials):
+        start_from(study, space, params)
         share = [Job(model, inner.to_dict(), space, storage, name, left / jobs, max_trials, str(work),
                      None if exported is None else str(exported), worker) for worker in range(jobs)]
         if jobs == 1:
@@ -405,15 +450,18 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
                 process.start()
             for process in processes:
                 process.join()
-            failed = [p.exitcode for p in processes if p.exitcode]
+            failed = {i: p.exitcode for i, p in enumerate(processes) if p.exitcode}
             if failed:
-                log.warning("%s: %d of %d processes exited with %s", model, len(failed), jobs, failed)
+                raise TuningError(f"{model}: process(es) {', '.join(f'{i} exited with {c}' for i, c in failed.items())}"
+                                  f" (see the log above); the study {name!r} keeps every finished trial: the same "
+                                  "command resumes it")
     else:
         log.info("%s: the budget is spent (%.0f min or %s trials); reporting the stored study", model,
                  minutes * jobs, max_trials)
     study = _open_study(storage, name, params.seed, create=False)  # what every process stored
     trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-               "seconds": t.user_attrs.get("seconds"), "epochs_reported": len(t.intermediate_values)}
+               "seconds": t.user_attrs.get("seconds"), "epochs_reported": len(t.intermediate_values),
+               **{k: t.user_attrs[k] for k in (START, "error") if k in t.user_attrs}}
               for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
@@ -478,7 +526,7 @@ def score_test(models: dict[str, dict[str, Any]], params: Params, work: Path, se
                       "sd": float(np.std(values, ddof=1)) if seeds > 1 else None, "test_splits": splits}
         on_model(model, out[model])
     if {"mf", "bert"} <= models.keys():
-        ratios = [paired_bootstrap_ratio(b, m, seed=params.seed) for b, m in zip(per_user["bert"], per_user["mf"])]
+        ratios = [paired_bootstrap_ratio(b, m, seed=run.seed) for b, m, run in zip(per_user["bert"], per_user["mf"], runs)]
         out["bert_over_mf"] = ratio_summary(ratios)
     return out, per_user
 
@@ -523,8 +571,12 @@ def changed(model: str, params: Params, best: dict[str, Any], change: str) -> di
     if not key.startswith(f"{model}.") or not value:
         raise TuningError(f"--ablate {change!r}: expected {model}.KEY=VALUE (a setting of the tuned model)")
     tuned = with_settings(params, best)
-    setting = {key: _lookup(apply_overrides(tuned.to_dict(), [change]), key)}
-    with_settings(tuned, setting)  # the value's type and range
+    try:
+        setting = {key: _lookup(apply_overrides(tuned.to_dict(), [change]), key)}
+        with_settings(tuned, setting)  # the value's type and range, beside the other settings
+    except ValueError as e:
+        where = "on the tuned settings" if best else "on the current settings"
+        raise TuningError(f"--ablate {change!r} {where}: {e}") from None
     return setting
 
 
@@ -540,31 +592,50 @@ def ratio_summary(ratios: list[tuple[float, float, float]]) -> dict[str, Any]:
             "sd": float(np.std([r[0] for r in ratios], ddof=1)) if len(ratios) > 1 else None}
 
 
-def save_per_user(path: Path, result: dict[str, Any], per_user: list[np.ndarray]) -> None:
-    """One model's per-user test NDCG@10 by seed, with each seed's split's fingerprint (`--ratio`)."""
-    np.savez(path, test_splits=np.asarray(result["test_splits"]), seeds=np.asarray(result["seeds"]),
-             **{f"seed{seed}": values for seed, values in zip(result["seeds"], per_user)})
+def save_per_user(path: Path, model: str, result: dict[str, Any], per_user: list[np.ndarray]) -> None:
+    """One model's per-user test NDCG@10 by seed, with the model's name and each seed's split's
+    fingerprint (`--ratio`)."""
+    np.savez(path, model=np.asarray(model), test_splits=np.asarray(result["test_splits"]),
+             seeds=np.asarray(result["seeds"]), **{f"seed{seed}": values for seed, values in zip(result["seeds"], per_user)})
 
 
-def ratio(bert_file: Path, mf_file: Path, seed: int = 0) -> dict[str, Any]:
+def load_per_user(path: Path, model: str) -> dict[str, Any]:
+    """A `save_per_user` file of `model`: {"splits": {seed: fingerprint}, seed: per-user values};
+    a TuningError naming the file when it is missing, not such a file, or another model's."""
+    try:
+        with np.load(path) as f:
+            held = str(f["model"])
+            seeds = [int(s) for s in f["seeds"]]
+            out: dict[Any, Any] = {"splits": dict(zip(seeds, (str(x) for x in f["test_splits"])))}
+            out.update({s: np.asarray(f[f"seed{s}"], dtype=float) for s in seeds})
+    except FileNotFoundError:
+        raise TuningError(f"{path}: no such file") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise TuningError(f"{path}: not the per-user test scores `--score-test` writes ({e})") from None
+    if held != model:
+        raise TuningError(f"{path} holds {held}'s scores where {model}'s belong (--ratio BERT_NPZ MF_NPZ)")
+    return out
+
+
+def ratio(bert_file: Path, mf_file: Path) -> dict[str, Any]:
     """bert / mf from two `save_per_user` files (say a GPU machine's bert and this machine's
-    MF), over the seeds both hold: per seed, the paired-bootstrap 95 % interval. An error where
-    a seed's test splits differ, or no seed is shared."""
+    MF), over the seeds both hold: per seed, the paired-bootstrap 95 % interval (drawn with the
+    seed itself, as `score_test` draws it). An error where a seed's test splits differ, or no
+    seed is shared."""
     from components.metrics import paired_bootstrap_ratio
 
-    files = {"bert": np.load(bert_file), "mf": np.load(mf_file)}
-    splits = {name: dict(zip((int(s) for s in f["seeds"]), (str(x) for x in f["test_splits"])))
-              for name, f in files.items()}
+    files = {"bert": load_per_user(bert_file, "bert"), "mf": load_per_user(mf_file, "mf")}
+    splits = {name: f["splits"] for name, f in files.items()}
     seeds = [s for s in splits["bert"] if s in splits["mf"]]
     if not seeds:
         raise TuningError(f"{bert_file} and {mf_file} share no seed ({sorted(splits['bert'])} vs {sorted(splits['mf'])})")
     differ = [s for s in seeds if splits["bert"][s] != splits["mf"][s]]
     if differ:
         raise TuningError(f"{bert_file} and {mf_file} were scored on different test splits for seed(s) {differ}")
-    ratios = [paired_bootstrap_ratio(files["bert"][f"seed{s}"], files["mf"][f"seed{s}"], seed=seed) for s in seeds]
+    ratios = [paired_bootstrap_ratio(files["bert"][s], files["mf"][s], seed=s) for s in seeds]
     out: dict[str, Any] = {"seeds": seeds, "test_splits": [splits["bert"][s] for s in seeds]}
     for name, f in files.items():
-        values = [float(f[f"seed{s}"].mean()) for s in seeds]
+        values = [float(f[s].mean()) for s in seeds]
         out[name] = {"ndcg@10": values, "mean": float(np.mean(values)),
                      "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
     out["bert_over_mf"] = ratio_summary(ratios)
@@ -608,7 +679,8 @@ def main() -> int:
     parser.add_argument("--dataset", default="movielens-100k", help=f"one of {', '.join(datasets())}")
     parser.add_argument("--data-dir", type=Path, default=None, help="dataset folder")
     parser.add_argument("--models", default="mf,bert", help=f"comma-separated: {', '.join(TRAINED_BY)}")
-    parser.add_argument("--minutes", type=float, default=60.0, help="wall-time budget of each model's study")
+    parser.add_argument("--minutes", type=float, default=60.0,
+                        help="each model's budget: minutes of trials per process (--jobs N: N x this)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes sharing each study (and the test seeds of --input), for --minutes each")
     parser.add_argument("--max-trials", type=int, default=None, help="and at most this many trials per study (with --jobs, trials "
@@ -648,8 +720,14 @@ def main() -> int:
     if args.input:
         if models != ["bert"]:
             parser.error("--input trains the sequence model alone: --models bert (MF needs the pipeline)")
+        if args.data_dir is not None or args.params.resolve() != DEFAULT_PARAMS.resolve():
+            parser.error("--input reads the settings its export was written with: --params and --data-dir belong "
+                         "to `python -m benchmarks.gpu export`; --params-overrides and --set apply here")
         exported = args.input / args.dataset
-        params = exported_params(exported, args.overrides)
+        try:
+            params = exported_params(exported, args.overrides, args.override_files)
+        except ValueError as e:
+            parser.error(str(e))
         if params.features.holdout != "inner":
             parser.error(f"{exported}: exported with features.holdout={params.features.holdout}; tuning reads an "
                          "export with --set features.holdout=inner")
@@ -657,11 +735,14 @@ def main() -> int:
             if args.test_input is None:
                 parser.error("--score-test with --input needs --test-input (the export with features.holdout=test)")
             test_exported = args.test_input / args.dataset
-            if exported_params(test_exported, []).features.holdout != "test":
-                parser.error(f"{test_exported}: not exported with features.holdout=test")
+            try:
+                if exported_params(test_exported, []).features.holdout != "test":
+                    parser.error(f"{test_exported}: not exported with features.holdout=test")
+            except ValueError as e:
+                parser.error(str(e))
     else:
         params = dataset_params(args.params, args.dataset, args.data_dir, args.overrides, args.override_files)
-    for change in args.ablate:  # refused now, not after the study
+    for change in args.ablate:  # refused now, not after the study (the tuned settings checked then)
         try:
             changed(models[0], params, {}, change)
         except TuningError as e:
@@ -673,6 +754,11 @@ def main() -> int:
         spaces = {m: check_space(m, spaces.get(m), params) for m in models}
     except ValueError as e:
         parser.error(f"{args.space or 'SPACES'}: {e}")
+    if exported is not None:  # the export ran these stages already: changing them would change nothing
+        fixed = [k for k in [*spaces["bert"], *(c.partition("=")[0] for c in args.ablate)] if k.startswith(EXPORTED)]
+        if fixed:
+            parser.error(f"--input: {', '.join(fixed)} were fixed when the export was written (it holds the text "
+                         "embeddings, and only fine-tuning runs): tune or ablate them through the pipeline")
     args.study_db.parent.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{args.study_db.resolve()}"
     work = args.workdir / args.dataset
@@ -701,10 +787,11 @@ def main() -> int:
             print(f"{args.dataset} {model}: test NDCG@10 {test['mean']:.4f}{sd} over {args.seeds} seeds")
             save(out, args.out, plot)
 
-        test_params = params if test_exported is None else exported_params(test_exported, args.overrides)
+        test_params = (params if test_exported is None else
+                       exported_params(test_exported, args.overrides, args.override_files))
         test, per_user = score_test(results, test_params, work, args.seeds, scored, test_exported, args.jobs)
         for model in models:
-            save_per_user(args.out.with_name(f"{args.out.stem}.{model}.test.npz"), test[model], per_user[model])
+            save_per_user(args.out.with_name(f"{args.out.stem}.{model}.test.npz"), model, test[model], per_user[model])
         if "bert_over_mf" in test:
             results["bert_over_mf"] = test["bert_over_mf"]
             per_seed = ", ".join(f"{r['ratio']:.3f}" for r in test["bert_over_mf"]["per_seed"])

@@ -247,6 +247,9 @@ class BertRecConfig:
                 raise ParamsError(f"bert.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.text_experts < 1:
             raise ParamsError(f"bert.text_experts must be at least 1, got {self.text_experts}")
+        if self.num_heads < 1 or self.hidden_size % self.num_heads:
+            raise ParamsError(f"bert.hidden_size ({self.hidden_size}) must be a multiple of bert.num_heads "
+                              f"({self.num_heads}): each head takes an equal share")
         if self.loss != "full" and self.num_negatives < 1:
             raise ParamsError(f"bert.num_negatives must be at least 1 with bert.loss={self.loss}, got {self.num_negatives}")
 
@@ -550,16 +553,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part) if isinstance(node, dict) else None
-            if not isinstance(child, dict):
-                raise ParamsError(f"override {text!r}: unknown key {'.'.join(path[: i + 1])}")
-            node = child
-        if path[-1] not in node:
-            raise ParamsError(f"override {text!r}: unknown key {'.'.join(path)}")
-        node[path[-1]] = value
+        try:
+            set_key(out, path, value)
+        except ParamsError as exc:
+            raise ParamsError(f"override {text!r}: {exc}") from None
     return out
+
+
+def set_key(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """raw[a][b][c] = value for the path [a, b, c], in place: an existing setting only, else a
+    ParamsError naming the first unknown part."""
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(child, dict):
+            raise ParamsError(f"unknown key {'.'.join(path[: i + 1])}")
+        node = child
+    if path[-1] not in node:
+        raise ParamsError(f"unknown key {'.'.join(path)}")
+    node[path[-1]] = value
 
 
 def read_raw(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:

@@ -50,6 +50,12 @@ def exported(tmp_path_factory) -> Path:
     return _export(tmp_path_factory.mktemp("gpu-input"), "input")
 
 
+@pytest.fixture(scope="module")
+def exported_inner(exported) -> Path:
+    """The same with the inner holdout: what a study tunes on."""
+    return _export(exported.parent, "input-inner", "features.holdout=inner")
+
+
 def test_export_then_smoke_run_without_what_the_gpu_machine_lacks(exported, tmp_path):
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["datasets"] == ["synthetic"] and manifest["texts"] > 0
@@ -133,7 +139,7 @@ def test_merge_and_plot_take_skipped_sections(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
-def test_tune_on_exports_in_processes_ablates_scores_and_pairs_with_mf_from_here(exported, tmp_path):
+def test_tune_on_exports_in_processes_ablates_scores_and_pairs_with_mf_from_here(exported, exported_inner, tmp_path):
     """The GPU machine's study: bert tuned on an inner-holdout export by two processes sharing
     the study (the dataset's own settings queued first), the tuned settings and a single change
     on the inner holdout per seed, the test export scored per seed; then paired, by the test
@@ -141,8 +147,7 @@ def test_tune_on_exports_in_processes_ablates_scores_and_pairs_with_mf_from_here
     import numpy as np
     import yaml
 
-    root = exported.parent
-    inner = _export(root, "input-inner", "features.holdout=inner")
+    root, inner = exported.parent, exported_inner
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"bert": {"bert.finetune.lr": {"log": [1e-4, 5e-3]},
                                               "bert.dropout": {"float": [0.1, 0.3]}}}))
@@ -196,3 +201,114 @@ def test_tune_on_exports_in_processes_ablates_scores_and_pairs_with_mf_from_here
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "different test splits" in refused.stderr
     assert not (tmp_path / "r2.json").exists()
+
+
+def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_failing_trials(exported_inner, tmp_path):
+    """Behind three earlier trials that validated perfectly at every epoch, the trial of the
+    dataset's own settings still runs all its epochs (never pruned: a study's best is then never
+    below them), while an ordinary trial as far behind is pruned. Trials whose settings fail
+    are failed with their reason, and a process stops after three in a row."""
+    import optuna
+
+    from benchmarks.gpu import exported_params
+    from benchmarks.tune import FAILURES_IN_A_ROW, START, Job, _open_study, optimize, start_from
+
+    folder = exported_inner / "synthetic"
+    params = exported_params(folder, ["bert.finetune.max_epochs=6", "bert.finetune.patience=50"])
+    space = {"bert.dropout": {"float": [0.1, 0.3]}}
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = _open_study(storage, "pruned", 0, create=True)
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(
+            params={"bert.dropout": 0.15}, distributions={"bert.dropout": optuna.distributions.FloatDistribution(0.1, 0.3)},
+            value=1.0, intermediate_values={epoch: 1.0 for epoch in range(1, 7)}))
+    start_from(study, space, params)
+    study.enqueue_trial({"bert.dropout": 0.25})
+    optimize(Job("bert", params.to_dict(), space, storage, "pruned", 600.0, 6, str(tmp_path / "w"), str(folder), 0))
+    first, ordinary = _open_study(storage, "pruned", 0, create=False).trials[3:5]
+    assert first.user_attrs[START] and first.params == {"bert.dropout": params.bert.dropout}
+    assert first.state == optuna.trial.TrialState.COMPLETE and sorted(first.intermediate_values) == [1, 2, 3, 4, 5, 6]
+    assert ordinary.state == optuna.trial.TrialState.PRUNED and len(ordinary.intermediate_values) < 6
+    assert max(ordinary.intermediate_values.values()) < 1.0
+
+    # Every trial's settings fail (16 wide, 3 heads): each trial fails with its reason, the
+    # process stops after three in a row instead of spending ten minutes on them.
+    heads = {"bert.num_heads": {"choice": [3]}}
+    _open_study(storage, "failing", 0, create=True)
+    optimize(Job("bert", params.to_dict(), heads, storage, "failing", 600.0, None, str(tmp_path / "w"), str(folder), 0))
+    trials = _open_study(storage, "failing", 0, create=False).trials
+    assert len(trials) == FAILURES_IN_A_ROW and all(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    assert all("multiple of bert.num_heads" in t.user_attrs["error"] for t in trials)
+    assert not list((tmp_path / "w").glob("*/trial-*"))
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_a_killed_study_takes_its_processes_and_trial_folders_with_it(exported_inner, tmp_path):
+    """The user's path: a `--jobs 2` study on an export, stopped by a scheduler's SIGTERM, then
+    (resumed) by a SIGKILL, where no handler runs. Both times no process of it trains on
+    unwatched; the SIGTERM removes the running trials' folders, and the next call removes what
+    the SIGKILL left."""
+    import signal
+    import time
+
+    import psutil
+    import yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"bert": {"bert.dropout": {"float": [0.1, 0.3]}}}))
+    work = tmp_path / "w" / "synthetic"
+
+    def start(*sets: str, more: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"log-{time.monotonic_ns()}.txt"
+        cmd = [sys.executable, "-m", "benchmarks.tune", "--input", str(exported_inner), "--dataset", "synthetic",
+               "--models", "bert", "--jobs", "2", "--space", str(space), "--study-db", str(tmp_path / "s.db"),
+               "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "t.json"), "--minutes", "10",
+               *more, *[a for o in sets for a in ("--set", o)]]
+        with log.open("w") as f:
+            return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT), log
+
+    def training(proc: subprocess.Popen, log: Path) -> list:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            if len(list(work.glob("*/trial-*"))) == 2:  # both processes are in a trial
+                return _descendants(proc.pid)
+            time.sleep(0.5)
+        raise AssertionError("no two trials started: " + log.read_text()[-3000:])
+
+    endless = ("bert.finetune.max_epochs=100000", "bert.finetune.patience=100000")
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        proc, log = start(*endless)
+        children = training(proc, log)
+        assert len(children) >= 2
+        proc.send_signal(how)
+        proc.wait(timeout=120)
+        gone, alive = psutil.wait_procs(children, timeout=60)
+        assert not alive, f"after {how.name}: {alive} still running"
+        if how == signal.SIGTERM:
+            assert proc.returncode != 0 and not list(work.glob("*/trial-*")), log.read_text()[-3000:]
+    assert len(list(work.glob("*/trial-*"))) == 2  # what the SIGKILL left
+    proc, log = start("bert.finetune.max_epochs=1", more=("--max-trials", "1"))
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert not list(work.glob("*/trial-*"))
+
+
+def test_tune_on_an_export_refuses_what_the_export_fixed(exported_inner, tmp_path):
+    """Settings the export fixed (its text, the stages before fine-tuning), or a folder that holds
+    no export, are usage errors naming them: never a study that changes nothing."""
+    base = [sys.executable, "-m", "benchmarks.tune", "--dataset", "synthetic", "--models", "bert",
+            "--study-db", str(tmp_path / "s.db"), "--out", str(tmp_path / "t.json")]
+    for args, message in (
+            (["--input", str(tmp_path / "none")], "no export here (params.json missing)"),
+            (["--input", str(exported_inner), "--data-dir", str(tmp_path)], "--params and --data-dir belong"),
+            (["--input", str(exported_inner), "--ablate", "bert.pretrain.enabled=true"],
+             "bert.pretrain.enabled were fixed when the export was written"),
+            (["--input", str(exported_inner), "--ablate", "bert.num_heads=3"], "multiple of bert.num_heads")):
+        done = subprocess.run([*base, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "s.db").exists()

@@ -1,0 +1,91 @@
+"""benchmarks.tune's study bookkeeping, on Optuna's in-memory storage: the trial a study starts
+from (the dataset's own settings), queued once, again when it failed, partly where the space
+lacks a setting; and the per-user score files `--ratio` pairs, refused when wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+
+from benchmarks.tune import START, TuningError, load_per_user, ratio, save_per_user, start_from
+from tests.conftest import tiny_params
+
+SPACE = {"mf.factors": {"choice": [8, 16]}, "mf.regularization": {"log": [0.01, 100.0]}}
+
+
+def _study() -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(direction="maximize")
+
+
+def _run_queued(study: optuna.Study, fail: bool = False) -> None:
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_categorical("mf.factors", [8, 16])
+        trial.suggest_float("mf.regularization", 0.01, 100.0, log=True)
+        if fail:
+            raise RuntimeError("out of memory")
+        return 0.5
+
+    study.optimize(objective, n_trials=1, catch=(RuntimeError,))
+
+
+def test_the_starting_trial_is_queued_once_and_again_when_it_failed():
+    params = tiny_params()
+    study = _study()
+    start_from(study, SPACE, params)
+    start_from(study, SPACE, params)  # already waiting: not twice
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs == {START: True}
+    _run_queued(study, fail=True)
+    first = study.trials[0]
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert first.params == {"mf.factors": params.mf.factors, "mf.regularization": params.mf.regularization}
+    # Failed (a lost machine, memory): the next call queues it again; run to its end, never again.
+    start_from(study, SPACE, params)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+    _run_queued(study)
+    assert study.trials[1].state == optuna.trial.TrialState.COMPLETE and study.trials[1].params == first.params
+    start_from(study, SPACE, params)
+    assert not study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+
+
+def test_a_setting_outside_the_space_is_left_to_the_sampler_the_rest_queued(caplog):
+    params = tiny_params("mf.regularization=0.0")  # outside a log range: TPE cannot hold 0
+    study = _study()
+    with caplog.at_level("INFO", logger="benchmarks.tune"):
+        start_from(study, SPACE, params)
+    assert "mf.regularization=0.0" in caplog.text
+    _run_queued(study)
+    trial = study.trials[0]
+    assert trial.user_attrs == {START: True} and trial.params["mf.factors"] == params.mf.factors
+    assert 0.01 <= trial.params["mf.regularization"] <= 100.0
+    # Nothing of the space held: nothing to start from.
+    study = _study()
+    start_from(study, {"mf.regularization": {"log": [0.01, 100.0]}}, params)
+    assert not study.trials
+
+
+def test_per_user_scores_pair_only_as_written(tmp_path):
+    splits = {"seeds": [42, 43], "test_splits": ["aaaa", "bbbb"]}
+    rng = np.random.default_rng(0)
+    bert = [rng.random(50), rng.random(50)]
+    mf = [rng.random(50), rng.random(50)]
+    save_per_user(tmp_path / "b.npz", "bert", splits, bert)
+    save_per_user(tmp_path / "m.npz", "mf", splits, mf)
+    loaded = load_per_user(tmp_path / "b.npz", "bert")
+    assert loaded["splits"] == {42: "aaaa", 43: "bbbb"} and np.array_equal(loaded[43], bert[1])
+    out = ratio(tmp_path / "b.npz", tmp_path / "m.npz")
+    assert out["seeds"] == [42, 43]
+    assert out["bert_over_mf"]["per_seed"][0]["ratio"] == pytest.approx(bert[0].mean() / mf[0].mean())
+    # Swapped, missing, or not such a file: an error naming it, no traceback.
+    with pytest.raises(TuningError, match="holds mf's scores where bert's belong"):
+        ratio(tmp_path / "m.npz", tmp_path / "b.npz")
+    with pytest.raises(TuningError, match="nope.npz: no such file"):
+        ratio(tmp_path / "nope.npz", tmp_path / "m.npz")
+    (tmp_path / "junk.npz").write_text("not numpy")
+    with pytest.raises(TuningError, match="junk.npz: not the per-user test scores"):
+        ratio(tmp_path / "b.npz", tmp_path / "junk.npz")
+    np.savez(tmp_path / "old.npz", seeds=np.asarray([42]), test_splits=np.asarray(["aaaa"]), seed42=mf[0])
+    with pytest.raises(TuningError, match="old.npz: not the per-user test scores"):
+        ratio(tmp_path / "b.npz", tmp_path / "old.npz")
