@@ -8,6 +8,12 @@ registry versions' tags (`online_ndcg_at_10`, `online_users`, ...), and, when th
 online NDCG@k over at least `online.min_users` users is below `online.rollback_below`, moves
 `champion` back to the version it replaced (its `previous_champion` tag), tagging both.
 
+The move happens under the artifacts folder's lock (flows/lock.py), which the training and
+incremental flows hold while they move the same aliases, and only while the champion is still
+the version measured: a nightly retrain that promoted a new champion meanwhile is never undone
+on its predecessor's figures. When a run holds the lock, the monitor does not wait for it (a
+retrain takes an hour); it says so, and the next hour's run decides.
+
     python -m flows.monitor                 # once, without Prefect
     prefect deploy --name hourly-monitor    # on its schedule
 """
@@ -20,7 +26,9 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from components.cli import ARTIFACTS
 from components.config import Params, load_params
+from flows.lock import FolderBusy, describe, folder_lock
 from flows.promotion import CHALLENGER, CHAMPION, current_champion, read_online, rollback
 from flows.tracking import client, metric_name
 
@@ -34,7 +42,7 @@ class MonitorResult:
     run_id: str
 
 
-def check(params: Params, now: float | None = None) -> MonitorResult:
+def check(params: Params, now: float | None = None, artifacts: Path | str = ARTIFACTS) -> MonitorResult:
     import mlflow
 
     from serving.online import compute
@@ -82,21 +90,40 @@ def check(params: Params, now: float | None = None) -> MonitorResult:
                 if previous is None:
                     reason += f" < {cfg.rollback_below:g}, but there is no previous champion to go back to"
                 else:
-                    reason += f" < {cfg.rollback_below:g}: ROLLED BACK to version {previous}"
-                    mlflow_client.set_model_version_tag(name, champion_version, "online_rollback", reason)
-                    rollback(params, int(previous))
-                    rolled_back_to = previous
+                    reason += f" < {cfg.rollback_below:g}"
+                    rolled_back_to, outcome = roll_back(params, artifacts, champion_version, previous, reason)
+                    reason += outcome
         mlflow.set_tag("decision", reason)
     return MonitorResult(champion_version, rows, rolled_back_to, reason, run.info.run_id)
 
 
+def roll_back(params: Params, artifacts: Path | str, measured: str, previous: str,
+              reason: str) -> tuple[str | None, str]:
+    """Move `champion` from `measured` back to `previous` under the artifacts folder's lock,
+    only while `measured` is still the champion: (the version moved to or None, what happened)."""
+    name = params.tracking.model_name
+    try:
+        with folder_lock(artifacts, "monitor", 0):
+            now = current_champion(params)
+            if now is None or str(now.version) != measured:
+                return None, (f": NOT rolled back, the champion moved to version "
+                              f"{getattr(now, 'version', None)} since it was measured")
+            outcome = f": ROLLED BACK to version {previous}"
+            client(params.tracking).set_model_version_tag(name, measured, "online_rollback", reason + outcome)
+            rollback(params, int(previous))
+            return previous, outcome
+    except FolderBusy as busy:
+        return None, (f": NOT rolled back this hour, {describe(busy.holder)} holds {artifacts} and may move "
+                      "the champion (the next run decides)")
+
+
 @flow(name="monitor")
 def monitor(overrides: list[str] | None = None, params_file: str = "params.yaml",
-            params_overrides: list[str] | None = None) -> dict:
+            params_overrides: list[str] | None = None, artifacts: str = str(ARTIFACTS)) -> dict:
     from serving.online import table
 
     params = load_params(params_file, list(overrides or []), [Path(f) for f in params_overrides or []])
-    result = check(params)
+    result = check(params, artifacts=artifacts)
     logger = get_run_logger()
     logger.info("online metrics, last %g h:\n%s", params.online.window_hours, table(result.rows))
     logger.info(result.reason)
@@ -111,10 +138,11 @@ def main() -> int:
     from serving.online import table
 
     parser = argparse.ArgumentParser(description="Online metrics into MLflow, and rollback on a failing champion.")
-    add_params_arguments(parser, artifacts=False)
+    add_params_arguments(parser)
 
     def run() -> int:
-        result = check(params_from_args(parser.parse_args()))
+        args = parser.parse_args()
+        result = check(params_from_args(args), artifacts=args.artifacts)
         print(table(result.rows))
         print(result.reason)
         return 0

@@ -744,6 +744,8 @@ def test_promotion_and_rollback_on_online_evidence(bundle, tmp_path):
     from mlflow import MlflowClient
 
     from components import pipeline
+    from flows.lock import folder_lock
+    from flows.monitor import roll_back
     from flows.promotion import register_bundle
     from flows.tracking import log_training_run
     from tests.mlflow_server import mlflow_server
@@ -781,8 +783,18 @@ def test_promotion_and_rollback_on_online_evidence(bundle, tmp_path):
 
             session(s, [f"b{i}" for i in range(24)], ids, acts_on_first=None)
             time.sleep(1)
-            proc = subprocess.run([sys.executable, "-m", "flows.monitor", *cli], cwd=REPO, capture_output=True,
-                                  text=True, timeout=180)
+            monitor = [sys.executable, "-m", "flows.monitor", *cli, "--artifacts", str(art.root)]
+            # A retrain holds the folder (and may promote a new champion): the monitor measures,
+            # but leaves the alias to the next hour's run.
+            with folder_lock(art.root, "training", 0):
+                proc = subprocess.run(monitor, cwd=REPO, capture_output=True, text=True, timeout=180)
+            assert proc.returncode == 0 and "NOT rolled back this hour, the training run" in proc.stdout, \
+                proc.stdout + proc.stderr
+            assert registry.get_model_version_by_alias("online", "champion").version == "2"
+            # Figures of a champion that has been replaced since they were measured move nothing.
+            assert roll_back(params, art.root, "1", "0", "stale")[0] is None
+            assert registry.get_model_version_by_alias("online", "champion").version == "2"
+            proc = subprocess.run(monitor, cwd=REPO, capture_output=True, text=True, timeout=180)
             assert proc.returncode == 0 and "ROLLED BACK to version 1" in proc.stdout, proc.stdout + proc.stderr
             assert registry.get_model_version_by_alias("online", "champion").version == "1"
             demoted = registry.get_model_version("online", "2")
