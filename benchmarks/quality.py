@@ -24,6 +24,7 @@ from components.config import Params, apply_overrides, params_from_dict
 from components.evaluate import evaluate, load_models, per_user_ndcg
 from components.factors import FILE_NAME, FactorModel
 from components.pipeline import Artifacts
+from components.sequences import Sequences, load_sequences
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -59,8 +60,9 @@ def run_dataset(dataset: str, models: list[str], params: Params, work: Path) -> 
     outcomes = pipeline.run(params, art, until=[TRAINED_BY[m] for m in trained] or "features")
     results = {name: o.result for name, o in outcomes.items()}
     base = [m for m in models if m in TRAINED_BY or m in DERIVED]
+    seqs = load_sequences(art.features)
     factor_models = load_models(base, {"mf": art.mf / FILE_NAME, "bert": art.bert / FILE_NAME}, art.features,
-                                params.evaluation, params.fusion, art.eval)
+                                params.evaluation, params.fusion, art.eval, seqs)
     seconds = {m: _train_seconds(m, results) for m in trained}
     if "popularity" in models:
         seconds["popularity"] = (0.0, {})
@@ -75,7 +77,7 @@ def run_dataset(dataset: str, models: list[str], params: Params, work: Path) -> 
         v_results = {n: o.result for n, o in pipeline.run(variant, v_art, until="finetune_bert").items()}
         factor_models[name] = FactorModel.load(v_art.bert / FILE_NAME)
         seconds[name] = _train_seconds("bert", v_results)
-    ev = evaluate(art.features, {n: factor_models[n] for n in models}, art.eval, params.evaluation)
+    ev = evaluate(art.features, {n: factor_models[n] for n in models}, art.eval, params.evaluation, seqs=seqs)
     rows = {}
     for name in models:
         row = {k: ev.test[name][k] for k in HEADLINE}
@@ -84,17 +86,15 @@ def run_dataset(dataset: str, models: list[str], params: Params, work: Path) -> 
         row.update(extra)
         rows[name] = row
     if REFERENCE in factor_models:
-        _add_ratios_to_reference(rows, factor_models, art, params)
+        _add_ratios_to_reference(rows, factor_models, seqs, params)
     return rows
 
 
-def _add_ratios_to_reference(rows: dict[str, dict[str, float]], models: dict, art: Artifacts, params: Params) -> None:
+def _add_ratios_to_reference(rows: dict[str, dict[str, float]], models: dict, seqs: Sequences, params: Params) -> None:
     """Test NDCG@10 of each model as a ratio to MF's, with a paired-bootstrap 95% interval: a
     target such as "bert >= MF" is met with confidence only when the interval's low end clears it."""
-    from components.sequences import load_sequences
     from components.metrics import paired_bootstrap_ratio
 
-    seqs = load_sequences(art.features)
     k, batch = 10, params.evaluation.batch_size
     reference = per_user_ndcg(models[REFERENCE], seqs, "test", k, batch)
     for name, row in rows.items():

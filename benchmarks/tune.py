@@ -30,7 +30,7 @@ process is killed, not left running).
 
 - The study starts from the dataset's own settings: they are queued as a trial that is never
   pruned (again if it failed or was cut off), so its best is never below them. A setting outside
-  the space is left to the sampler in that trial, by name.
+  the space is left to the sampler in that trial, by name (the trial is then partly the preset).
 - `--jobs N`: N processes share the study (its SQLite file), each with --minutes of trials.
 - `--input DIR` (with `--test-input DIR` for `--score-test`): the sequence model is tuned on
   the folders `python -m benchmarks.gpu export --set features.holdout=inner` (and without it)
@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import re
 import shutil
 import signal
@@ -62,7 +63,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +79,9 @@ from components.pipeline import Artifacts
 log = logging.getLogger("benchmarks.tune")
 
 K = 10
-# Settings an export (`--input`) fixed when it was written: its text embeddings, and the stages
-# before fine-tuning, which it does not run.
-EXPORTED = ("bert.pretrain.", "bert.text_encoder.")
+# Settings an export (`--input`) fixed when it was written: its data, features and split, its
+# text embeddings, and the stages before fine-tuning, which it does not run.
+FIXED_BY_EXPORT = ("data.", "features.", "bert.pretrain.", "bert.text_encoder.")
 # A process of a study stops after this many failed trials in a row (a broken setup, not bad luck).
 FAILURES_IN_A_ROW = 3
 # The stage that trains each model.
@@ -108,6 +108,33 @@ KINDS = ("log", "float", "int", "choice")
 
 class TuningError(RuntimeError):
     exit_code = 1  # a CLI prints the message and exits with this, no traceback
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a scheduler's timeout, `kill`), raised where the process is. As an interrupt,
+    not SystemExit: Optuna records the running trial as failed (SystemExit would leave it
+    "running" until its heartbeat goes stale), and the unwinding kills the trial's stage
+    processes (components/pipeline.py) and removes its folder."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _arm_child() -> None:
+    """In a process this call spawned (a study's `--jobs` process, a test seed or ablation run):
+    Linux SIGKILLs it when the call dies however it dies (`kill -9` included, where no handler
+    runs), and a SIGTERM unwinds it as it unwinds the call."""
+    from components.pipeline import die_with_parent
+
+    arm = die_with_parent()
+    if arm is not None:
+        arm()
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:  # the call died before the arming
+            os._exit(1)
+    signal.signal(signal.SIGTERM, _terminate)
+    setup_logging()
 
 
 def check_space(model: str, space: Any, params: Params) -> dict[str, dict[str, list]]:
@@ -405,22 +432,16 @@ def optimize(job: Job) -> None:
     callbacks = [give_up]
     if job.max_trials:
         callbacks.append(optuna.study.MaxTrialsCallback(job.max_trials, states=None))
-    for left_over in root.glob("trial-*"):  # a killed call's exported trial (its process gone)
-        shutil.rmtree(left_over, ignore_errors=True)
     study.optimize(objective, timeout=job.seconds, callbacks=callbacks, catch=failures)
 
 
 def _worker(job: Job) -> None:
-    """One of `--jobs` processes: it dies with the call (a SIGKILLed parent runs no handler),
-    and a SIGTERM unwinds it, so the running trial's stage processes and folder go too."""
-    from components.pipeline import die_with_parent
-
-    arm = die_with_parent()
-    if arm is not None:
-        arm()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    setup_logging()
-    optimize(job)
+    """One of `--jobs` processes: it dies with the call, and a SIGTERM unwinds it."""
+    _arm_child()
+    try:
+        optimize(job)
+    except Terminated:
+        sys.exit(128 + signal.SIGTERM)
 
 
 def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], work: Path, storage: str,
@@ -438,6 +459,9 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
              name, done, spent_seconds(study) / 60, max(left, 0) / 60, minutes * jobs, jobs, "es" if jobs > 1 else "")
     if left > 0 and (max_trials is None or done < max_trials):
         start_from(study, space, params)
+        # What a killed call's exported trials left (no process of this call runs yet).
+        for left_over in work.glob(f"{model}-inner*/trial-*"):
+            shutil.rmtree(left_over, ignore_errors=True)
         share = [Job(model, inner.to_dict(), space, storage, name, left / jobs, max_trials, str(work),
                      None if exported is None else str(exported), worker) for worker in range(jobs)]
         if jobs == 1:
@@ -465,7 +489,9 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
               for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        raise TuningError(f"{model}: no trial of study {name!r} completed; give it more --minutes")
+        errors = [t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs]
+        raise TuningError(f"{model}: no trial of study {name!r} completed; " +
+                          (f"{len(errors)} failed, the last with: {errors[-1]}" if errors else "give it more --minutes"))
     return {"study": name, "budget_minutes": minutes * jobs, "processes": jobs,
             "spent_minutes": spent_seconds(study) / 60,
             "trials": trials, "complete": len(complete),
@@ -483,6 +509,12 @@ def write_preset(path: Path, dataset: str, model: str, result: dict[str, Any], d
               f"--params-overrides {path}\n")
     path.write_text(header + yaml.safe_dump(nested(result["best"]), sort_keys=False))
     print(f"wrote {path}")
+
+
+def _pool(processes: int) -> Any:
+    """Spawned processes (each starts CUDA of its own) that die with the call; leaving the `with`
+    block terminates them, so an interrupted call never waits for their runs to finish."""
+    return multiprocessing.get_context("spawn").Pool(processes, initializer=_arm_child)
 
 
 def _score_exported(task: tuple[str, dict[str, Any], str]) -> np.ndarray:
@@ -507,9 +539,8 @@ def score_test(models: dict[str, dict[str, Any]], params: Params, work: Path, se
     splits = []
     if exported is not None:
         tasks = [(str(exported), run.to_dict(), str(work / f"test-seed{run.seed}")) for run in runs]
-        with ProcessPoolExecutor(min(jobs, seeds), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=setup_logging) as pool:
-            per_user["bert"] = list(pool.map(_score_exported, tasks))
+        with _pool(min(jobs, seeds)) as pool:
+            per_user["bert"] = pool.map(_score_exported, tasks, chunksize=1)
         splits = [test_fingerprint(exported)] * len(runs)
     else:
         for run in runs:
@@ -542,9 +573,8 @@ def ablate(model: str, best: dict[str, Any], changes: list[str], params: Params,
     if exported is not None:
         tasks = [(str(exported), run.to_dict(), str(work / f"ablation-{n}-{i}")) for n, ((_, i), run)
                  in enumerate(runs.items())]
-        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=setup_logging) as pool:
-            values = [float(v.mean()) for v in pool.map(_score_exported, tasks)]
+        with _pool(min(jobs, len(tasks))) as pool:
+            values = [float(v.mean()) for v in pool.map(_score_exported, tasks, chunksize=1)]
     else:
         values = [train_and_score(model, run, Artifacts(work / f"ablation-seed{run.seed}"))[0] for run in runs.values()]
     out: dict[str, Any] = {}
@@ -580,6 +610,25 @@ def changed(model: str, params: Params, best: dict[str, Any], change: str) -> di
     return setting
 
 
+def export_settings(folder: Path, holdout: str, overrides: list[str], override_files: list[Path]) -> Params:
+    """The settings an export (`--input`) was written with, the call's presets and `--set` laid
+    over them. A ValueError when it was written with another holdout (a `--set` here cannot turn
+    a test-split export into an inner one), or when the call changes what the export fixed."""
+    from components.config import flatten
+
+    written = exported_params(folder, [])
+    if written.features.holdout != holdout:
+        raise ValueError(f"{folder}: exported with features.holdout={written.features.holdout}; this reads an "
+                         f"export written with --set features.holdout={holdout}")
+    params = exported_params(folder, overrides, override_files)
+    before, after = flatten(written.to_dict()), flatten(params.to_dict())
+    fixed = sorted(k for k in after if k.startswith(FIXED_BY_EXPORT) and after[k] != before.get(k))
+    if fixed:
+        raise ValueError(f"{folder}: {', '.join(fixed)} were fixed when the export was written (its data, split, "
+                         "text embeddings; only fine-tuning runs from it): export again with them")
+    return params
+
+
 def _lookup(raw: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         raw = raw[part]
@@ -610,7 +659,7 @@ def load_per_user(path: Path, model: str) -> dict[str, Any]:
             out.update({s: np.asarray(f[f"seed{s}"], dtype=float) for s in seeds})
     except FileNotFoundError:
         raise TuningError(f"{path}: no such file") from None
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a .npy, one bare array
         raise TuningError(f"{path}: not the per-user test scores `--score-test` writes ({e})") from None
     if held != model:
         raise TuningError(f"{path} holds {held}'s scores where {model}'s belong (--ratio BERT_NPZ MF_NPZ)")
@@ -673,7 +722,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
 def main() -> int:
     # A terminated call (a scheduler's timeout, `kill`) unwinds like an interrupted one, so the
     # running trial's stage processes are killed with it (components/pipeline.py).
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_params_arguments(parser, artifacts=False)
     parser.add_argument("--dataset", default="movielens-100k", help=f"one of {', '.join(datasets())}")
@@ -724,22 +773,15 @@ def main() -> int:
             parser.error("--input reads the settings its export was written with: --params and --data-dir belong "
                          "to `python -m benchmarks.gpu export`; --params-overrides and --set apply here")
         exported = args.input / args.dataset
+        if args.score_test and args.test_input is None:
+            parser.error("--score-test with --input needs --test-input (the export with features.holdout=test)")
         try:
-            params = exported_params(exported, args.overrides, args.override_files)
+            params = export_settings(exported, "inner", args.overrides, args.override_files)
+            if args.score_test:
+                test_exported = args.test_input / args.dataset
+                export_settings(test_exported, "test", args.overrides, args.override_files)
         except ValueError as e:
             parser.error(str(e))
-        if params.features.holdout != "inner":
-            parser.error(f"{exported}: exported with features.holdout={params.features.holdout}; tuning reads an "
-                         "export with --set features.holdout=inner")
-        if args.score_test:
-            if args.test_input is None:
-                parser.error("--score-test with --input needs --test-input (the export with features.holdout=test)")
-            test_exported = args.test_input / args.dataset
-            try:
-                if exported_params(test_exported, []).features.holdout != "test":
-                    parser.error(f"{test_exported}: not exported with features.holdout=test")
-            except ValueError as e:
-                parser.error(str(e))
     else:
         params = dataset_params(args.params, args.dataset, args.data_dir, args.overrides, args.override_files)
     for change in args.ablate:  # refused now, not after the study (the tuned settings checked then)
@@ -755,7 +797,7 @@ def main() -> int:
     except ValueError as e:
         parser.error(f"{args.space or 'SPACES'}: {e}")
     if exported is not None:  # the export ran these stages already: changing them would change nothing
-        fixed = [k for k in [*spaces["bert"], *(c.partition("=")[0] for c in args.ablate)] if k.startswith(EXPORTED)]
+        fixed = [k for k in [*spaces["bert"], *(c.partition("=")[0] for c in args.ablate)] if k.startswith(FIXED_BY_EXPORT)]
         if fixed:
             parser.error(f"--input: {', '.join(fixed)} were fixed when the export was written (it holds the text "
                          "embeddings, and only fine-tuning runs): tune or ablate them through the pipeline")
@@ -788,7 +830,7 @@ def main() -> int:
             save(out, args.out, plot)
 
         test_params = (params if test_exported is None else
-                       exported_params(test_exported, args.overrides, args.override_files))
+                       export_settings(test_exported, "test", args.overrides, args.override_files))
         test, per_user = score_test(results, test_params, work, args.seeds, scored, test_exported, args.jobs)
         for model in models:
             save_per_user(args.out.with_name(f"{args.out.stem}.{model}.test.npz"), model, test[model], per_user[model])
@@ -800,5 +842,13 @@ def main() -> int:
     return 0
 
 
+def _main_terminable() -> int:
+    try:
+        return main()
+    except Terminated:
+        log.error("terminated: the study keeps every finished trial, and the same command resumes it")
+        return 128 + signal.SIGTERM
+
+
 if __name__ == "__main__":
-    run_main(main)
+    run_main(_main_terminable)

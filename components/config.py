@@ -245,6 +245,11 @@ class BertRecConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ParamsError(f"bert.{name} must be in [0, 1), got {getattr(self, name)}")
+            # Packed masks draw in steps of 2^-16 (components/bert/dropout.py): a rate that rounds
+            # to 1 would drop everything.
+            if self.trainer.packed_dropout and getattr(self, name) >= 1.0 - 2.0 ** -17:
+                raise ParamsError(f"bert.{name} must be below 1 - 2^-17 with bert.trainer.packed_dropout, "
+                                  f"got {getattr(self, name)}")
         if self.text_experts < 1:
             raise ParamsError(f"bert.text_experts must be at least 1, got {self.text_experts}")
         if self.num_heads < 1 or self.hidden_size % self.num_heads:

@@ -361,11 +361,13 @@ def evaluate(
     out_dir: Path,
     cfg: EvaluationConfig,
     curve_file: Path | None = None,
+    seqs: Sequences | None = None,
 ) -> EvaluationResult:
     """Evaluate every model on validation and test; write metrics JSON, the Recall@k curve
-    (CSV, `curve_file`, default `out_dir/recall_at_k.csv`) and its plot."""
+    (CSV, `curve_file`, default `out_dir/recall_at_k.csv`) and its plot. `seqs`: the features'
+    sequences when the caller has them loaded already."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    seqs = load_sequences(features_dir)
+    seqs = load_sequences(features_dir) if seqs is None else seqs
     train = seqs.history_matrix("valid")
     train_counts = np.diff(train.indptr)
     popularity = np.asarray(train.sum(axis=0)).ravel()
@@ -441,17 +443,17 @@ def _cell(row: dict[str, float], key: str) -> str:
 
 def load_models(
     names: list[str], factor_files: dict[str, Path], features_dir: Path, cfg: EvaluationConfig,
-    fusion: FusionConfig, out_dir: Path | None = None,
+    fusion: FusionConfig, out_dir: Path | None = None, seqs: Sequences | None = None,
 ) -> dict[str, FactorModel]:
     """Build the factor models named in `evaluation.models`: `popularity` from the training
     counts, trained models from their `factor_files`.
 
     `fused` is the score-level fusion of `fusion.models`, its weight tuned on validation
     NDCG@K (first K of `evaluation.ks`); the weight and the validation curve go to
-    `out_dir/fusion.json`."""
+    `out_dir/fusion.json`. `seqs` as `evaluate` takes them."""
     from components import fusion as fusion_mod
 
-    seqs = load_sequences(features_dir)
+    seqs = load_sequences(features_dir) if seqs is None else seqs
     models: dict[str, FactorModel] = {}
 
     def load(name: str) -> FactorModel:
@@ -497,8 +499,9 @@ def evaluate_models(features_dir: Path, mf_dir: Path, bert_dir: Path, out_dir: P
     """The evaluation stage: every model of `evaluation.models` (the fused one tuned on
     validation), on validation and test."""
     factor_files = {"mf": mf_dir / FILE_NAME, "bert": bert_dir / FILE_NAME}
-    models = load_models(cfg.models, factor_files, features_dir, cfg, fusion, out_dir)
-    return evaluate(features_dir, models, out_dir, cfg, curve_file)
+    seqs = load_sequences(features_dir)  # once for both: at scale, reading them is a cost of its own
+    models = load_models(cfg.models, factor_files, features_dir, cfg, fusion, out_dir, seqs)
+    return evaluate(features_dir, models, out_dir, cfg, curve_file, seqs)
 
 
 if __name__ == "__main__":

@@ -211,7 +211,8 @@ def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_faili
     import optuna
 
     from benchmarks.gpu import exported_params
-    from benchmarks.tune import FAILURES_IN_A_ROW, START, Job, _open_study, optimize, start_from
+    from benchmarks.tune import (FAILURES_IN_A_ROW, START, Job, TuningError, _open_study, optimize, start_from,
+                                 tune_model)
 
     folder = exported_inner / "synthetic"
     params = exported_params(folder, ["bert.finetune.max_epochs=6", "bert.finetune.patience=50"])
@@ -232,14 +233,14 @@ def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_faili
     assert max(ordinary.intermediate_values.values()) < 1.0
 
     # Every trial's settings fail (16 wide, 3 heads): each trial fails with its reason, the
-    # process stops after three in a row instead of spending ten minutes on them.
+    # process stops after three in a row instead of spending ten minutes on them, and the call
+    # says why none completed.
     heads = {"bert.num_heads": {"choice": [3]}}
-    _open_study(storage, "failing", 0, create=True)
-    optimize(Job("bert", params.to_dict(), heads, storage, "failing", 600.0, None, str(tmp_path / "w"), str(folder), 0))
+    with pytest.raises(TuningError, match=r"no trial of study 'failing' completed; 3 failed, the last with: "
+                                          r"ParamsError: .*multiple of bert.num_heads"):
+        tune_model("bert", params, heads, tmp_path / "w", storage, "failing", 10.0, None, 1, folder)
     trials = _open_study(storage, "failing", 0, create=False).trials
     assert len(trials) == FAILURES_IN_A_ROW and all(t.state == optuna.trial.TrialState.FAIL for t in trials)
-    assert all("multiple of bert.num_heads" in t.user_attrs["error"] for t in trials)
-    assert not list((tmp_path / "w").glob("*/trial-*"))
 
 
 def _descendants(pid: int) -> list:
@@ -254,6 +255,7 @@ def test_a_killed_study_takes_its_processes_and_trial_folders_with_it(exported_i
     unwatched; the SIGTERM removes the running trials' folders, and the next call removes what
     the SIGKILL left."""
     import signal
+    import sqlite3
     import time
 
     import psutil
@@ -290,15 +292,22 @@ def test_a_killed_study_takes_its_processes_and_trial_folders_with_it(exported_i
         proc.wait(timeout=120)
         gone, alive = psutil.wait_procs(children, timeout=60)
         assert not alive, f"after {how.name}: {alive} still running"
+        # Both times the study starts from the dataset's settings: the SIGTERM failed that
+        # trial at once (not left "running"), so the resumed call queued it again.
+        assert "queued the current settings as a trial" in log.read_text(), log.read_text()[-3000:]
         if how == signal.SIGTERM:
-            assert proc.returncode != 0 and not list(work.glob("*/trial-*")), log.read_text()[-3000:]
+            assert proc.returncode == 143 and not list(work.glob("*/trial-*")), log.read_text()[-3000:]
+            assert "the same command resumes it" in log.read_text()
+            with sqlite3.connect(tmp_path / "s.db") as db:
+                states = dict(db.execute("SELECT number, state FROM trials"))
+            assert states and "RUNNING" not in states.values(), states
     assert len(list(work.glob("*/trial-*"))) == 2  # what the SIGKILL left
     proc, log = start("bert.finetune.max_epochs=1", more=("--max-trials", "1"))
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert not list(work.glob("*/trial-*"))
 
 
-def test_tune_on_an_export_refuses_what_the_export_fixed(exported_inner, tmp_path):
+def test_tune_on_an_export_refuses_what_the_export_fixed(exported, exported_inner, tmp_path):
     """Settings the export fixed (its text, the stages before fine-tuning), or a folder that holds
     no export, are usage errors naming them: never a study that changes nothing."""
     base = [sys.executable, "-m", "benchmarks.tune", "--dataset", "synthetic", "--models", "bert",
@@ -308,7 +317,11 @@ def test_tune_on_an_export_refuses_what_the_export_fixed(exported_inner, tmp_pat
             (["--input", str(exported_inner), "--data-dir", str(tmp_path)], "--params and --data-dir belong"),
             (["--input", str(exported_inner), "--ablate", "bert.pretrain.enabled=true"],
              "bert.pretrain.enabled were fixed when the export was written"),
-            (["--input", str(exported_inner), "--ablate", "bert.num_heads=3"], "multiple of bert.num_heads")):
+            (["--input", str(exported_inner), "--ablate", "bert.num_heads=3"], "multiple of bert.num_heads"),
+            # A test-split export stays one: no --set turns it into an inner one to tune on.
+            (["--input", str(exported), "--set", "features.holdout=inner"], "exported with features.holdout=test"),
+            (["--input", str(exported_inner), "--set", "bert.text_encoder.max_length=99"],
+             "bert.text_encoder.max_length were fixed when the export was written")):
         done = subprocess.run([*base, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "s.db").exists()

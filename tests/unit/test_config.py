@@ -145,3 +145,14 @@ def test_spark_settings_are_a_mapping_of_spark_names():
 def test_dropout_rates_are_checked():
     with pytest.raises(ParamsError, match=r"bert\.attention_dropout must be in \[0, 1\), got 1\.0"):
         load_params(REPO / "params.yaml", ["bert.attention_dropout=1.0"])
+    # Packed masks draw in steps of 2^-16: a rate that rounds to 1 is refused with them, not
+    # at the first training step; torch's own dropout takes it.
+    with pytest.raises(ParamsError, match=r"bert\.dropout must be below 1 - 2\^-17 with bert\.trainer\.packed_dropout"):
+        load_params(REPO / "params.yaml", ["bert.dropout=0.999995", "bert.trainer.packed_dropout=true"])
+    assert load_params(REPO / "params.yaml", ["bert.dropout=0.999995",
+                                              "bert.trainer.packed_dropout=false"]).bert.dropout == 0.999995
+
+
+def test_heads_share_the_width_equally():
+    with pytest.raises(ParamsError, match=r"bert\.hidden_size \(64\) must be a multiple of bert\.num_heads \(3\)"):
+        load_params(REPO / "params.yaml", ["bert.hidden_size=64", "bert.num_heads=3"])

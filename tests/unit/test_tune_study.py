@@ -86,6 +86,9 @@ def test_per_user_scores_pair_only_as_written(tmp_path):
     (tmp_path / "junk.npz").write_text("not numpy")
     with pytest.raises(TuningError, match="junk.npz: not the per-user test scores"):
         ratio(tmp_path / "b.npz", tmp_path / "junk.npz")
+    np.save(tmp_path / "array.npy", mf[0])
+    with pytest.raises(TuningError, match="array.npy: not the per-user test scores"):
+        ratio(tmp_path / "b.npz", tmp_path / "array.npy")
     np.savez(tmp_path / "old.npz", seeds=np.asarray([42]), test_splits=np.asarray(["aaaa"]), seed42=mf[0])
     with pytest.raises(TuningError, match="old.npz: not the per-user test scores"):
         ratio(tmp_path / "b.npz", tmp_path / "old.npz")
