@@ -410,6 +410,10 @@ def optimize(job: Job) -> None:
         except failures as e:  # the reason stays with the trial, in the output too
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[-1000:])
             raise
+        except SystemExit as e:
+            # Lightning turns an interrupt inside `fit` (our SIGTERM's, components of an export's
+            # trial) into sys.exit(1), which Optuna lets through with the trial left "running".
+            raise Terminated() from e
         finally:
             trial.set_user_attr("seconds", time.perf_counter() - began)
         log.info("%s trial %d: inner-holdout NDCG@10 %.4f", tag, trial.number, value)

@@ -278,7 +278,8 @@ def test_a_killed_study_takes_its_processes_and_trial_folders_with_it(exported_i
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()[-3000:]
-            if len(list(work.glob("*/trial-*"))) == 2:  # both processes are in a trial
+            # Both processes are training (inside Lightning's fit, which handles a SIGTERM of its own).
+            if len(list(work.glob("*/trial-*"))) == 2 and log.read_text().count("finetune epoch 2/") >= 2:
                 return _descendants(proc.pid)
             time.sleep(0.5)
         raise AssertionError("no two trials started: " + log.read_text()[-3000:])
