@@ -117,8 +117,16 @@ class Terminated(KeyboardInterrupt):
     processes (components/pipeline.py) and removes its folder."""
 
 
+_terminating = False
+
+
 def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
+    # Once: a second SIGTERM (a scheduler signalling the process group, then the call its
+    # children) would otherwise interrupt the unwinding of the first, and the trial's cleanup.
+    global _terminating
+    if not _terminating:
+        _terminating = True
+        raise Terminated()
 
 
 def _arm_child() -> None:
@@ -461,11 +469,10 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
     done = sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)  # a queued one is to run
     log.info("%s: study %r holds %d trials (%.1f min); %.1f of the %.0f trial-minutes left (%d process%s)", model,
              name, done, spent_seconds(study) / 60, max(left, 0) / 60, minutes * jobs, jobs, "es" if jobs > 1 else "")
+    for left_over in work.glob(f"{model}-inner*/trial-*"):  # a killed call's exported trials (none runs yet)
+        shutil.rmtree(left_over, ignore_errors=True)
     if left > 0 and (max_trials is None or done < max_trials):
         start_from(study, space, params)
-        # What a killed call's exported trials left (no process of this call runs yet).
-        for left_over in work.glob(f"{model}-inner*/trial-*"):
-            shutil.rmtree(left_over, ignore_errors=True)
         share = [Job(model, inner.to_dict(), space, storage, name, left / jobs, max_trials, str(work),
                      None if exported is None else str(exported), worker) for worker in range(jobs)]
         if jobs == 1:
@@ -515,15 +522,48 @@ def write_preset(path: Path, dataset: str, model: str, result: dict[str, Any], d
     print(f"wrote {path}")
 
 
-def _pool(processes: int) -> Any:
-    """Spawned processes (each starts CUDA of its own) that die with the call; leaving the `with`
-    block terminates them, so an interrupted call never waits for their runs to finish."""
-    return multiprocessing.get_context("spawn").Pool(processes, initializer=_arm_child)
+def run_exported(tasks: list[tuple[str, dict[str, Any], str]], jobs: int) -> list[np.ndarray]:
+    """Each task (an export's folder, settings, a working folder) trained and scored by
+    `train_exported` in a process of its own, `jobs` at a time: the per-user NDCG@10, in task
+    order. Spawned (each starts CUDA of its own) and armed to die with the call. A process that
+    dies (memory, a signal) is an error naming its run; when the call is interrupted, the
+    running ones are terminated, not waited for."""
+    from multiprocessing.connection import wait
+
+    context = multiprocessing.get_context("spawn")
+    pending, running, results = list(range(len(tasks))), {}, {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i = pending.pop(0)
+                running[i] = context.Process(target=_score_exported, args=(tasks[i],), daemon=True)
+                running[i].start()
+            wait([p.sentinel for p in running.values()])
+            for i, process in list(running.items()):
+                if process.exitcode is None:
+                    continue
+                del running[i]
+                if process.exitcode != 0:
+                    raise TuningError(f"the run in {tasks[i][2]} exited with {process.exitcode} (see the log above)")
+                result = Path(f"{tasks[i][2]}.per-user.npy")
+                results[i] = np.load(result)
+                result.unlink()
+    finally:
+        for process in running.values():
+            process.terminate()
+        for process in running.values():
+            process.join()
+    return [results[i] for i in range(len(tasks))]
 
 
-def _score_exported(task: tuple[str, dict[str, Any], str]) -> np.ndarray:
+def _score_exported(task: tuple[str, dict[str, Any], str]) -> None:
+    _arm_child()
     folder, settings, out = task
-    return train_exported(Path(folder), params_from_dict(settings), Path(out))[1]
+    try:
+        values = train_exported(Path(folder), params_from_dict(settings), Path(out))[1]
+    except Terminated:
+        sys.exit(128 + signal.SIGTERM)
+    np.save(f"{out}.per-user.npy", values)
 
 
 def score_test(models: dict[str, dict[str, Any]], params: Params, work: Path, seeds: int,
@@ -543,8 +583,7 @@ def score_test(models: dict[str, dict[str, Any]], params: Params, work: Path, se
     splits = []
     if exported is not None:
         tasks = [(str(exported), run.to_dict(), str(work / f"test-seed{run.seed}")) for run in runs]
-        with _pool(min(jobs, seeds)) as pool:
-            per_user["bert"] = pool.map(_score_exported, tasks, chunksize=1)
+        per_user["bert"] = run_exported(tasks, jobs)
         splits = [test_fingerprint(exported)] * len(runs)
     else:
         for run in runs:
@@ -577,8 +616,7 @@ def ablate(model: str, best: dict[str, Any], changes: list[str], params: Params,
     if exported is not None:
         tasks = [(str(exported), run.to_dict(), str(work / f"ablation-{n}-{i}")) for n, ((_, i), run)
                  in enumerate(runs.items())]
-        with _pool(min(jobs, len(tasks))) as pool:
-            values = [float(v.mean()) for v in pool.map(_score_exported, tasks, chunksize=1)]
+        values = [float(v.mean()) for v in run_exported(tasks, jobs)]
     else:
         values = [train_and_score(model, run, Artifacts(work / f"ablation-seed{run.seed}"))[0] for run in runs.values()]
     out: dict[str, Any] = {}

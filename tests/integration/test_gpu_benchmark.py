@@ -211,8 +211,8 @@ def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_faili
     import optuna
 
     from benchmarks.gpu import exported_params
-    from benchmarks.tune import (FAILURES_IN_A_ROW, START, Job, TuningError, _open_study, optimize, start_from,
-                                 tune_model)
+    from benchmarks.tune import (FAILURES_IN_A_ROW, START, Job, TuningError, _open_study, optimize, run_exported,
+                                 start_from, tune_model)
 
     folder = exported_inner / "synthetic"
     params = exported_params(folder, ["bert.finetune.max_epochs=6", "bert.finetune.patience=50"])
@@ -241,6 +241,15 @@ def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_faili
         tune_model("bert", params, heads, tmp_path / "w", storage, "failing", 10.0, None, 1, folder)
     trials = _open_study(storage, "failing", 0, create=False).trials
     assert len(trials) == FAILURES_IN_A_ROW and all(t.state == optuna.trial.TrialState.FAIL for t in trials)
+
+    # The test seeds' and ablations' processes: one that dies is an error naming its run (never
+    # a call waiting for ever on it), beside one that scores.
+    tasks = [(str(folder), params.to_dict(), str(tmp_path / "fine")),
+             (str(tmp_path / "no-export"), params.to_dict(), str(tmp_path / "dies"))]
+    with pytest.raises(TuningError, match=r"the run in .*dies exited with 1"):
+        run_exported(tasks, 2)
+    (scores,) = run_exported(tasks[:1], 1)
+    assert scores.ndim == 1 and 0 <= scores.mean() <= 1 and not list(tmp_path.glob("*.per-user.npy"))
 
 
 def _descendants(pid: int) -> list:
