@@ -18,7 +18,7 @@ process is killed, not left running).
   before the budget ran out finishes). The study lives in
   SQLite (`--study-db`), named by the dataset, the model and a hash of the settings and the
   space, so a second call with the same ones resumes it with what is left of the budget (the
-  seconds every stored trial recorded; a trial cut off by a killed call counts nothing) and
+  seconds every stored trial recorded; a trial cut off by `kill -9` counts nothing) and
   other settings start a study of their own.
 - The best settings are written as a preset beside the output (`X.<model>.yaml`), to be laid
   over the dataset's preset (`--params-overrides presets/<dataset>.yaml --params-overrides
@@ -293,8 +293,8 @@ def test_fingerprint(features_dir: Path) -> str:
 
 
 def spent_seconds(study: Any) -> float:
-    """Seconds the trials stored in `study` recorded (each records its own when it ends, pruned
-    or failed too; one cut off by a killed call recorded nothing)."""
+    """Seconds the trials stored in `study` recorded (each records its own when it ends, pruned,
+    failed or stopped by a SIGTERM too; one cut off by `kill -9` recorded nothing)."""
     return sum(t.user_attrs.get("seconds", 0.0) for t in study.trials)
 
 
@@ -321,10 +321,21 @@ class Job:
     worker: int
 
 
+class _QuietTermination(logging.Filter):
+    """Drops Optuna's failed-trial warning for a trial a SIGTERM stopped: its traceback (the
+    signal, through Lightning's shutdown) tells a user nothing the trial's own line does not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], Terminated))
+
+
 def _open_study(storage: str, name: str, seed: int, create: bool) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    failures_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    if not any(isinstance(f, _QuietTermination) for f in failures_log.filters):
+        failures_log.addFilter(_QuietTermination())
     with warnings.catch_warnings():  # both "experimental" since Optuna 2.9: noise to a user
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # Trials beat every minute; one that has not beaten for 3 minutes (its call was killed)
@@ -421,7 +432,11 @@ def optimize(job: Job) -> None:
         except SystemExit as e:
             # Lightning turns an interrupt inside `fit` (our SIGTERM's, components of an export's
             # trial) into sys.exit(1), which Optuna lets through with the trial left "running".
+            log.info("%s trial %d stopped by a SIGTERM: recorded as failed", tag, trial.number)
             raise Terminated() from e
+        except Terminated:
+            log.info("%s trial %d stopped by a SIGTERM: recorded as failed", tag, trial.number)
+            raise
         finally:
             trial.set_user_attr("seconds", time.perf_counter() - began)
         log.info("%s trial %d: inner-holdout NDCG@10 %.4f", tag, trial.number, value)
@@ -481,7 +496,13 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
             # Spawned, not forked: each process starts CUDA (and Optuna's database engine) of its own.
             context = multiprocessing.get_context("spawn")
             processes = [context.Process(target=_worker, args=(job,), daemon=True) for job in share]
-            for process in processes:
+            processes[0].start()
+            # The others start once the first has taken the queued trial: on SQLite two processes
+            # can both take one waiting trial (no row locks), and would train it twice.
+            state = optuna.trial.TrialState
+            while processes[0].is_alive() and study.get_trials(deepcopy=False, states=(state.WAITING,)):
+                processes[0].join(0.5)
+            for process in processes[1:]:
                 process.start()
             for process in processes:
                 process.join()
@@ -491,8 +512,9 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
                                   f" (see the log above); the study {name!r} keeps every finished trial: the same "
                                   "command resumes it")
     else:
-        log.info("%s: the budget is spent (%.0f min or %s trials); reporting the stored study", model,
-                 minutes * jobs, max_trials)
+        spent = (f"the {minutes * jobs:.1f} trial-minutes are spent" if left <= 0 else
+                 f"the study holds {done} trials, --max-trials {max_trials}")
+        log.info("%s: %s; reporting the stored study", model, spent)
     study = _open_study(storage, name, params.seed, create=False)  # what every process stored
     trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                "seconds": t.user_attrs.get("seconds"), "epochs_reported": len(t.intermediate_values),
@@ -514,7 +536,7 @@ def write_preset(path: Path, dataset: str, model: str, result: dict[str, Any], d
     header = (f"# {model} on {dataset}, tuned by `python -m benchmarks.tune` on the inner holdout\n"
               f"# (features.holdout=inner; the test split unread): study {result['study']!r} in {db},\n"
               f"# {len(result['trials'])} trials ({result['pruned']} pruned, {result['failed']} failed) in "
-              f"{result['spent_minutes']:.0f} of {result['budget_minutes']:.0f} min;\n"
+              f"{result['spent_minutes']:.1f} of {result['budget_minutes']:.1f} trial-minutes;\n"
               f"# best inner-holdout NDCG@10 {result['best_value']:.4f}. Lay it over the dataset's settings:\n"
               f"#   {'' if dataset == 'synthetic' else f'--params-overrides presets/{dataset}.yaml '}"
               f"--params-overrides {path}\n")
@@ -666,8 +688,8 @@ def export_settings(folder: Path, holdout: str, overrides: list[str], override_f
     before, after = flatten(written.to_dict()), flatten(params.to_dict())
     fixed = sorted(k for k in after if k.startswith(FIXED_BY_EXPORT) and after[k] != before.get(k))
     if fixed:
-        raise ValueError(f"{folder}: {', '.join(fixed)} were fixed when the export was written (its data, split, "
-                         "text embeddings; only fine-tuning runs from it): export again with them")
+        raise ValueError(f"{folder}: fixed when the export was written (its data, split, text embeddings; only "
+                         f"fine-tuning runs from it): {', '.join(fixed)}; export again with them")
     return params
 
 
@@ -724,7 +746,8 @@ def ratio(bert_file: Path, mf_file: Path) -> dict[str, Any]:
     if differ:
         raise TuningError(f"{bert_file} and {mf_file} were scored on different test splits for seed(s) {differ}")
     ratios = [paired_bootstrap_ratio(files["bert"][s], files["mf"][s], seed=s) for s in seeds]
-    out: dict[str, Any] = {"seeds": seeds, "test_splits": [splits["bert"][s] for s in seeds]}
+    out: dict[str, Any] = {"seeds": seeds, "test_splits": [splits["bert"][s] for s in seeds],
+                           "left_out": {name: sorted(set(held) - set(seeds)) for name, held in splits.items()}}
     for name, f in files.items():
         values = [float(f[s].mean()) for s in seeds]
         out[name] = {"ndcg@10": values, "mean": float(np.mean(values)),
@@ -738,6 +761,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [(d, m) for d, models in out.items() if isinstance(models, dict)
               for m, r in models.items() if isinstance(r, dict) and "trials" in r]
@@ -754,6 +778,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
             ax.axvline(n, color="grey", alpha=0.15)
         ax.set(title=f"{dataset}, {model} ({len(pruned)} pruned: grey)", xlabel="trial",
                ylabel="inner-holdout NDCG@10")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -785,7 +810,7 @@ def main() -> int:
     parser.add_argument("--test-input", type=Path, default=None,
                         help="with --input and --score-test: the export with features.holdout=test")
     parser.add_argument("--score-test", action="store_true", help="then train the best settings and score the test split")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds of the test scoring")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the test scoring and of each ablation row")
     parser.add_argument("--ratio", type=Path, nargs=2, metavar=("BERT_NPZ", "MF_NPZ"),
                         help="only compare two models' per-user test scores (X.<model>.test.npz of --score-test "
                              "calls, say bert's from a GPU machine and MF's from here)")
@@ -798,13 +823,19 @@ def main() -> int:
     if args.ratio:
         result = ratio(*args.ratio)
         write_json(args.out, result)
+        for name, seeds in result["left_out"].items():
+            if seeds:
+                print(f"left out: seed(s) {seeds} of {name}, which the other file lacks")
         cmp = result["bert_over_mf"]
         print(f"bert / mf {cmp['mean']:.3f} (per seed: " +
               ", ".join(f"{r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" for r in cmp["per_seed"]) + ")")
         return 0
     models = names_of(parser, "--models", args.models, TRAINED_BY)
     if not args.minutes > 0 or args.seeds < 1 or args.jobs < 1 or (args.max_trials is not None and args.max_trials < 1):
-        parser.error("--minutes must be above 0, --seeds, --jobs and --max-trials at least 1")
+        wrong = [f"--{name} {getattr(args, name.replace('-', '_'))}" for name, ok in (
+            ("minutes", args.minutes > 0), ("seeds", args.seeds >= 1), ("jobs", args.jobs >= 1),
+            ("max-trials", args.max_trials is None or args.max_trials >= 1)) if not ok]
+        parser.error(f"{', '.join(wrong)}: --minutes must be above 0, --seeds, --jobs and --max-trials at least 1")
     if args.ablate and len(models) != 1:
         parser.error("--ablate changes one model's settings: name it alone in --models")
     exported = test_exported = None
@@ -815,6 +846,10 @@ def main() -> int:
             parser.error("--input reads the settings its export was written with: --params and --data-dir belong "
                          "to `python -m benchmarks.gpu export`; --params-overrides and --set apply here")
         exported = args.input / args.dataset
+        if not exported.is_dir() and args.input.is_dir():
+            held = sorted(d.name for d in args.input.iterdir() if (d / "params.json").is_file())
+            parser.error(f"{args.input} holds no export of --dataset {args.dataset}"
+                         f" ({'it holds: ' + ', '.join(held) if held else 'nor of any other'})")
         if args.score_test and args.test_input is None:
             parser.error("--score-test with --input needs --test-input (the export with features.holdout=test)")
         try:
@@ -841,8 +876,8 @@ def main() -> int:
     if exported is not None:  # the export ran these stages already: changing them would change nothing
         fixed = [k for k in [*spaces["bert"], *(c.partition("=")[0] for c in args.ablate)] if k.startswith(FIXED_BY_EXPORT)]
         if fixed:
-            parser.error(f"--input: {', '.join(fixed)} were fixed when the export was written (it holds the text "
-                         "embeddings, and only fine-tuning runs): tune or ablate them through the pipeline")
+            parser.error(f"--input: fixed when the export was written (it holds the text embeddings, and only "
+                         f"fine-tuning runs): {', '.join(fixed)}; tune or ablate them through the pipeline")
     args.study_db.parent.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{args.study_db.resolve()}"
     work = args.workdir / args.dataset

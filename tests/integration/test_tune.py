@@ -84,7 +84,7 @@ def test_tune_resumes_writes_presets_and_scores_test_per_seed(tmp_path):
     assert again["spent_minutes"] * 60 == pytest.approx(sum(t["seconds"] for t in again["trials"]))
     # With the budget spent, a call only reports the stored study.
     proc = _tune(tmp_path, settings, "--models", "mf", "--space", str(space), "--max-trials", "3")
-    assert proc.returncode == 0 and "budget is spent" in proc.stderr
+    assert proc.returncode == 0 and "the study holds 3 trials, --max-trials 3; reporting the stored study" in proc.stderr
     # Other settings are another study, never mixed with this one's trials.
     proc = _tune(tmp_path, [*settings, "mf.iterations=3"], "--models", "mf", "--space", str(space),
                  "--max-trials", "1")

@@ -76,8 +76,12 @@ def test_per_user_scores_pair_only_as_written(tmp_path):
     loaded = load_per_user(tmp_path / "b.npz", "bert")
     assert loaded["splits"] == {42: "aaaa", 43: "bbbb"} and np.array_equal(loaded[43], bert[1])
     out = ratio(tmp_path / "b.npz", tmp_path / "m.npz")
-    assert out["seeds"] == [42, 43]
+    assert out["seeds"] == [42, 43] and out["left_out"] == {"bert": [], "mf": []}
     assert out["bert_over_mf"]["per_seed"][0]["ratio"] == pytest.approx(bert[0].mean() / mf[0].mean())
+    # A seed one file lacks is left out, and said.
+    save_per_user(tmp_path / "m1.npz", "mf", {"seeds": [42], "test_splits": ["aaaa"]}, mf[:1])
+    one = ratio(tmp_path / "b.npz", tmp_path / "m1.npz")
+    assert one["seeds"] == [42] and one["left_out"] == {"bert": [43], "mf": []}
     # Swapped, missing, or not such a file: an error naming it, no traceback.
     with pytest.raises(TuningError, match="holds mf's scores where bert's belong"):
         ratio(tmp_path / "m.npz", tmp_path / "b.npz")
