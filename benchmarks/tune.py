@@ -896,6 +896,8 @@ def main() -> int:
         save(out, args.out, plot)
     if args.ablate:
         model = models[0]
+        log.info("ablation on the inner holdout: the tuned settings and %s, %d seed(s) each", ", ".join(args.ablate),
+                 args.seeds)
         results[model]["ablation"] = ablate(model, results[model]["best"], args.ablate, params, work, args.seeds,
                                             exported, args.jobs)
         save(out, args.out, plot)
@@ -903,11 +905,12 @@ def main() -> int:
         def scored(model: str, test: dict[str, Any]) -> None:
             results[model]["test"] = test
             sd = f" ± {test['sd']:.4f}" if test["sd"] is not None else ""
-            print(f"{args.dataset} {model}: test NDCG@10 {test['mean']:.4f}{sd} over {args.seeds} seeds")
+            print(f"{args.dataset} {model}: test NDCG@10 {test['mean']:.4f}{sd} over {args.seeds} seed(s)")
             save(out, args.out, plot)
 
         test_params = (params if test_exported is None else
                        export_settings(test_exported, "test", args.overrides, args.override_files))
+        log.info("the test split, scored once: %s with the best settings, %d seed(s)", ", ".join(models), args.seeds)
         test, per_user = score_test(results, test_params, work, args.seeds, scored, test_exported, args.jobs)
         for model in models:
             save_per_user(args.out.with_name(f"{args.out.stem}.{model}.test.npz"), model, test[model], per_user[model])
