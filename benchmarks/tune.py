@@ -430,8 +430,9 @@ def optimize(job: Job) -> None:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[-1000:])
             raise
         except SystemExit as e:
-            # Lightning turns an interrupt inside `fit` (our SIGTERM's, components of an export's
-            # trial) into sys.exit(1), which Optuna lets through with the trial left "running".
+            # Lightning turns an interrupt inside `fit` (our SIGTERM's, where an export's trial
+            # trains in this process) into sys.exit(1), which Optuna lets through with the trial
+            # left "running".
             log.info("%s trial %d stopped by a SIGTERM: recorded as failed", tag, trial.number)
             raise Terminated() from e
         except Terminated:
