@@ -215,6 +215,7 @@ class BertRecConfig:
     num_layers: int
     num_heads: int
     intermediate_size: int
+    positions: Literal["absolute", "relative", "absolute+relative"]
     dropout: float
     # Dropout on the attention weights, apart from the rest: on a CPU it keeps attention off the
     # fused kernel (see benchmarks/README.md "CPU fine-tuning speed").

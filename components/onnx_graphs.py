@@ -107,7 +107,10 @@ class MFGraph(nn.Module):
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per folded constant
-    with warnings.catch_warnings():
+    # Traced without autograd: an inference graph. With it, a mask computed from a parameter
+    # (the relative-position bias) requires grad, and SDPA's decomposition for ONNX then fails
+    # on a non-contiguous view.
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, args, str(path), input_names=inputs, output_names=outputs,

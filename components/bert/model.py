@@ -15,7 +15,9 @@ layers of the text encoder are fine-tuned, computed on the fly by `TextTower`.
 
 User representation: the item representations of the user's last `max_len` items (left-padded,
 so the most recent item is always at the last position) plus learned positions go through a
-`transformers.BertModel` built from a `BertConfig`. Attention is causal for next-item training
+`transformers.BertModel` built from a `BertConfig`. Positions (`bert.positions`) are BERT's
+absolute embeddings, a learned attention bias by relative distance carried in the attention
+mask (so export and serving need nothing new), or both. Attention is causal for next-item training
 (every position predicts the next item, as in SASRec) and bidirectional for cloze pre-training
 (masked positions predict their item, as in BERT4Rec). The user vector is the output at the
 last position. The attention mask is built here as an explicit 4-D additive mask, so the same
@@ -39,6 +41,7 @@ from torch import nn
 PAD = -1  # padding position in an item-index tensor
 MASK = -2  # masked position (cloze pre-training)
 MODES = ("text", "id", "text+id")
+POSITIONS = ("absolute", "relative", "absolute+relative")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class SeqRecConfig:
     layer_intermediate: list[int] | None = None
     # Dropout on the attention weights (None: `dropout`, as models saved before it was separate).
     attention_dropout: float | None = None
+    # Where order enters: "absolute" (BERT's learned position embeddings, right-aligned),
+    # "relative" (a learned attention bias by distance j - i instead) or both.
+    positions: str = "absolute"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -86,6 +92,8 @@ class SeqRecConfig:
             raise ValueError("inference must be 'causal' or 'cloze'")
         if self.text_adaptor not in ("linear", "moe") or self.text_experts < 1:
             raise ValueError("text_adaptor must be 'linear' or 'moe', with at least one expert")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.similarity not in ("dot", "cosine") or self.temperature <= 0:
             raise ValueError("similarity must be 'dot' or 'cosine', with a positive temperature")
         for name, sizes, full in (("layer_heads", self.layer_heads, self.num_heads),
@@ -241,6 +249,19 @@ class SeqRecModel(nn.Module):
             width = cfg.layer_intermediate[i] if cfg.layer_intermediate else cfg.intermediate_size
             if heads < cfg.num_heads or width < cfg.intermediate_size:
                 shrink_layer(layer, torch.arange(heads), torch.arange(width))
+        if "relative" in cfg.positions:
+            # One learned logit bias per distance j - i in (-max_len, max_len), added to every
+            # head's attention scores in every layer (as T5 shares its bias across layers). One
+            # for all heads: structured pruning leaves layers with different head counts, and
+            # BERT hands every layer the same mask. Zero at first: training starts from the
+            # order-blind (or, with absolute positions, the absolute-only) model.
+            self.relative_bias = nn.Parameter(torch.zeros(2 * cfg.max_len - 1))
+        if cfg.positions == "relative":
+            # BERT always adds a position embedding: a frozen zero table takes it out.
+            table = self.encoder.embeddings.position_embeddings.weight
+            with torch.no_grad():
+                table.zero_()
+            table.requires_grad_(False)
         self.special = nn.Embedding(2, h)  # 0: padding, 1: [MASK]
         nn.init.normal_(self.special.weight, std=0.02)
         self.text_tower: TextTower | None = None
@@ -312,19 +333,32 @@ class SeqRecModel(nn.Module):
     # ---- users ---------------------------------------------------------------------------
 
     @staticmethod
-    def attention_mask(valid: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    def attention_mask(valid: torch.Tensor, causal: bool, dtype: torch.dtype,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
         """Additive [B, 1, L, L] mask: position i may attend to valid positions j (j <= i when
-        causal). Each position may always attend to itself, so no row is fully masked (a padded
-        row of only -inf would turn into NaN under fp16)."""
+        causal), with `bias` [L, L] (the relative-position logits) where it may. Each position
+        may always attend to itself, so no row is fully masked (a padded row of only -inf would
+        turn into NaN under fp16)."""
         length = valid.shape[1]
         allowed = valid[:, None, None, :].expand(-1, 1, length, -1)
         eye = torch.eye(length, dtype=torch.bool, device=valid.device)
         if causal:
             allowed = allowed & torch.tril(torch.ones(length, length, dtype=torch.bool, device=valid.device))
         allowed = allowed | eye
-        return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
+        if bias is None:
+            return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        return torch.where(allowed, bias.to(dtype), torch.finfo(dtype).min)
+
+    def relative_logits(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """The relative-position bias [L, L] of a batch `length` wide: entry (i, j) is the
+        learned logit for distance j - i. Positions are right-aligned, so the distance between
+        two items does not depend on the padding (None without relative positions)."""
+        if "relative" not in self.cfg.positions:
+            return None
+        index = torch.arange(length, device=device)
+        return self.relative_bias[index[None, :] - index[:, None] + self.cfg.max_len - 1]
 
     def encode(
         self, items: torch.Tensor, item_table: torch.Tensor | None = None, causal: bool = True
@@ -345,12 +379,12 @@ class SeqRecModel(nn.Module):
         special = self.special((items == MASK).long())
         emb = torch.where(is_item.unsqueeze(-1), emb, special)
         valid = items != PAD
-        mask = self.attention_mask(valid, causal, emb.dtype)
         # Positions are right-aligned to max_len: the most recent item is always at position
         # max_len - 1, so a history padded to any length <= max_len encodes the same way.
         length = items.shape[1]
         if length > self.cfg.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len {self.cfg.max_len}")
+        mask = self.attention_mask(valid, causal, emb.dtype, self.relative_logits(length, items.device))
         positions = torch.arange(self.cfg.max_len - length, self.cfg.max_len, device=items.device).unsqueeze(0)
         return self.encoder(inputs_embeds=emb, attention_mask=mask, position_ids=positions).last_hidden_state
 

@@ -515,3 +515,47 @@ def test_bucketed_batches_weigh_every_target_position_alike(monkeypatch, tmp_pat
     assert module.loss_normaliser == bucketed.positions_per_batch
     assert module._loss(items_, targets, positions).item() == pytest.approx(
         mean.item() * positions.numel() / bucketed.positions_per_batch, rel=1e-6)
+
+
+def test_relative_positions_are_a_learned_bias_by_distance_in_the_mask(tmp_path):
+    """`positions: absolute+relative` starts as the absolute model (a zero bias) and adds, to
+    every attention logit (i, j) the mask allows, the learned bias of distance j - i;
+    `relative` alone zeroes and freezes BERT's position table. The bias trains, and saves and
+    loads with the weights."""
+    hist = torch.tensor([[PAD, 1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12]])
+    absolute, both = model(), model(positions="absolute+relative")
+    assert "relative_bias" not in absolute.state_dict()
+    assert torch.allclose(absolute.user_vectors(hist), both.user_vectors(hist), atol=1e-6)
+
+    with torch.no_grad():
+        both.relative_bias.copy_(torch.linspace(-1.0, 1.0, 11))
+    valid = hist != PAD
+    mask = both.attention_mask(valid, True, torch.float32, both.relative_logits(6, hist.device))
+    for i in range(6):
+        for j in range(6):
+            allowed = i == j or (j <= i and bool(valid[0, j]))
+            expected = both.relative_bias[j - i + 5].item() if allowed else torch.finfo(torch.float32).min
+            assert mask[0, 0, i, j].item() == pytest.approx(expected)
+    assert not torch.allclose(absolute.user_vectors(hist), both.user_vectors(hist), atol=1e-4)
+    # Right-aligned, a distance is the same in a batch of any width: padding changes nothing.
+    wide = torch.cat([torch.full((2, 2), PAD), hist[:, 2:]], dim=1)
+    assert torch.allclose(both.user_vectors(wide), both.user_vectors(hist[:, 2:]), atol=1e-5)
+
+    relative = model(positions="relative")
+    table = relative.encoder.embeddings.position_embeddings.weight
+    assert not table.requires_grad and not table.any()
+    module = SeqRecModule(
+        {**relative.cfg.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
+        loss="full", num_negatives=10, negative_sampling="popularity", item_counts=np.arange(30) + 1,
+    )
+    x, y, _ = NextItemCollate(6)([np.arange(s, s + 7) % 30 for s in range(8)])
+    module._loss(x, y).backward()
+    assert module.model.relative_bias.grad.abs().sum() > 0
+    assert module.model.encoder.embeddings.position_embeddings.weight.grad is None
+
+    save_model(both, tmp_path)
+    back = load_model(tmp_path)
+    assert back.cfg.positions == "absolute+relative"
+    assert torch.allclose(back.user_vectors(hist), both.user_vectors(hist), atol=1e-6)
+    with pytest.raises(ValueError, match="positions"):
+        cfg(positions="rotary")

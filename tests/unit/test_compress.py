@@ -226,3 +226,27 @@ def test_top10_agreement_worked_example():
     assert not exact[0] and tied[0]  # items 1 and 2 tie: either order is correct
     exact, tied = top10_agreement(np.array([[0, 1, 3]]), torch_top, users, items, torch_scores, 1e-5)
     assert not exact[0] and not tied[0]  # item 3 scores 1, not 2: a real mismatch
+
+
+@pytest.mark.parametrize("positions", ["relative", "absolute+relative"])
+def test_relative_positions_export_prune_and_quantize(positions, tmp_path):
+    """The relative-position bias travels inside the exported mask: the ONNX graph matches
+    PyTorch at several widths, also after structured pruning (the bias is shared by heads, so
+    layers left with different head counts take the same mask), and INT8 stays close."""
+    m = tiny(positions=positions)
+    with torch.no_grad():
+        m.relative_bias.copy_(torch.randn(m.relative_bias.shape))
+    pruned = prune_structured(m, heads_ratio=0.5, ffn_ratio=0.25)
+    assert pruned.cfg.positions == positions
+    for name, model in (("full", m), ("pruned", pruned)):
+        path = tmp_path / f"{name}.onnx"
+        export_sequence(model, path, k=15)
+        parity = check_sequence_parity(model, path, histories(30), k=15, batch_sizes=(1, 5), lengths=(2, 8))
+        assert parity["max_abs_diff"] < 1e-4 and parity["min_top10_identical"] >= 0.99, name
+    q = tmp_path / "int8.onnx"
+    quantize_int8(tmp_path / "full.onnx", q, per_channel=True)
+    feeds = sequence_inputs(histories(64, 2), m.cfg.max_len)
+    u32 = session(tmp_path / "full.onnx").run(None, feeds)[0]
+    u8 = session(q).run(None, feeds)[0]
+    cos = (u32 * u8).sum(1) / np.linalg.norm(u32, axis=1) / np.linalg.norm(u8, axis=1)
+    assert cos.mean() > 0.98
