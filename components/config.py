@@ -216,6 +216,7 @@ class BertRecConfig:
     num_heads: int
     intermediate_size: int
     positions: Literal["absolute", "relative", "absolute+relative"]
+    residual: Literal["plain", "gated"]
     dropout: float
     # Dropout on the attention weights, apart from the rest: on a CPU it keeps attention off the
     # fused kernel (see benchmarks/README.md "CPU fine-tuning speed").

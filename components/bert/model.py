@@ -42,6 +42,7 @@ PAD = -1  # padding position in an item-index tensor
 MASK = -2  # masked position (cloze pre-training)
 MODES = ("text", "id", "text+id")
 POSITIONS = ("absolute", "relative", "absolute+relative")
+RESIDUALS = ("plain", "gated")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class SeqRecConfig:
     # Where order enters: "absolute" (BERT's learned position embeddings, right-aligned),
     # "relative" (a learned attention bias by distance j - i instead) or both.
     positions: str = "absolute"
+    # Each sublayer's residual: "plain" (BERT: LayerNorm(x + f)) or "gated" (LayerNorm(x + g(x) f),
+    # `GatedOutput`).
+    residual: str = "plain"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -92,6 +96,8 @@ class SeqRecConfig:
             raise ValueError("inference must be 'causal' or 'cloze'")
         if self.text_adaptor not in ("linear", "moe") or self.text_experts < 1:
             raise ValueError("text_adaptor must be 'linear' or 'moe', with at least one expert")
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.similarity not in ("dot", "cosine") or self.temperature <= 0:
@@ -170,6 +176,27 @@ class MoEAdaptor(nn.Module):
         return (gates.unsqueeze(-1) * views).sum(dim=1)
 
 
+class GatedOutput(nn.Module):
+    """A BERT sublayer's output with a gated residual, LayerNorm(x + g(x) * dropout(dense(f)))
+    with g(x) = 2 sigmoid(x W + b): each dimension of the layer's input decides how much of the
+    attention (or feed-forward) update it takes, as in the gated layers of LiGR and eSASRec.
+    W and b start at zero, so g = 1 and the layer starts as BERT's own; the gate can then close
+    (towards 0) or amplify (up to 2). It keeps BERT's `dense` / `dropout` / `LayerNorm`, so
+    structured pruning and packed dropout treat it as the plain output."""
+
+    def __init__(self, plain: nn.Module):
+        super().__init__()
+        self.dense, self.dropout, self.LayerNorm = plain.dense, plain.dropout, plain.LayerNorm
+        width = plain.LayerNorm.normalized_shape[0]
+        self.gate = nn.Linear(width, width)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        update = self.dropout(self.dense(hidden_states))
+        return self.LayerNorm(input_tensor + 2.0 * torch.sigmoid(self.gate(input_tensor)) * update)
+
+
 class TextTower(nn.Module):
     """A pretrained BERT text encoder whose top `finetune_layers` layers train with the
     recommender; the layers below run without gradients. Item texts are tokenized once and held
@@ -244,6 +271,9 @@ class SeqRecModel(nn.Module):
         # "unused parameter" for DDP.
         self.encoder.embeddings.word_embeddings.weight.requires_grad_(False)
         for i, layer in enumerate(self.encoder.encoder.layer):
+            if cfg.residual == "gated":
+                layer.attention.output = GatedOutput(layer.attention.output)
+                layer.output = GatedOutput(layer.output)
             # A pruned model: rebuild the smaller layers (the weights come from its state dict).
             heads = cfg.layer_heads[i] if cfg.layer_heads else cfg.num_heads
             width = cfg.layer_intermediate[i] if cfg.layer_intermediate else cfg.intermediate_size

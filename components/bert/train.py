@@ -237,6 +237,7 @@ def model_config(cfg: BertRecConfig, n_items: int, text_dim: int, inference: str
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size, max_len=cfg.max_len, dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout, positions=cfg.positions,
+        residual=cfg.residual,
         inference=inference, similarity=cfg.similarity, temperature=cfg.temperature,
         text_whitening=cfg.text_whitening and "text" in cfg.mode,
         text_adaptor=cfg.text_adaptor, text_experts=cfg.text_experts,

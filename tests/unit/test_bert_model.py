@@ -559,3 +559,44 @@ def test_relative_positions_are_a_learned_bias_by_distance_in_the_mask(tmp_path)
     assert torch.allclose(back.user_vectors(hist), both.user_vectors(hist), atol=1e-6)
     with pytest.raises(ValueError, match="positions"):
         cfg(positions="rotary")
+
+
+def test_gated_residual_starts_as_bert_and_learns_its_gates(tmp_path):
+    """`residual: gated` wraps each sublayer's output as LayerNorm(x + 2 sigmoid(x W + b) f):
+    with BERT's weights and a zero gate it computes what BERT does; a gate that closes takes
+    the update out; the gates train, and save and load with the weights."""
+    from components.bert.model import GatedOutput
+
+    hist = torch.tensor([[PAD, 1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12]])
+    plain, gated = model(), model(residual="gated")
+    outputs = [m for m in gated.modules() if isinstance(m, GatedOutput)]
+    assert len(outputs) == 2 * gated.cfg.num_layers
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".gate." in k for k in missing)
+    assert torch.allclose(plain.user_vectors(hist), gated.user_vectors(hist), atol=1e-6)
+
+    layer = gated.encoder.encoder.layer[0].attention.output
+    x, f = torch.randn(3, 16), torch.randn(3, 16)
+    with torch.no_grad():
+        layer.gate.bias.fill_(-30.0)  # closed: the residual alone
+        assert torch.allclose(layer(f, x), layer.LayerNorm(x), atol=1e-5)
+        layer.gate.bias.zero_()
+        layer.gate.weight.normal_()
+        expected = layer.LayerNorm(x + 2 * torch.sigmoid(x @ layer.gate.weight.T) * layer.dense(f))
+        assert torch.allclose(layer(f, x), expected, atol=1e-5)
+    assert not torch.allclose(plain.user_vectors(hist), gated.user_vectors(hist), atol=1e-4)
+
+    module = SeqRecModule(
+        {**gated.cfg.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
+        loss="full", num_negatives=10, negative_sampling="popularity", item_counts=np.arange(30) + 1,
+    )
+    x, y, _ = NextItemCollate(6)([np.arange(s, s + 7) % 30 for s in range(8)])
+    module._loss(x, y).backward()
+    assert all(m.gate.weight.grad.abs().sum() > 0 for m in module.model.modules() if isinstance(m, GatedOutput))
+
+    save_model(gated, tmp_path)
+    back = load_model(tmp_path)
+    assert back.cfg.residual == "gated"
+    assert torch.allclose(back.user_vectors(hist), gated.user_vectors(hist), atol=1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        cfg(residual="highway")

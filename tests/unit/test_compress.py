@@ -250,3 +250,24 @@ def test_relative_positions_export_prune_and_quantize(positions, tmp_path):
     u8 = session(q).run(None, feeds)[0]
     cos = (u32 * u8).sum(1) / np.linalg.norm(u32, axis=1) / np.linalg.norm(u8, axis=1)
     assert cos.mean() > 0.98
+
+
+def test_gated_residual_exports_and_prunes(tmp_path):
+    """Gated sublayer outputs keep BERT's dense layers, so structured pruning shrinks them as
+    usual; the full and the pruned model's ONNX graphs match PyTorch."""
+    from components.bert.model import GatedOutput
+
+    m = tiny(residual="gated")
+    with torch.no_grad():
+        for module in m.modules():
+            if isinstance(module, GatedOutput):
+                module.gate.weight.normal_()
+                module.gate.bias.normal_()
+    pruned = prune_structured(m, heads_ratio=0.5, ffn_ratio=0.25)
+    assert pruned.cfg.residual == "gated" and pruned.cfg.layer_heads == [2, 2]
+    assert isinstance(pruned.encoder.encoder.layer[0].output, GatedOutput)
+    for name, model in (("full", m), ("pruned", pruned)):
+        path = tmp_path / f"{name}.onnx"
+        export_sequence(model, path, k=15)
+        parity = check_sequence_parity(model, path, histories(30), k=15, batch_sizes=(1, 5), lengths=(2, 8))
+        assert parity["max_abs_diff"] < 1e-4 and parity["min_top10_identical"] >= 0.99, name
