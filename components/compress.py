@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from components import metrics
-from components.bert.model import SeqRecModel, load_model, save_model, shrink_layer
+from components.bert.model import GatedOutput, SeqRecModel, load_model, save_model, shrink_layer
 from components.config import BertRecConfig, CompressConfig, ExportConfig
 from components.onnx_graphs import (
     TextGraph,
@@ -134,7 +134,11 @@ def prune_structured(model: SeqRecModel, heads_ratio: float, ffn_ratio: float) -
 
 
 def _encoder_linears(model: SeqRecModel) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.encoder.modules() if isinstance(m, nn.Linear)]
+    """The encoder's linear weights, the gates of a gated residual left out: they start at zero
+    and stay small, so a global magnitude threshold would take them first, and their zero is
+    not "no connection" but an open gate (g = 1)."""
+    gates = {id(m.gate) for m in model.encoder.modules() if isinstance(m, GatedOutput)}
+    return [(m, "weight") for m in model.encoder.modules() if isinstance(m, nn.Linear) and id(m) not in gates]
 
 
 def prune_unstructured(model: SeqRecModel, amount: float) -> tuple[SeqRecModel, dict[str, Any]]:

@@ -129,6 +129,23 @@ def test_save_and_load_roundtrip(tmp_path):
     assert torch.allclose(back.item_representations(), m.item_representations())
 
 
+def test_configs_saved_before_positions_and_gates_load_as_bert(tmp_path):
+    """A model saved before `positions` and `residual` existed has neither in its config.json:
+    it loads with BERT's absolute positions and plain residuals, its weights unchanged."""
+    import json
+
+    m = model()
+    save_model(m, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("positions", "residual"):
+        config.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    back = load_model(tmp_path)
+    assert (back.cfg.positions, back.cfg.residual) == ("absolute", "plain")
+    hist = torch.tensor([[PAD, 1, 2, 3, 4, 5]])
+    assert torch.allclose(back.user_vectors(hist), m.user_vectors(hist), atol=1e-6)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="mode"):
         cfg(mode="image")
@@ -530,16 +547,22 @@ def test_relative_positions_are_a_learned_bias_by_distance_in_the_mask(tmp_path)
     with torch.no_grad():
         both.relative_bias.copy_(torch.linspace(-1.0, 1.0, 11))
     valid = hist != PAD
-    mask = both.attention_mask(valid, True, torch.float32, both.relative_logits(6, hist.device))
-    for i in range(6):
-        for j in range(6):
-            allowed = i == j or (j <= i and bool(valid[0, j]))
-            expected = both.relative_bias[j - i + 5].item() if allowed else torch.finfo(torch.float32).min
-            assert mask[0, 0, i, j].item() == pytest.approx(expected)
+    for causal in (True, False):  # the bidirectional (cloze) mask reads the positive distances
+        mask = both.attention_mask(valid, causal, torch.float32, both.relative_logits(6, hist.device))
+        for i in range(6):
+            for j in range(6):
+                allowed = i == j or ((j <= i or not causal) and bool(valid[0, j]))
+                expected = both.relative_bias[j - i + 5].item() if allowed else torch.finfo(torch.float32).min
+                assert mask[0, 0, i, j].item() == pytest.approx(expected), (causal, i, j)
     assert not torch.allclose(absolute.user_vectors(hist), both.user_vectors(hist), atol=1e-4)
     # Right-aligned, a distance is the same in a batch of any width: padding changes nothing.
     wide = torch.cat([torch.full((2, 2), PAD), hist[:, 2:]], dim=1)
     assert torch.allclose(both.user_vectors(wide), both.user_vectors(hist[:, 2:]), atol=1e-5)
+    cloze = model(positions="absolute+relative", inference="cloze")
+    with torch.no_grad():
+        cloze.relative_bias.copy_(torch.linspace(-1.0, 1.0, 11))
+    # (A cloze model drops the oldest column for its MASK: one pad left keeps every item.)
+    assert torch.allclose(cloze.user_vectors(wide), cloze.user_vectors(wide[:, 1:]), atol=1e-5)
 
     relative = model(positions="relative")
     table = relative.encoder.embeddings.position_embeddings.weight

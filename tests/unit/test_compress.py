@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.bert.model import SeqRecConfig, SeqRecModel, left_pad, load_model, save_model
+from components.bert.model import GatedOutput, SeqRecConfig, SeqRecModel, left_pad, load_model, save_model
 from components.compress import choose, overlap, prune_structured, prune_unstructured, quantize_int8
 from components.onnx_graphs import (
     check_sequence_parity,
@@ -231,8 +231,8 @@ def test_top10_agreement_worked_example():
 @pytest.mark.parametrize("positions", ["relative", "absolute+relative"])
 def test_relative_positions_export_prune_and_quantize(positions, tmp_path):
     """The relative-position bias travels inside the exported mask: the ONNX graph matches
-    PyTorch at several widths, also after structured pruning (the bias is shared by heads, so
-    layers left with different head counts take the same mask), and INT8 stays close."""
+    PyTorch at several widths, also after structured pruning (the bias is shared by heads, so a
+    pruned layer takes the same mask), and INT8 stays close."""
     m = tiny(positions=positions)
     with torch.no_grad():
         m.relative_bias.copy_(torch.randn(m.relative_bias.shape))
@@ -255,8 +255,6 @@ def test_relative_positions_export_prune_and_quantize(positions, tmp_path):
 def test_gated_residual_exports_and_prunes(tmp_path):
     """Gated sublayer outputs keep BERT's dense layers, so structured pruning shrinks them as
     usual; the full and the pruned model's ONNX graphs match PyTorch."""
-    from components.bert.model import GatedOutput
-
     m = tiny(residual="gated")
     with torch.no_grad():
         for module in m.modules():
@@ -271,3 +269,11 @@ def test_gated_residual_exports_and_prunes(tmp_path):
         export_sequence(model, path, k=15)
         parity = check_sequence_parity(model, path, histories(30), k=15, batch_sizes=(1, 5), lengths=(2, 8))
         assert parity["max_abs_diff"] < 1e-4 and parity["min_top10_identical"] >= 0.99, name
+    # Unstructured pruning leaves the gates alone: a zero gate weight is an open gate, not a
+    # removed connection.
+    sparse, report = prune_unstructured(m, 0.6)
+    assert report["global_sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert not any(".gate" in name for name in report["per_matrix"])
+    for before, after in zip(m.modules(), sparse.modules()):
+        if isinstance(before, GatedOutput):
+            assert torch.equal(before.gate.weight, after.gate.weight)
