@@ -534,6 +534,17 @@ def test_bucketed_batches_weigh_every_target_position_alike(monkeypatch, tmp_pat
         mean.item() * positions.numel() / bucketed.positions_per_batch, rel=1e-6)
 
 
+def backward_once(m: SeqRecModel) -> SeqRecModule:
+    """A training module around `m`'s settings after one next-item loss's backward."""
+    module = SeqRecModule(
+        {**m.cfg.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
+        loss="full", num_negatives=10, negative_sampling="popularity", item_counts=np.arange(30) + 1,
+    )
+    x, y, _ = NextItemCollate(6)([np.arange(s, s + 7) % 30 for s in range(8)])
+    module._loss(x, y).backward()
+    return module
+
+
 def test_relative_positions_are_a_learned_bias_by_distance_in_the_mask(tmp_path):
     """`positions: absolute+relative` starts as the absolute model (a zero bias) and adds, to
     every attention logit (i, j) the mask allows, the learned bias of distance j - i;
@@ -567,12 +578,7 @@ def test_relative_positions_are_a_learned_bias_by_distance_in_the_mask(tmp_path)
     relative = model(positions="relative")
     table = relative.encoder.embeddings.position_embeddings.weight
     assert not table.requires_grad and not table.any()
-    module = SeqRecModule(
-        {**relative.cfg.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
-        loss="full", num_negatives=10, negative_sampling="popularity", item_counts=np.arange(30) + 1,
-    )
-    x, y, _ = NextItemCollate(6)([np.arange(s, s + 7) % 30 for s in range(8)])
-    module._loss(x, y).backward()
+    module = backward_once(relative)
     assert module.model.relative_bias.grad.abs().sum() > 0
     assert module.model.encoder.embeddings.position_embeddings.weight.grad is None
 
@@ -609,12 +615,7 @@ def test_gated_residual_starts_as_bert_and_learns_its_gates(tmp_path):
         assert torch.allclose(layer(f, x), expected, atol=1e-5)
     assert not torch.allclose(plain.user_vectors(hist), gated.user_vectors(hist), atol=1e-4)
 
-    module = SeqRecModule(
-        {**gated.cfg.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
-        loss="full", num_negatives=10, negative_sampling="popularity", item_counts=np.arange(30) + 1,
-    )
-    x, y, _ = NextItemCollate(6)([np.arange(s, s + 7) % 30 for s in range(8)])
-    module._loss(x, y).backward()
+    module = backward_once(gated)
     assert all(m.gate.weight.grad.abs().sum() > 0 for m in module.model.modules() if isinstance(m, GatedOutput))
 
     save_model(gated, tmp_path)
