@@ -534,6 +534,14 @@ def test_bucketed_batches_weigh_every_target_position_alike(monkeypatch, tmp_pat
         mean.item() * positions.numel() / bucketed.positions_per_batch, rel=1e-6)
 
 
+def assert_reloads(m: SeqRecModel, folder, hist: torch.Tensor, **settings) -> None:
+    """`m` saved and loaded: the same settings, the same user vectors."""
+    save_model(m, folder)
+    back = load_model(folder)
+    assert all(getattr(back.cfg, k) == v for k, v in settings.items())
+    assert torch.allclose(back.user_vectors(hist), m.user_vectors(hist), atol=1e-6)
+
+
 def backward_once(m: SeqRecModel) -> SeqRecModule:
     """A training module around `m`'s settings after one next-item loss's backward."""
     module = SeqRecModule(
@@ -582,10 +590,7 @@ def test_relative_positions_are_a_learned_bias_by_distance_in_the_mask(tmp_path)
     assert module.model.relative_bias.grad.abs().sum() > 0
     assert module.model.encoder.embeddings.position_embeddings.weight.grad is None
 
-    save_model(both, tmp_path)
-    back = load_model(tmp_path)
-    assert back.cfg.positions == "absolute+relative"
-    assert torch.allclose(back.user_vectors(hist), both.user_vectors(hist), atol=1e-6)
+    assert_reloads(both, tmp_path, hist, positions="absolute+relative")
     with pytest.raises(ValueError, match="positions"):
         cfg(positions="rotary")
 
@@ -618,9 +623,6 @@ def test_gated_residual_starts_as_bert_and_learns_its_gates(tmp_path):
     module = backward_once(gated)
     assert all(m.gate.weight.grad.abs().sum() > 0 for m in module.model.modules() if isinstance(m, GatedOutput))
 
-    save_model(gated, tmp_path)
-    back = load_model(tmp_path)
-    assert back.cfg.residual == "gated"
-    assert torch.allclose(back.user_vectors(hist), gated.user_vectors(hist), atol=1e-6)
+    assert_reloads(gated, tmp_path, hist, residual="gated")
     with pytest.raises(ValueError, match="residual"):
         cfg(residual="highway")
