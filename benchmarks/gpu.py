@@ -348,7 +348,7 @@ def throughput(features_dir: Path, params, accelerator: str, steps: int, warmup:
     import torch
 
     from components.bert.data import SequenceDataModule
-    from components.bert.train import build_module, model_config, trainer_kwargs
+    from components.bert.train import build_module, item_texts, model_config, trainer_kwargs
 
     cfg = params.bert
     pl.seed_everything(params.seed, verbose=False)
@@ -361,7 +361,8 @@ def throughput(features_dir: Path, params, accelerator: str, steps: int, warmup:
                             bucket_batches=cfg.bucket_batches)
     dm.setup()
     mcfg = model_config(cfg, dm.n_items, 0 if text_features is None else text_features.shape[1], "causal")
-    module = build_module(cfg, cfg.finetune, "next", mcfg, text_features, None, dm.item_counts)
+    texts = item_texts(features_dir) if mcfg.text_finetune_layers > 0 else None
+    module = build_module(cfg, cfg.finetune, "next", mcfg, text_features, texts, dm.item_counts)
     timer = _step_timer(warmup)
     profiler = _step_profiler(warmup) if profile else None
     _reset_memory(accelerator)
@@ -374,6 +375,9 @@ def throughput(features_dir: Path, params, accelerator: str, steps: int, warmup:
     out = {"sequences_per_second": round(timer.sequences / timer.seconds, 1),
            "step_ms": round(1000 * timer.seconds / timer.steps, 2), "steps": timer.steps,
            "peak_memory_mb": _peak_memory_mb(accelerator), "batch_size": cfg.batch_size, **_graphs()}
+    tower = module.model.text_tower
+    if tower is not None and tower.cache_seconds is not None:
+        out["text_cache_seconds"] = round(tower.cache_seconds, 2)  # once, inside the warm-up
     if profiler:
         out["profile"] = profiler.summary(timer.steps)
     return out

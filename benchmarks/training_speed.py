@@ -51,6 +51,25 @@ VARIANTS: dict[str, Callable[[Any], list[str]]] = {
     # No dropout on the attention weights at all (what is learned changes: rejected on quality).
     "no-attention-dropout+buckets": _recipe(packed=False, buckets=4, attention_dropout=0.0),
 }
+# Training recipes: the variants run by default.
+RECIPES = list(VARIANTS)
+
+
+def _text(finetune_layers: int, cached: bool = True):
+    """Overrides for items with text (text+id where the dataset uses ids alone): the text
+    encoder frozen, or its top layers fine-tuned with the frozen ones recomputed every step or
+    cached once."""
+    def overrides(bert) -> list[str]:
+        mode = bert.mode if "text" in bert.mode else "text+id"
+        return [f"bert.mode={mode}", f"bert.text_encoder.finetune_layers={finetune_layers}",
+                f"bert.text_encoder.cache_frozen={str(cached).lower()}"]
+    return overrides
+
+
+VARIANTS["text-tower"] = _text(1, cached=False)
+VARIANTS["text-tower-cached"] = _text(1, cached=True)
+# What the tower costs: the same items with the frozen embeddings alone.
+VARIANTS["text-frozen"] = _text(0)
 
 
 def _batches_per_epoch(features: Path, params) -> int:
@@ -61,7 +80,10 @@ def _batches_per_epoch(features: Path, params) -> int:
     return math.ceil(len(dm.train_sequences) / params.bert.batch_size)
 
 
-def measure(dataset: str, params, variants: list[str], epochs: int, repeats: int, work: Path) -> dict[str, Any]:
+def measure(dataset: str, params, variants: list[str], epochs: int, repeats: int, work: Path,
+            steps: int | None = None, warmup: int | None = None) -> dict[str, Any]:
+    """`steps` / `warmup`: timed and warm-up steps per variant (default: `epochs` epochs after
+    one epoch)."""
     from benchmarks.gpu import throughput
     from components import pipeline
     from components.config import apply_overrides, params_from_dict
@@ -70,13 +92,15 @@ def measure(dataset: str, params, variants: list[str], epochs: int, repeats: int
     art = Artifacts(work / dataset)
     pipeline.run(params, art, until="item_text_embeddings")
     batches = _batches_per_epoch(art.features, params)
+    steps = epochs * batches if steps is None else steps
+    warmup = batches if warmup is None else warmup
     settings = {name: VARIANTS[name](params.bert) for name in variants}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for repeat in range(repeats):
         for name in variants:
             # On the CPU even where a GPU is there: the product's CPU path is what this measures.
             variant = params_from_dict(apply_overrides(params.to_dict(), [*settings[name], "bert.trainer.accelerator=cpu"]))
-            row = throughput(art.features, variant, "cpu", steps=epochs * batches, warmup=batches,
+            row = throughput(art.features, variant, "cpu", steps=steps, warmup=warmup,
                              embeddings=art.text_embeddings / "embeddings.npy")
             runs[name].append(row)
             log.info("%s %s (%d/%d): %.0f sequences/s, %.0f ms a step", dataset, name, repeat + 1, repeats,
@@ -89,9 +113,11 @@ def measure(dataset: str, params, variants: list[str], epochs: int, repeats: int
                       "runs_sequences_per_second": speeds,
                       "step_ms": round(statistics.median(r["step_ms"] for r in runs[name]), 2),
                       "graphs": runs[name][-1]["graphs"], "graph_breaks": runs[name][-1]["graph_breaks"]}
+        if "text_cache_seconds" in runs[name][-1]:
+            rows[name]["text_cache_seconds"] = [r["text_cache_seconds"] for r in runs[name]]
     for name in variants:
         rows[name][f"speedup_vs_{first}"] = round(rows[name]["sequences_per_second"] / rows[first]["sequences_per_second"], 3)
-    return {"batches_per_epoch": batches, "timed_steps": epochs * batches, "warmup_steps": batches,
+    return {"batches_per_epoch": batches, "timed_steps": steps, "warmup_steps": warmup,
             "model": {k: getattr(params.bert, k) for k in ("mode", "hidden_size", "num_layers", "max_len",
                                                              "batch_size", "dropout", "loss")},
             "variants": rows}
@@ -127,15 +153,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_params_arguments(parser, artifacts=False)
     parser.add_argument("--dataset", default="movielens-100k", help="comma-separated dataset names")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per variant, after one warm-up epoch")
+    parser.add_argument("--steps", type=int, help="timed steps per variant instead of --epochs epochs")
+    parser.add_argument("--warmup-steps", type=int, help="warm-up steps per variant (default: one epoch)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("artifacts/bench/training-speed"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     variants = names_of(parser, "--variants", args.variants, VARIANTS)
-    if args.epochs < 1 or args.repeats < 1:
-        parser.error("--epochs and --repeats must be at least 1")
+    if args.epochs < 1 or args.repeats < 1 or (args.steps or 1) < 1 or (args.warmup_steps or 1) < 1:
+        parser.error("--epochs, --repeats, --steps and --warmup-steps must be at least 1")
 
     import torch
 
@@ -146,7 +174,8 @@ def main() -> int:
     }
     for dataset in (d.strip() for d in args.dataset.split(",") if d.strip()):
         params = dataset_params(args.params, dataset, overrides=args.overrides, override_files=args.override_files)
-        out["datasets"][dataset] = measure(dataset, params, variants, args.epochs, args.repeats, args.workdir)
+        out["datasets"][dataset] = measure(dataset, params, variants, args.epochs, args.repeats, args.workdir,
+                                           args.steps, args.warmup_steps)
     save(out, args.out, plot)
     return 0
 

@@ -170,6 +170,9 @@ class TextEncoderConfig:
     cache_dir: str
     # Top layers of the text encoder trained with the recommender (0 = frozen embeddings).
     finetune_layers: int
+    # With finetune_layers: the frozen layers' output computed once for the catalogue (memory:
+    # items x longest text x width floats) instead of every step.
+    cache_frozen: bool
     # Where the frozen embeddings are computed: auto (the GPU when there is one), cpu or cuda.
     device: Literal["auto", "cpu", "cuda"]
 

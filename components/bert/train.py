@@ -243,7 +243,7 @@ def model_config(cfg: BertRecConfig, n_items: int, text_dim: int, inference: str
         text_adaptor=cfg.text_adaptor, text_experts=cfg.text_experts,
         text_encoder_path=str(resolve_encoder_path(cfg.text_encoder.path)) if tower else None,
         text_finetune_layers=cfg.text_encoder.finetune_layers if tower else 0,
-        text_max_length=cfg.text_encoder.max_length,
+        text_max_length=cfg.text_encoder.max_length, text_cache_frozen=cfg.text_encoder.cache_frozen,
     )
 
 
@@ -317,12 +317,17 @@ def _load_inputs(features_dir: Path, text_dir: Path, cfg: BertRecConfig):
         text_dim = emb.shape[1]
         text_features = torch.from_numpy(emb)
         if cfg.text_encoder.finetune_layers > 0:
-            # Here, not at the top: the training path runs where polars is not installed (a GPU
-            # machine with PyTorch alone, benchmarks/gpu.py).
-            import polars as pl
-
-            texts = pl.read_parquet(features_dir / "items.parquet").sort("item_idx")["text"].fill_null("").to_list()
+            texts = item_texts(features_dir)
     return text_features, texts, text_dim
+
+
+def item_texts(features_dir: Path) -> list[str]:
+    """Item texts in item-index order, for the text tower."""
+    # Here, not at the top: the training path runs where polars is not installed (a GPU machine
+    # with PyTorch alone, benchmarks/gpu.py).
+    import polars as pl
+
+    return pl.read_parquet(features_dir / "items.parquet").sort("item_idx")["text"].fill_null("").to_list()
 
 
 # --------------------------------------------------------------------------------------------

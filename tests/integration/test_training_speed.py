@@ -50,6 +50,29 @@ def test_variants_side_by_side(tmp_path):
     assert result["command"].startswith("python -m benchmarks.training_speed --dataset synthetic")
 
 
+def test_text_tower_variants_and_a_step_count(tmp_path):
+    """The text encoder's top layer fine-tuned, its frozen layers recomputed or cached, beside
+    the frozen embeddings: timed for the steps asked, the cache's one-off cost reported."""
+    encoder = make_tiny_bert(tmp_path / "encoder")
+    sets = [a for o in [*TINY, f"bert.text_encoder.path={encoder}", "bert.text_encoder.max_length=24"]
+            for a in ("--set", o)]
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, "-m", "benchmarks.training_speed", "--dataset", "synthetic", "--variants",
+           "text-tower,text-tower-cached,text-frozen", "--steps", "2", "--warmup-steps", "1", "--repeats", "1",
+           "--workdir", str(tmp_path / "w"), "--out", str(out), *sets]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in eval mode at the start of training" not in proc.stderr
+    row = json.loads(out.read_text())["datasets"]["synthetic"]
+    assert row["timed_steps"] == 2 and row["warmup_steps"] == 1
+    variants = row["variants"]
+    assert variants["text-tower"]["overrides"] == ["bert.mode=text+id", "bert.text_encoder.finetune_layers=1",
+                                                   "bert.text_encoder.cache_frozen=false"]
+    assert variants["text-frozen"]["overrides"][1] == "bert.text_encoder.finetune_layers=0"
+    assert [name for name, v in variants.items() if "text_cache_seconds" in v] == ["text-tower-cached"]
+    assert all(v["sequences_per_second"] > 0 for v in variants.values())
+
+
 def test_unknown_variant_is_named(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.training_speed", "--variants", "before,fast",
                            "--out", str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
