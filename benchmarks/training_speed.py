@@ -162,7 +162,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     variants = names_of(parser, "--variants", args.variants, VARIANTS)
-    if args.epochs < 1 or args.repeats < 1 or (args.steps or 1) < 1 or (args.warmup_steps or 1) < 1:
+    if min(args.epochs, args.repeats, *(n for n in (args.steps, args.warmup_steps) if n is not None)) < 1:
         parser.error("--epochs, --repeats, --steps and --warmup-steps must be at least 1")
 
     import torch

@@ -81,9 +81,6 @@ def quiet_libraries() -> None:
     # Validation metrics are summed over ranks by the module itself before they are logged.
     warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('val_.*sync_dist=True.*")
     warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")
-    # The text tower's frozen layers stay in eval mode on purpose: no dropout in a fixed feature
-    # extractor (components/bert/model.py, `TextTower`).
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     # The BERT stages keep their resume marker in their checkpoint folder.
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     # Read by transformers and huggingface_hub when they are imported (not imported here: most

@@ -147,9 +147,11 @@ class Stage:
 
 
 # How kernels run, not what they compute: where the text embeddings are computed (the same fp32
-# vectors on either device) and whether training compiles its encoder (the same network and
-# steps, fused kernels). Changing them makes nothing stale.
-DEVICE_ONLY = ("bert.text_encoder.device", "bert.trainer.compile", "bert.trainer.compile_mode")
+# vectors on either device), whether training compiles its encoder (the same network and
+# steps, fused kernels) and whether the text tower keeps its frozen layers' output (the same
+# vectors, computed once). Changing them makes nothing stale.
+DEVICE_ONLY = ("bert.text_encoder.device", "bert.trainer.compile", "bert.trainer.compile_mode",
+               "bert.text_encoder.cache_frozen")
 
 # Which engine validates and builds the features, and how its session is set up: both engines
 # give identical outputs (tests/integration/test_spark.py holds them to it), so switching makes nothing stale.

@@ -208,12 +208,13 @@ class TextTower(nn.Module):
     recommender; the layers below are frozen. Item texts are tokenized once and held as buffers,
     so the tower embeds any subset of items by index.
 
-    The frozen bottom is a fixed feature extractor: always in eval mode (no dropout), so its
-    output per item never changes. With `cache_frozen` that output is computed once for the whole
+    The frozen bottom is a fixed feature extractor: it always runs without dropout, so its output
+    per item never changes. With `cache_frozen` that output is computed once for the whole
     catalogue, on first use, and each step runs only the trained layers: one layer's cost, not the
     encoder's. The cache holds n_items x longest text x width floats (Amazon-Scientific: 4,385 x
-    128 x 384, 0.9 GB); without it the bottom is recomputed for the items each step embeds, which
-    only a sampled loss keeps small. The cache is not saved, and loading a state dict drops it."""
+    128 x 384, 0.8 GB); without it the bottom is recomputed for the items each step embeds, which
+    only a sampled loss keeps small. The cache is never saved, copied or pickled, and loading a
+    state dict or moving the tower drops it."""
 
     def __init__(self, encoder_path: str, texts: list[str] | None, n_items: int, finetune_layers: int,
                  max_length: int, cache_frozen: bool = True):
@@ -240,40 +241,47 @@ class TextTower(nn.Module):
             for p in layer.parameters():
                 p.requires_grad_(True)
         self.cache_frozen = cache_frozen
-        # A plain attribute, not a buffer: outside the state dict, checkpoints and DDP's buffer
-        # broadcasts (it is derived from the weights and tokens, which are saved).
-        self._frozen_hidden: torch.Tensor | None = None
         self.cache_seconds: float | None = None  # how long the last cache took to compute
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module.drop_cache())
+        self.drop_cache()
+        self.register_load_state_dict_post_hook(_drop_cache)
+        # from_pretrained hands the encoder over in eval mode, and Lightning does not switch
+        # modules to training mode: the trained layers would train without their dropout.
         self.train()
 
     @property
     def dim(self) -> int:
         return self.encoder.config.hidden_size
 
-    def train(self, mode: bool = True) -> "TextTower":
-        super().train(mode)
-        self.encoder.embeddings.eval()
-        for layer in self.encoder.encoder.layer[: self.trainable_from]:
-            layer.eval()
-        return self
-
     def drop_cache(self) -> None:
-        self._frozen_hidden = None
+        """Forget what derives from the weights and token buffers."""
+        # Plain attributes, not buffers: outside the state dict, checkpoints and DDP's buffer
+        # broadcasts.
+        self._frozen_hidden: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None  # tokens per item, on the CPU
+        self._catalogue: tuple[list[tuple[torch.Tensor, int]], torch.Tensor] | None = None  # its `_plan`
 
-    def forward(self, item_ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """Mean-pooled text vectors of `item_ids` [n, width]. Texts are right-padded and
-        attention ignores the padding, so the items run in chunks of similar length, each trimmed
-        to its longest text: the same vectors at the cost of the real tokens (Amazon-Scientific:
-        46 tokens on average, 128 the widest)."""
+    def _apply(self, fn, recurse=True):
+        self.drop_cache()  # .to() / .cpu() / .cuda(): computed again where the tower now lives
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()  # deepcopy and pickling (ddp_spawn): not the cache
+        state.update(_frozen_hidden=None, _lengths=None, _catalogue=None)
+        return state
+
+    def forward(self, item_ids: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
+        """Mean-pooled text vectors of `item_ids` (all items when None) [n, width]. Texts are
+        right-padded and attention ignores the padding, so the items run in chunks of similar
+        length, each trimmed to its longest text: the same vectors at the cost of the real tokens
+        (Amazon-Scientific: 46 tokens on average, 128 the widest). The chunks are planned on the
+        CPU: no device sync per chunk, and none at all for the whole catalogue."""
         from components.bert.text_embeddings import mean_pool
 
-        lengths = self.token_mask[item_ids].sum(dim=1)
-        order = torch.argsort(lengths)
+        device = self.input_ids.device
+        plan, order = self._plan(item_ids, chunk)
         pooled = []
-        for part in order.split(chunk):
-            ids = item_ids[part]
-            width = max(1, int(lengths[part].max()))
+        for part, width in plan:
+            ids = part.to(device, non_blocking=True) if item_ids is None else item_ids[part.to(device, non_blocking=True)]
             mask = self.token_mask[ids, :width]
             if self.cache_frozen:
                 hidden = self.frozen_hidden()[ids, :width]
@@ -283,32 +291,63 @@ class TextTower(nn.Module):
             for layer in self.encoder.encoder.layer[self.trainable_from :]:
                 hidden = _hidden(layer(hidden, attention_mask=ext))
             pooled.append(mean_pool(hidden, mask))
-        return torch.cat(pooled)[torch.argsort(order)]
+        if not pooled:
+            return torch.zeros((0, self.dim), device=device)
+        return torch.cat(pooled)[torch.argsort(order).to(device, non_blocking=True)]
+
+    def _plan(self, item_ids: torch.Tensor | None, chunk: int) -> tuple[list[tuple[torch.Tensor, int]], torch.Tensor]:
+        """Chunks of positions in `item_ids` (of item indices when None), by token length, each
+        with its width; and the order they come in."""
+        if self._lengths is None:
+            self._lengths = self.token_mask.sum(dim=1).cpu()
+        if item_ids is None and self._catalogue is not None:
+            return self._catalogue
+        lengths = self._lengths if item_ids is None else self._lengths[item_ids.cpu()]
+        order = torch.argsort(lengths)
+        plan = [(part, max(1, int(lengths[part].max()))) for part in order.split(chunk) if part.numel()]
+        if item_ids is None:
+            self._catalogue = plan, order
+        return plan, order
 
     def frozen_hidden(self, chunk: int = 256) -> torch.Tensor:
-        """The frozen bottom's output for every item [n_items, T, width], T the longest text
-        (zero past each item's own)."""
-        if self._frozen_hidden is None or self._frozen_hidden.device != self.input_ids.device:
-            lengths = self.token_mask.sum(dim=1)
-            length = max(1, int(lengths.max()))
+        """The frozen bottom's output for every item [n_items, T, width], T the longest text.
+        Past an item's own text it holds whatever its chunk's padding gave, masked wherever read."""
+        if self._frozen_hidden is None:
+            device = self.input_ids.device
             start = time.perf_counter()
-            cache = torch.zeros((lengths.shape[0], length, self.dim), device=self.input_ids.device)
-            for part in torch.argsort(lengths).split(chunk):  # similar lengths together, as in forward
-                width = max(1, int(lengths[part].max()))
+            plan, _ = self._plan(None, chunk)
+            cache = torch.zeros((self.input_ids.shape[0], max(w for _, w in plan), self.dim), device=device)
+            for part, width in plan:
+                part = part.to(device)
                 cache[part, :width] = self._frozen(self.input_ids[part, :width], self.token_mask[part, :width])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             self._frozen_hidden = cache
             self.cache_seconds = time.perf_counter() - start
             log.info("text tower: the frozen layers' output for %d items x %d tokens cached (%.0f MB) in %.1f s",
-                     lengths.shape[0], length, self._frozen_hidden.nbytes / 2**20, self.cache_seconds)
+                     cache.shape[0], cache.shape[1], cache.nbytes / 2**20, self.cache_seconds)
         return self._frozen_hidden
 
     @torch.no_grad()
     def _frozen(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder.embeddings(input_ids=ids)
-        ext = _padding_mask(mask)
-        for layer in self.encoder.encoder.layer[: self.trainable_from]:
-            hidden = _hidden(layer(hidden, attention_mask=ext))
-        return hidden
+        frozen = [self.encoder.embeddings, *self.encoder.encoder.layer[: self.trainable_from]]
+        modes = [m.training for m in frozen]
+        for m in frozen:  # no dropout in a fixed feature extractor, in training mode too
+            m.eval()
+        try:
+            hidden = self.encoder.embeddings(input_ids=ids)
+            ext = _padding_mask(mask)
+            for layer in self.encoder.encoder.layer[: self.trainable_from]:
+                hidden = _hidden(layer(hidden, attention_mask=ext))
+            return hidden
+        finally:
+            for m, mode in zip(frozen, modes):
+                m.train(mode)
+
+
+def _drop_cache(tower: TextTower, incompatible_keys) -> None:
+    """Load-state-dict post hook (a module-level function: a lambda would not pickle)."""
+    tower.drop_cache()
 
 
 def _padding_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -355,7 +394,7 @@ class SeqRecModel(nn.Module):
             # for all heads: structured pruning leaves layers with different head counts, and
             # BERT hands every layer the same mask. Zero at first: training starts from the
             # absolute-only model, or with relative positions alone from one that sees order only
-            # through the causal mask.
+            # through the causal mask (not at all in cloze pre-training).
             self.relative_bias = nn.Parameter(torch.zeros(2 * cfg.max_len - 1))
         if cfg.positions == "relative":
             # BERT always adds a position embedding: a frozen zero table takes it out.
@@ -399,11 +438,15 @@ class SeqRecModel(nn.Module):
     def item_representations(self, item_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Representations of `item_ids` (all items when None): [n, hidden]."""
         device = self.special.weight.device
-        if item_ids is None:
+        every = item_ids is None
+        if every:
             item_ids = torch.arange(self.cfg.n_items, device=device)
         rep = torch.zeros((item_ids.shape[0], self.cfg.hidden_size), device=device)
         if "text" in self.cfg.mode:
-            text = self.text_tower(item_ids) if self.text_tower is not None else self.text_features[item_ids]
+            if self.text_tower is not None:  # the whole catalogue as None: no index to plan from
+                text = self.text_tower(None if every else item_ids)
+            else:
+                text = self.text_features[item_ids]
             rep = rep + self._project(text)
         if "id" in self.cfg.mode:
             rep = rep + self.id_embedding(item_ids)

@@ -3,10 +3,13 @@ cached once for the catalogue, against the pretrained encoder run in full."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
-from components.bert.model import TextTower
+from components.bert.model import SeqRecConfig, SeqRecModel, TextTower, load_model, save_model
 from components.bert.text_embeddings import mean_pool
 from components.synthetic import ADJECTIVES, THEMES
 from tests.bert_helpers import make_tiny_bert
@@ -62,6 +65,7 @@ def test_the_frozen_output_is_computed_once_and_only_the_top_layer_trains(encode
     for ids in (torch.arange(40), torch.tensor([5, 1, 5]), torch.arange(40)):
         t(ids).sum().backward()
     assert calls == [40]  # the catalogue once (one chunk), never again
+    assert t(torch.tensor([], dtype=torch.long)).shape == (0, t.dim)
     assert t.cache_seconds is not None and not t.frozen_hidden().requires_grad
     top, bottom = t.encoder.encoder.layer[1], t.encoder.encoder.layer[0]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in top.parameters())
@@ -70,10 +74,11 @@ def test_the_frozen_output_is_computed_once_and_only_the_top_layer_trains(encode
 
 def test_training_mode_leaves_the_frozen_layers_without_dropout(encoder):
     """The frozen layers are a fixed feature extractor: the cached and recomputed towers agree
-    in training mode too, dropout in the trained layer drawn alike."""
-    cached, recomputed = tower(encoder, True).train(), tower(encoder, False).train()
-    assert not t_training(cached.encoder.embeddings) and not t_training(cached.encoder.encoder.layer[0])
-    assert t_training(cached.encoder.encoder.layer[1])
+    in training mode too, dropout in the trained layer drawn alike, and every module keeps the
+    mode it was given (Lightning warns about modules left in eval mode)."""
+    cached, recomputed = tower(encoder, True), tower(encoder, False)
+    # Built in training mode, though the pretrained encoder is loaded in eval mode.
+    assert all(m.training for t in (cached, recomputed) for m in t.modules())
     ids = torch.tensor([2, 9, 39, 2])
     torch.manual_seed(1)
     a = cached(ids)
@@ -82,10 +87,41 @@ def test_training_mode_leaves_the_frozen_layers_without_dropout(encoder):
     assert torch.allclose(a, b, atol=1e-5)
     torch.manual_seed(2)
     assert not torch.allclose(a, cached(ids), atol=1e-5), "the trained layer's dropout must still apply"
+    assert all(m.training for t in (cached, recomputed) for m in t.modules())
 
 
-def t_training(module: torch.nn.Module) -> bool:
-    return any(m.training for m in module.modules())
+def test_copies_pickles_and_moves_leave_the_cache_behind(encoder):
+    t = tower(encoder).eval()
+    with torch.no_grad():
+        expected = t(None)
+    cache = t.frozen_hidden()
+    assert cache.shape == (40, MAX_LENGTH, t.dim)
+    for copy_ in (copy.deepcopy(t), pickle.loads(pickle.dumps(t))):
+        assert copy_._frozen_hidden is None and t._frozen_hidden is cache
+        with torch.no_grad():
+            assert torch.allclose(copy_(None), expected, atol=1e-6)
+    # Pickled (ddp_spawn hands the module to its workers this way): weights and tokens, not the cache.
+    assert len(pickle.dumps(t)) < len(pickle.dumps(t.state_dict())) + cache.nbytes // 2
+    t.to(torch.device("cpu"))
+    assert t._frozen_hidden is None
+
+
+def test_a_saved_recommender_with_a_tower_reloads_and_embeds_alike(encoder, tmp_path):
+    items = texts()
+    cfg = SeqRecConfig(n_items=len(items), mode="text", text_dim=16, hidden_size=16, num_layers=1, num_heads=2,
+                       intermediate_size=32, max_len=6, dropout=0.0, text_encoder_path=encoder,
+                       text_finetune_layers=1, text_max_length=MAX_LENGTH)
+    torch.manual_seed(0)
+    model = SeqRecModel(cfg, text_features=torch.randn(len(items), 16), texts=items).eval()
+    with torch.no_grad():
+        expected = model.item_representations()
+        some = model.item_representations(torch.tensor([3, 0, 3]))
+    assert torch.allclose(some, expected[[3, 0, 3]], atol=1e-6)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(loaded.item_representations(), expected, atol=1e-6)
+    assert loaded.text_tower.frozen_hidden().shape == (len(items), MAX_LENGTH, 16)
 
 
 def test_loading_weights_drops_the_cache(encoder):
