@@ -5,7 +5,8 @@
 For each dataset the pipeline's own validation, features and item text embeddings run first
 (cached in `--workdir`); then the product's training module and data module
 (`benchmarks.gpu.throughput`: `SeqRecModule`, `SequenceDataModule`, no validation) take one
-warm-up epoch and `--epochs` timed epochs under each variant of `--variants`. The variants are
+warm-up epoch and `--epochs` timed epochs under each variant of `--variants` (or
+`--warmup-steps` and `--steps` steps: the text-tower variants take many seconds a step). The variants are
 interleaved `--repeats` times and each keeps its median, so a drift in the machine's speed
 falls on all of them alike. Speed-ups are ratios to the first variant. What a variant does to
 quality is not measured here: that takes whole trainings on several seeds (`benchmarks.quality`
