@@ -7,8 +7,11 @@
 
 `export` runs the pipeline's own stages (validation, features, item text embeddings) on
 MovieLens-100K and Amazon-Scientific and keeps what training reads: each dataset's sequence
-file, its text embeddings and its resolved settings, plus the text encoder's configuration and
-tokenizer (not its weights) and the item texts; a few MB. `run` needs only that folder and what a
+file, its text embeddings, its item texts and its resolved settings, plus the text encoder's
+configuration and tokenizer and the texts of the encoder benchmark; a few MB. With
+`--encoder-weights` the encoder's pretrained weights travel too, in fp16 (43 MiB for MiniLM, under
+the 64 MiB a lent machine takes): what fine-tuning its top layer (`bert.text_encoder.finetune_layers`)
+starts from. The tower computes in fp32 from them. `run` needs only that folder and what a
 bare GPU machine has (PyTorch, Lightning, transformers, numpy, scipy, pandas): it imports the
 training stage and nothing of polars, implicit, faiss, MLflow, Prefect or Great Expectations
 (the smoke test runs it with those imports blocked).
@@ -88,6 +91,9 @@ COMPILE_VARIANTS = {
     "compiled+cudagraphs": ("bert.trainer.compile=true", "bert.trainer.compile_mode=reduce-overhead"),
 }
 ENCODER_FILES = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Where an export keeps the encoder, and its weights' file name (what `from_pretrained` reads).
+ENCODER_DIR = "text-encoder"
+ENCODER_WEIGHTS = "model.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +138,7 @@ SMOKE_OVERRIDES = ["bert.finetune.max_epochs=2", "bert.finetune.patience=1", "be
 
 
 def export(out: Path, datasets: list[str], params_path: Path, overrides: list[str], work: Path,
-           override_files: list[Path] = ()) -> dict[str, Any]:
+           override_files: list[Path] = (), encoder_weights: bool = False) -> dict[str, Any]:
     """Run validation, features and text embeddings for each dataset and keep what training
     reads in `out` (see the module docstring)."""
     import polars as pl
@@ -140,6 +146,7 @@ def export(out: Path, datasets: list[str], params_path: Path, overrides: list[st
     from benchmarks.common import dataset_params
     from components import pipeline
     from components.bert.text_embeddings import resolve_encoder_path
+    from components.bert.train import ITEM_TEXTS, item_texts
     from components.pipeline import Artifacts
 
     if out.exists():
@@ -158,19 +165,26 @@ def export(out: Path, datasets: list[str], params_path: Path, overrides: list[st
             shutil.copy2(art.features / name, folder / name)
         shutil.copy2(art.text_embeddings / "embeddings.npy", folder / "embeddings.npy")
         (folder / "params.json").write_text(json.dumps(params.to_dict(), indent=2))
+        (folder / ITEM_TEXTS).write_text(json.dumps(item_texts(art.features)))
         items = pl.read_parquet(art.features / "items.parquet").sort("item_idx")
         texts += [t for t in items["text"].fill_null("").to_list() if t]
         encoder = resolve_encoder_path(params.bert.text_encoder.path)
-    target = out / "text-encoder"
+    target = out / ENCODER_DIR
     target.mkdir()
     for name in ENCODER_FILES:
         if (encoder / name).exists():
             shutil.copy2(encoder / name, target / name)
+    if encoder_weights:
+        from safetensors.torch import save_file
+        from transformers import AutoModel
+
+        weights = AutoModel.from_pretrained(encoder).state_dict()
+        save_file({k: v.half().contiguous() for k, v in weights.items()}, str(target / ENCODER_WEIGHTS))
     (out / "texts.json").write_text(json.dumps(texts))
     manifest = {"datasets": datasets, "texts": len(texts), "encoder": encoder.name,
                 "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    log.info("exported %s (%.1f MB)", out, manifest["bytes"] / 2**20)
+    log.info("exported %s (%.1f MiB)", out, manifest["bytes"] / 2**20)
     return manifest
 
 
@@ -198,9 +212,18 @@ def exported_params(folder: Path, overrides: list[str], override_files: list[Pat
     if not written.is_file():
         raise ValueError(f"{folder}: no export here ({written.name} missing): `python -m benchmarks.gpu export` writes one")
     raw = json.loads(written.read_text())
+    # The encoder the export carries, not the path it was read from on the exporting machine.
+    encoder = folder.parent / ENCODER_DIR
+    weights = (encoder / ENCODER_WEIGHTS).is_file()
+    if weights:
+        raw["bert"]["text_encoder"]["path"] = str(encoder)
     for file in override_files:
         raw = merge_file(raw, file)
-    return params_from_dict(apply_overrides(raw, overrides))
+    params = params_from_dict(apply_overrides(raw, overrides))
+    if params.bert.text_encoder.finetune_layers > 0 and not weights:
+        raise ValueError(f"{folder.parent}: bert.text_encoder.finetune_layers needs the encoder's weights, which "
+                         "this export does not hold: export again with --encoder-weights")
+    return params
 
 
 def _reset_memory(accelerator: str) -> None:
@@ -674,7 +697,7 @@ class Run:
         from components.bert.text_embeddings import encode_texts
 
         s = self.sizes
-        source = self.args.input / "text-encoder"
+        source = self.args.input / ENCODER_DIR
         encoder = self.work / "text-encoder-random"
         if encoder.exists():
             shutil.rmtree(encoder)
@@ -872,6 +895,8 @@ def main() -> int:
     exp.add_argument("--out", type=Path, default=Path("artifacts/gpu-input"))
     exp.add_argument("--datasets", default=",".join(DATASETS))
     exp.add_argument("--work", type=Path, default=Path("artifacts/bench/gpu-export"))
+    exp.add_argument("--encoder-weights", action="store_true",
+                     help="carry the text encoder's weights (fp16), for fine-tuning its top layers there")
     r = sub.add_parser("run", help="measure training on this machine's GPU (or CPU) from an input folder")
     r.add_argument("--input", type=Path, default=Path("artifacts/gpu-input"))
     r.add_argument("--out", type=Path, required=True)
@@ -899,7 +924,8 @@ def main() -> int:
                    help="override one setting of every run (repeatable)")
     args = parser.parse_args()
     if args.command == "export":
-        export(args.out, args.datasets.split(","), args.params, args.overrides, args.work, args.override_files)
+        export(args.out, args.datasets.split(","), args.params, args.overrides, args.work, args.override_files,
+               args.encoder_weights)
     elif args.command == "merge":
         out = attach_cpu(json.loads(args.gpu.read_text()), json.loads(args.cpu.read_text()))
         write_json(args.out, out)

@@ -82,6 +82,10 @@ K = 10
 # Settings an export (`--input`) fixed when it was written: its data, features and split, its
 # text embeddings, and the stages before fine-tuning, which it does not run.
 FIXED_BY_EXPORT = ("data.", "features.", "bert.pretrain.", "bert.text_encoder.")
+# Except how fine-tuning uses the encoder: its top layers trained (from the weights an export
+# carries with `--encoder-weights`) and where that runs. The text embeddings stay as exported.
+TUNABLE_ON_EXPORT = ("bert.text_encoder.finetune_layers", "bert.text_encoder.cache_frozen",
+                     "bert.text_encoder.device")
 # A process of a study stops after this many failed trials in a row (a broken setup, not bad luck).
 FAILURES_IN_A_ROW = 3
 # The stage that trains each model.
@@ -300,8 +304,17 @@ def spent_seconds(study: Any) -> float:
 
 def study_name(dataset: str, model: str, params: Params, space: dict[str, Any]) -> str:
     """`<dataset>-<model>-<hash>`: the hash of the settings and the space, so that a study only
-    ever holds comparable trials."""
-    digest = hashlib.sha256(json.dumps([params.to_dict(), space], sort_keys=True, default=str).encode())
+    ever holds comparable trials. Settings that change where and how the work runs, not its
+    result (the pipeline's DEVICE_ONLY and ENGINE_ONLY), are left out: the same study resumes on
+    a GPU machine with the encoder compiled, or with a setting of that kind added later."""
+    settings = params.to_dict()
+    for dotted in (*pipeline.DEVICE_ONLY, *pipeline.ENGINE_ONLY):
+        *parents, leaf = dotted.split(".")
+        section = settings
+        for part in parents:
+            section = section.get(part, {})
+        section.pop(leaf, None)
+    digest = hashlib.sha256(json.dumps([settings, space], sort_keys=True, default=str).encode())
     return f"{dataset}-{model}-{digest.hexdigest()[:10]}"
 
 
@@ -675,6 +688,10 @@ def changed(model: str, params: Params, best: dict[str, Any], change: str) -> di
     return setting
 
 
+def fixed_by_export(key: str) -> bool:
+    return key.startswith(FIXED_BY_EXPORT) and key not in TUNABLE_ON_EXPORT
+
+
 def export_settings(folder: Path, holdout: str, overrides: list[str], override_files: list[Path]) -> Params:
     """The settings an export (`--input`) was written with, the call's presets and `--set` laid
     over them. A ValueError when it was written with another holdout (a `--set` here cannot turn
@@ -687,7 +704,7 @@ def export_settings(folder: Path, holdout: str, overrides: list[str], override_f
                          f"export written with --set features.holdout={holdout}")
     params = exported_params(folder, overrides, override_files)
     before, after = flatten(written.to_dict()), flatten(params.to_dict())
-    fixed = sorted(k for k in after if k.startswith(FIXED_BY_EXPORT) and after[k] != before.get(k))
+    fixed = sorted(k for k in after if fixed_by_export(k) and after[k] != before.get(k))
     if fixed:
         raise ValueError(f"{folder}: fixed when the export was written (its data, split, text embeddings; only "
                          f"fine-tuning runs from it): {', '.join(fixed)}; export again with them")
@@ -875,7 +892,7 @@ def main() -> int:
     except ValueError as e:
         parser.error(f"{args.space or 'SPACES'}: {e}")
     if exported is not None:  # the export ran these stages already: changing them would change nothing
-        fixed = [k for k in [*spaces["bert"], *(c.partition("=")[0] for c in args.ablate)] if k.startswith(FIXED_BY_EXPORT)]
+        fixed = [k for k in [*spaces["bert"], *(c.partition("=")[0] for c in args.ablate)] if fixed_by_export(k)]
         if fixed:
             parser.error(f"--input: fixed when the export was written (it holds the text embeddings, and only "
                          f"fine-tuning runs): {', '.join(fixed)}; tune or ablate them through the pipeline")

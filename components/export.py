@@ -114,7 +114,8 @@ def export_bundle(features_dir: Path, bert_dir: Path, mf_dir: Path, compress_dir
     manifest = write_manifest(out_dir, {
         "k": k,
         "item_ids": items["item_id"].to_list(),
-        "model_config": dataclasses.asdict(model.cfg),
+        # The bundle carries its own text encoder (text_encoder.onnx): no training machine's path.
+        "model_config": dataclasses.asdict(dataclasses.replace(model.cfg, text_encoder_path=None)),
         "sequence": {"file": "sequence.onnx", "variant": seq_variant, "reason": report["sequence"]["reason"],
                      "inputs": SEQUENCE_INPUTS, "outputs": SEQUENCE_OUTPUTS, "max_len": model.cfg.max_len,
                      "padding": PADDING_RULE},

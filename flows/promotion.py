@@ -18,6 +18,10 @@
   hand, or the `monitor` flow's on a falling online metric) goes back to.
 - `python -m flows.promotion rollback --to-version N` moves `champion` back;
   `python -m flows.promotion register` logs and registers the last pipeline run in `artifacts/`.
+  Each command holds the artifacts folder's lock (`flows/lock.py`) as the flows do. Otherwise a
+  retrain that is running would gate against the champion it read before the manual move and
+  then move the alias over it, silently undoing a rollback. A busy folder is refused at once,
+  naming the run that holds it, or waited for with `--wait-seconds`.
 """
 
 from __future__ import annotations
@@ -282,41 +286,47 @@ def main() -> int:
 
     from components import pipeline
     from components.cli import add_params_arguments, params_from_args
+    from flows.lock import folder_lock
     from flows.tracking import log_training_run
 
     parser = argparse.ArgumentParser(description="Log and register the last pipeline run, or roll the champion back.")
     add_params_arguments(parser, artifacts=False)
     sub = parser.add_subparsers(dest="command", required=True)
     reg = sub.add_parser("register", help="log the pipeline run in --artifacts, register its bundle, apply the gate")
-    reg.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     reg.add_argument("--run-name", default=None)
     back = sub.add_parser("rollback", help="move the champion alias to an earlier version")
     back.add_argument("--to-version", type=int, required=True)
     onl = sub.add_parser("online", help="promote the challenger on online evidence (the service's impressions)")
     onl.add_argument("--since", default=None, help="24h / 7d ago, ISO date-time or epoch seconds (default: "
                                                    "online.window_hours)")
+    for command in (reg, back, onl):
+        command.add_argument("--artifacts", type=Path, default=Path("artifacts"),
+                             help="the flows' artifacts folder, whose lock the command holds")
+        command.add_argument("--wait-seconds", type=float, default=0.0,
+                             help="wait this long for a flow run holding --artifacts (default: refuse at once)")
     args = parser.parse_args()
     params = params_from_args(args)
-    if args.command == "rollback":
-        print(rollback(params, args.to_version))
-        return 0
-    if args.command == "online":
-        import time
+    with folder_lock(args.artifacts, f"promotion {args.command}", args.wait_seconds):
+        if args.command == "rollback":
+            print(rollback(params, args.to_version))
+            return 0
+        if args.command == "online":
+            import time
 
-        from serving.online import parse_time
+            from serving.online import parse_time
 
-        now = time.time()
-        since = parse_time(args.since, now) if args.since else now - params.online.window_hours * 3600
-        decision = promote_online(params, since, now)
-        print(decision.reason)
+            now = time.time()
+            since = parse_time(args.since, now) if args.since else now - params.online.window_hours * 3600
+            decision = promote_online(params, since, now)
+            print(decision.reason)
+            return 0
+        art = Artifacts(args.artifacts)
+        results = {s.name: pipeline.load_result(s, art) for s in pipeline.STAGES}
+        run_id = log_training_run(results, art, params, args.run_name)
+        res = register_bundle(results, art, params, run_id)
+        print(f"registered {res.model_uri} (run {run_id}); {res.reason}")
+        print(f"champion: version {res.champion_version}")
         return 0
-    art = Artifacts(args.artifacts)
-    results = {s.name: pipeline.load_result(s, art) for s in pipeline.STAGES}
-    run_id = log_training_run(results, art, params, args.run_name)
-    res = register_bundle(results, art, params, run_id)
-    print(f"registered {res.model_uri} (run {run_id}); {res.reason}")
-    print(f"champion: version {res.champion_version}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ class TextTower(nn.Module):
     per item never changes. With `cache_frozen` that output is computed once for the whole
     catalogue, on first use, and each step runs only the trained layers: one layer's cost, not the
     encoder's. The cache holds n_items x longest text x width floats (Amazon-Scientific: 4,385 x
-    128 x 384, 0.8 GB); without it the bottom is recomputed for the items each step embeds, which
+    128 x 384, 822 MiB); without it the bottom is recomputed for the items each step embeds, which
     only a sampled loss keeps small. The cache is never saved, copied or pickled, and loading a
     state dict or moving the tower drops it."""
 
@@ -222,7 +222,8 @@ class TextTower(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if texts is not None:
-            self.encoder = AutoModel.from_pretrained(encoder_path)
+            # fp32 whatever the stored weights are (an export for a GPU machine carries fp16).
+            self.encoder = AutoModel.from_pretrained(encoder_path).float()
             tokens = AutoTokenizer.from_pretrained(encoder_path)(
                 texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
             )
@@ -258,7 +259,9 @@ class TextTower(nn.Module):
         # broadcasts.
         self._frozen_hidden: torch.Tensor | None = None
         self._lengths: torch.Tensor | None = None  # tokens per item, on the CPU
-        self._catalogue: tuple[list[tuple[torch.Tensor, int]], torch.Tensor] | None = None  # its `_plan`
+        # The whole catalogue's `_plan` by chunk size: the cache is built in one size, a caller
+        # may embed the catalogue in another.
+        self._catalogue: dict[int, tuple[list[tuple[torch.Tensor, int]], torch.Tensor]] = {}
 
     def _apply(self, fn, recurse=True):
         self.drop_cache()  # .to() / .cpu() / .cuda(): computed again where the tower now lives
@@ -266,7 +269,7 @@ class TextTower(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__().copy()  # deepcopy and pickling (ddp_spawn): not the cache
-        state.update(_frozen_hidden=None, _lengths=None, _catalogue=None)
+        state.update(_frozen_hidden=None, _lengths=None, _catalogue={})
         return state
 
     def forward(self, item_ids: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
@@ -300,13 +303,13 @@ class TextTower(nn.Module):
         with its width; and the order they come in."""
         if self._lengths is None:
             self._lengths = self.token_mask.sum(dim=1).cpu()
-        if item_ids is None and self._catalogue is not None:
-            return self._catalogue
+        if item_ids is None and chunk in self._catalogue:
+            return self._catalogue[chunk]
         lengths = self._lengths if item_ids is None else self._lengths[item_ids.cpu()]
         order = torch.argsort(lengths)
         plan = [(part, max(1, int(lengths[part].max()))) for part in order.split(chunk) if part.numel()]
         if item_ids is None:
-            self._catalogue = plan, order
+            self._catalogue[chunk] = plan, order
         return plan, order
 
     def frozen_hidden(self, chunk: int = 256) -> torch.Tensor:
@@ -324,7 +327,7 @@ class TextTower(nn.Module):
                 torch.cuda.synchronize(device)
             self._frozen_hidden = cache
             self.cache_seconds = time.perf_counter() - start
-            log.info("text tower: the frozen layers' output for %d items x %d tokens cached (%.0f MB) in %.1f s",
+            log.info("text tower: the frozen layers' output for %d items x %d tokens cached (%.0f MiB) in %.1f s",
                      cache.shape[0], cache.shape[1], cache.nbytes / 2**20, self.cache_seconds)
         return self._frozen_hidden
 
@@ -594,12 +597,24 @@ def padded_length(histories: list, max_len: int, multiple: int = 8) -> int:
     return min(max_len, -(-needed // multiple) * multiple)
 
 
+# A text tower's encoder architecture, in a folder of the checkpoint (its weights and token
+# buffers are in the state dict): the checkpoint loads where the training machine's encoder folder
+# does not exist, such as a model trained on a GPU machine and scored here.
+TOWER_CONFIG = "text_encoder"
+
+
 def save_model(model: SeqRecModel, out_dir: Path) -> None:
-    """config.json + model.safetensors: all that is needed to rebuild the network."""
+    """config.json + model.safetensors (+ the text tower's encoder config): all that is needed to
+    rebuild the network."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.cfg.save(out_dir / "config.json")
+    cfg = model.cfg
+    if model.text_tower is not None:
+        (out_dir / TOWER_CONFIG).mkdir(exist_ok=True)
+        model.text_tower.encoder.config.to_json_file(out_dir / TOWER_CONFIG / "config.json")
+        cfg = dataclasses.replace(cfg, text_encoder_path=TOWER_CONFIG)  # relative to the checkpoint
+    cfg.save(out_dir / "config.json")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / "model.safetensors"))
 
@@ -608,6 +623,8 @@ def load_model(model_dir: Path) -> SeqRecModel:
     from safetensors.torch import load_file
 
     cfg = SeqRecConfig.load(model_dir / "config.json")
+    if cfg.text_encoder_path == TOWER_CONFIG:
+        cfg = dataclasses.replace(cfg, text_encoder_path=str(Path(model_dir) / TOWER_CONFIG))
     model = SeqRecModel(cfg)
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
     return model.eval()

@@ -321,8 +321,16 @@ def _load_inputs(features_dir: Path, text_dir: Path, cfg: BertRecConfig):
     return text_features, texts, text_dim
 
 
+# The item texts alone, as a JSON list in item-index order: what `benchmarks.gpu export` writes
+# for a machine without polars, read back here in place of the features' items table.
+ITEM_TEXTS = "item_texts.json"
+
+
 def item_texts(features_dir: Path) -> list[str]:
     """Item texts in item-index order, for the text tower."""
+    plain = features_dir / ITEM_TEXTS
+    if plain.is_file():
+        return json.loads(plain.read_text())
     # Here, not at the top: the training path runs where polars is not installed (a GPU machine
     # with PyTorch alone, benchmarks/gpu.py).
     import polars as pl

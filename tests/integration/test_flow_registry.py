@@ -96,12 +96,17 @@ def test_flow_registers_gates_caches_and_rolls_back(services, tmp_path):
     assert client.get_model_version_by_alias("test-model", "champion").version == champion
     assert len(client.search_model_versions("name='test-model'")) == 2
 
-    # Rollback through the CLI.
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.promotion", "--set", f"tracking.uri={uri}",
-         "--set", "tracking.model_name=test-model", "rollback", "--to-version", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    # Rollback through the CLI. While a run holds the folder (a retrain could move the alias
+    # over the manual move), it is refused by name and nothing moves; then it goes through.
+    from flows.lock import folder_lock
+
+    rollback_cli = [sys.executable, "-m", "flows.promotion", "--set", f"tracking.uri={uri}",
+                    "--set", "tracking.model_name=test-model", "rollback", "--to-version", "2", "--artifacts", art]
+    with folder_lock(art, "training", 0):
+        proc = subprocess.run(rollback_cli, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is in use by the training run" in proc.stderr, proc.stderr[-2000:]
+    assert client.get_model_version_by_alias("test-model", "champion").version == champion
+    proc = subprocess.run(rollback_cli, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert client.get_model_version_by_alias("test-model", "champion").version == "2"
 

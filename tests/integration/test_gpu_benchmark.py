@@ -38,9 +38,10 @@ def _settings(root: Path) -> list[str]:
     return [*TINY, f"bert.text_encoder.path={encoder}", "bert.text_encoder.max_length=24"]
 
 
-def _export(root: Path, name: str, *settings: str) -> Path:
+def _export(root: Path, name: str, *settings: str, flags: tuple[str, ...] = ()) -> Path:
     sets = [a for o in [*_settings(root), *settings] for a in ("--set", o)]
-    _run(["export", "--datasets", "synthetic", "--out", str(root / name), "--work", str(root / f"w-{name}"), *sets])
+    _run(["export", "--datasets", "synthetic", "--out", str(root / name), "--work", str(root / f"w-{name}"), *sets,
+          *flags])
     return root / name
 
 
@@ -60,8 +61,8 @@ def test_export_then_smoke_run_without_what_the_gpu_machine_lacks(exported, tmp_
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["datasets"] == ["synthetic"] and manifest["texts"] > 0
     assert {p.name for p in (exported / "synthetic").iterdir()} == {
-        "sequences.npz", "stats.json", "embeddings.npy", "params.json"}
-    assert not list((exported / "text-encoder").glob("*.safetensors")), "weights must not travel"
+        "sequences.npz", "stats.json", "embeddings.npy", "params.json", "item_texts.json"}
+    assert not list((exported / "text-encoder").glob("*.safetensors")), "weights travel only when asked for"
 
     out = tmp_path / "gpu.json"
     done = _run(["run", "--input", str(exported), "--out", str(out), "--work", str(tmp_path / "run"),
@@ -201,6 +202,41 @@ def test_tune_on_exports_in_processes_ablates_scores_and_pairs_with_mf_from_here
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "different test splits" in refused.stderr
     assert not (tmp_path / "r2.json").exists()
+
+
+def test_an_export_with_the_encoders_weights_fine_tunes_its_top_layer_there(exported_inner, tmp_path):
+    """The text tower's quality study on a GPU machine: the export carries the encoder's weights
+    (fp16) and the item texts, and `tune --ablate bert.text_encoder.finetune_layers=1` trains the
+    tower from them where polars and the MiniLM package are missing. An export without the
+    weights refuses the tower by name."""
+    import numpy as np
+    import yaml
+    from safetensors.numpy import load_file
+
+    from benchmarks.gpu import exported_params
+
+    with pytest.raises(ValueError, match="export again with --encoder-weights"):
+        exported_params(exported_inner / "synthetic", ["bert.text_encoder.finetune_layers=1"])
+    inner = _export(tmp_path, "inner-weights", "features.holdout=inner", flags=("--encoder-weights",))
+    weights = load_file(inner / "text-encoder" / "model.safetensors")
+    assert weights and all(w.dtype == np.float16 for w in weights.values())
+    texts = json.loads((inner / "synthetic" / "item_texts.json").read_text())
+    assert len(texts) == json.loads((inner / "synthetic" / "stats.json").read_text())["n_items"] and all(texts)
+    params = exported_params(inner / "synthetic", ["bert.text_encoder.finetune_layers=1"])
+    assert params.bert.text_encoder.path == str(inner / "text-encoder")
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"bert": {"bert.dropout": {"float": [0.1, 0.3]}}}))
+    out = tmp_path / "t.json"
+    done = _run(["--input", str(inner), "--models", "bert", "--max-trials", "1", "--seeds", "1",
+                 "--ablate", "bert.text_encoder.finetune_layers=1", "--space", str(space), "--dataset", "synthetic",
+                 "--study-db", str(tmp_path / "s.db"), "--workdir", str(tmp_path / "w"), "--out", str(out),
+                 "--set", "bert.finetune.max_epochs=1", "--set", "bert.trainer.num_threads=1"],
+                blocked=MISSING_THERE, module="benchmarks.tune")
+    rows = json.loads(out.read_text())["synthetic"]["bert"]["ablation"]
+    tower = rows["bert.text_encoder.finetune_layers=1"]
+    assert tower["settings"]["bert.text_encoder.finetune_layers"] == 1 and 0 <= tower["mean"] <= 1
+    assert "text tower: the frozen layers' output" in done.stderr  # the tower trained, from the export's encoder
 
 
 def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_failing_trials(exported_inner, tmp_path):

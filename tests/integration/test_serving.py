@@ -772,7 +772,8 @@ def test_promotion_and_rollback_on_online_evidence(bundle, tmp_path):
             variants = session(s, [f"a{i}" for i in range(24)], ids, acts_on_first={"challenger"})
             assert 5 <= sum(v == "challenger" for v in variants.values()) <= 19
             time.sleep(1)  # the impressions reach the store
-            proc = subprocess.run([sys.executable, "-m", "flows.promotion", *cli, "online", "--since", "1h"], cwd=REPO,
+            proc = subprocess.run([sys.executable, "-m", "flows.promotion", *cli, "online", "--since", "1h",
+                                   "--artifacts", str(art.root)], cwd=REPO,
                                   capture_output=True, text=True, timeout=180)
             assert proc.returncode == 0 and "PROMOTED: online NDCG@10 challenger 1.000000" in proc.stdout, \
                 proc.stdout + proc.stderr

@@ -4,12 +4,14 @@ cached once for the catalogue, against the pretrained encoder run in full."""
 from __future__ import annotations
 
 import copy
+import json
 import pickle
+import shutil
 
 import pytest
 import torch
 
-from components.bert.model import SeqRecConfig, SeqRecModel, TextTower, load_model, save_model
+from components.bert.model import TOWER_CONFIG, SeqRecConfig, SeqRecModel, TextTower, load_model, save_model
 from components.bert.text_embeddings import mean_pool
 from components.synthetic import ADJECTIVES, THEMES
 from tests.bert_helpers import make_tiny_bert
@@ -55,6 +57,10 @@ def test_the_tower_embeds_items_as_the_whole_encoder_does(encoder, cached):
             assert torch.allclose(t(ids), reference(t, ids), atol=1e-5)
         # In chunks of similar length, each trimmed to its own longest text, returned in order.
         assert torch.allclose(t(every.flip(0), chunk=7), reference(t, every.flip(0)), atol=1e-5)
+        # The whole catalogue in two chunk sizes: each size gets its own plan.
+        assert torch.allclose(t(None), reference(t, every), atol=1e-5)
+        assert torch.allclose(t(None, chunk=7), reference(t, every), atol=1e-5)
+    assert [len(t._plan(None, size)[0]) for size in (256, 7)] == [1, 6]
 
 
 def test_the_frozen_output_is_computed_once_and_only_the_top_layer_trains(encoder, monkeypatch):
@@ -106,10 +112,12 @@ def test_copies_pickles_and_moves_leave_the_cache_behind(encoder):
     assert t._frozen_hidden is None
 
 
-def test_a_saved_recommender_with_a_tower_reloads_and_embeds_alike(encoder, tmp_path):
+def test_a_saved_recommender_with_a_tower_reloads_and_embeds_alike(tmp_path):
+    """Also where the encoder it was trained from is gone (a checkpoint from another machine)."""
     items = texts()
+    encoder = make_tiny_bert(tmp_path / "encoder")
     cfg = SeqRecConfig(n_items=len(items), mode="text", text_dim=16, hidden_size=16, num_layers=1, num_heads=2,
-                       intermediate_size=32, max_len=6, dropout=0.0, text_encoder_path=encoder,
+                       intermediate_size=32, max_len=6, dropout=0.0, text_encoder_path=str(encoder),
                        text_finetune_layers=1, text_max_length=MAX_LENGTH)
     torch.manual_seed(0)
     model = SeqRecModel(cfg, text_features=torch.randn(len(items), 16), texts=items).eval()
@@ -118,7 +126,10 @@ def test_a_saved_recommender_with_a_tower_reloads_and_embeds_alike(encoder, tmp_
         some = model.item_representations(torch.tensor([3, 0, 3]))
     assert torch.allclose(some, expected[[3, 0, 3]], atol=1e-6)
     save_model(model, tmp_path / "m")
-    loaded = load_model(tmp_path / "m")
+    shutil.rmtree(encoder)
+    shutil.move(tmp_path / "m", tmp_path / "moved")
+    assert json.loads((tmp_path / "moved" / "config.json").read_text())["text_encoder_path"] == TOWER_CONFIG
+    loaded = load_model(tmp_path / "moved")
     with torch.no_grad():
         assert torch.allclose(loaded.item_representations(), expected, atol=1e-6)
     assert loaded.text_tower.frozen_hidden().shape == (len(items), MAX_LENGTH, 16)

@@ -1,6 +1,6 @@
 """benchmarks.tune's study bookkeeping, on Optuna's in-memory storage: the trial a study starts
 from (the dataset's own settings), queued once, again when it failed, partly where the space
-lacks a setting; and the per-user score files `--ratio` pairs, refused when wrong."""
+lacks a setting; the per-user score files `--ratio` pairs, refused when wrong; and the study's name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 import pytest
 
-from benchmarks.tune import START, TuningError, load_per_user, ratio, save_per_user, start_from
+from benchmarks.tune import START, TuningError, load_per_user, ratio, save_per_user, start_from, study_name
 from tests.conftest import tiny_params
 
 SPACE = {"mf.factors": {"choice": [8, 16]}, "mf.regularization": {"log": [0.01, 100.0]}}
@@ -96,3 +96,15 @@ def test_per_user_scores_pair_only_as_written(tmp_path):
     np.savez(tmp_path / "old.npz", seeds=np.asarray([42]), test_splits=np.asarray(["aaaa"]), seed42=mf[0])
     with pytest.raises(TuningError, match="old.npz: not the per-user test scores"):
         ratio(tmp_path / "b.npz", tmp_path / "old.npz")
+
+
+def test_a_study_is_named_by_what_changes_results():
+    """Where and how the work runs (device, compilation, the cached text layers, the feature
+    engine) opens no new study; a setting that changes the trials, or the space, does."""
+    base = tiny_params()
+    name = study_name("d", "bert", base, SPACE)
+    assert name.startswith("d-bert-")
+    for same in ("bert.trainer.compile=true", "bert.text_encoder.cache_frozen=false", "data.engine=spark"):
+        assert study_name("d", "bert", tiny_params(same), SPACE) == name, same
+    assert study_name("d", "bert", tiny_params("bert.dropout=0.3"), SPACE) != name
+    assert study_name("d", "bert", base, {"mf.factors": {"choice": [8]}}) != name
