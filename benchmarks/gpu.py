@@ -141,8 +141,6 @@ def export(out: Path, datasets: list[str], params_path: Path, overrides: list[st
            override_files: list[Path] = (), encoder_weights: bool = False) -> dict[str, Any]:
     """Run validation, features and text embeddings for each dataset and keep what training
     reads in `out` (see the module docstring)."""
-    import polars as pl
-
     from benchmarks.common import dataset_params
     from components import pipeline
     from components.bert.text_embeddings import resolve_encoder_path
@@ -165,9 +163,9 @@ def export(out: Path, datasets: list[str], params_path: Path, overrides: list[st
             shutil.copy2(art.features / name, folder / name)
         shutil.copy2(art.text_embeddings / "embeddings.npy", folder / "embeddings.npy")
         (folder / "params.json").write_text(json.dumps(params.to_dict(), indent=2))
-        (folder / ITEM_TEXTS).write_text(json.dumps(item_texts(art.features)))
-        items = pl.read_parquet(art.features / "items.parquet").sort("item_idx")
-        texts += [t for t in items["text"].fill_null("").to_list() if t]
+        catalogue = item_texts(art.features)
+        (folder / ITEM_TEXTS).write_text(json.dumps(catalogue))
+        texts += [t for t in catalogue if t]
         encoder = resolve_encoder_path(params.bert.text_encoder.path)
     target = out / ENCODER_DIR
     target.mkdir()

@@ -818,7 +818,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes sharing each study (and the test seeds of --input), for --minutes each")
     parser.add_argument("--max-trials", type=int, default=None, help="and at most this many trials per study (with --jobs, trials "
-                        "already running when it is reached finish too)")
+                        "already running when it is reached finish too); 0: no study, --ablate / --score-test "
+                        "take the settings as given")
     parser.add_argument("--space", type=Path, default=None, help="YAML search spaces by model (default: SPACES)")
     parser.add_argument("--study-db", type=Path, default=Path("artifacts/tune/studies.db"),
                         help="SQLite file of the studies (resumed when it exists)")
@@ -849,11 +850,14 @@ def main() -> int:
               ", ".join(f"{r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" for r in cmp["per_seed"]) + ")")
         return 0
     models = names_of(parser, "--models", args.models, TRAINED_BY)
-    if not args.minutes > 0 or args.seeds < 1 or args.jobs < 1 or (args.max_trials is not None and args.max_trials < 1):
+    if not args.minutes > 0 or args.seeds < 1 or args.jobs < 1 or (args.max_trials is not None and args.max_trials < 0):
         wrong = [f"--{name} {getattr(args, name.replace('-', '_'))}" for name, ok in (
             ("minutes", args.minutes > 0), ("seeds", args.seeds >= 1), ("jobs", args.jobs >= 1),
-            ("max-trials", args.max_trials is None or args.max_trials >= 1)) if not ok]
-        parser.error(f"{', '.join(wrong)}: --minutes must be above 0, --seeds, --jobs and --max-trials at least 1")
+            ("max-trials", args.max_trials is None or args.max_trials >= 0)) if not ok]
+        parser.error(f"{', '.join(wrong)}: --minutes must be above 0, --seeds and --jobs at least 1, --max-trials "
+                     "at least 0")
+    if args.max_trials == 0 and not (args.ablate or args.score_test):
+        parser.error("--max-trials 0 runs no study: give --ablate or --score-test (they take the settings as given)")
     if args.ablate and len(models) != 1:
         parser.error("--ablate changes one model's settings: name it alone in --models")
     exported = test_exported = None
@@ -902,6 +906,11 @@ def main() -> int:
     results: dict[str, Any] = {}
     out = {args.dataset: results}
     for model in models:
+        if args.max_trials == 0:
+            # The settings as given (the dataset's preset, --set): no study to run or to report.
+            results[model] = {"study": None, "best": {}, "complete": 0}
+            log.info("%s: --max-trials 0, no study: the settings as given", model)
+            continue
         start = time.perf_counter()
         results[model] = tune_model(model, params, spaces[model], work, storage,
                                     study_name(args.dataset, model, params, spaces[model]), args.minutes,

@@ -179,6 +179,7 @@ def recover(model: SeqRecModel, features_dir: Path, cfg: CompressConfig, bert: B
         dataclasses.asdict(model.cfg), objective="next", lr=cfg.prune.recovery_lr,
         weight_decay=bert.weight_decay, warmup_fraction=bert.warmup_fraction, loss=bert.loss,
         num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, item_counts=dm.item_counts,
+        recency_half_life=bert.recency_half_life, recency_boost=bert.recency_boost,
     )
     module.model.load_state_dict(model.state_dict())
     module.packed_dropout_setting = bert.trainer.packed_dropout

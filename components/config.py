@@ -239,6 +239,9 @@ class BertRecConfig:
     weight_decay: float
     warmup_fraction: float
     grad_clip: float
+    # Targets weighted by recency as MF's confidence is (0: every target alike).
+    recency_half_life: float
+    recency_boost: float
     mask_prob: float
     pretrain: StageConfig
     finetune: StageConfig
@@ -260,6 +263,9 @@ class BertRecConfig:
         if self.num_heads < 1 or self.hidden_size % self.num_heads:
             raise ParamsError(f"bert.hidden_size ({self.hidden_size}) must be a multiple of bert.num_heads "
                               f"({self.num_heads}): each head takes an equal share")
+        if self.recency_half_life < 0 or self.recency_boost < 0:
+            raise ParamsError(f"bert.recency_half_life and bert.recency_boost must be >= 0, got "
+                              f"{self.recency_half_life} and {self.recency_boost}")
         if self.loss != "full" and self.num_negatives < 1:
             raise ParamsError(f"bert.num_negatives must be at least 1 with bert.loss={self.loss}, got {self.num_negatives}")
 

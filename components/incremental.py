@@ -253,7 +253,8 @@ def train_steps(model: SeqRecModel, sequences: list[np.ndarray], steps: int, lr:
     module = SeqRecModule(
         dataclasses.asdict(dataclasses.replace(model.cfg, text_finetune_layers=0, text_encoder_path=None)),
         objective="next", lr=lr, weight_decay=bert.weight_decay, warmup_fraction=0.0, loss=bert.loss,
-        num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, item_counts=item_counts)
+        num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, item_counts=item_counts,
+        recency_half_life=bert.recency_half_life, recency_boost=bert.recency_boost)
     module.model = model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

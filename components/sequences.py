@@ -83,6 +83,13 @@ def places_from_end(lengths: np.ndarray) -> np.ndarray:
     return places
 
 
+def recency_factor(from_end, half_life: float, boost: float):
+    """How much an interaction counts by its recency: 1 + boost * 0.5^(k / half_life), k = how
+    many later interactions its sequence has (0 = the most recent). One definition for MF's
+    confidence and the sequence model's loss weights; works on numpy arrays and torch tensors."""
+    return 1.0 + boost * 0.5 ** (from_end / half_life)
+
+
 def load_sequences(features_dir: Path, mapped: bool = False) -> Sequences:
     """`mapped`: the arrays memory-mapped read-only, read when used (ALS never reads the 100M
     timestamps of a 100M-interaction table)."""

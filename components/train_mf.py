@@ -40,7 +40,7 @@ import scipy.sparse as sp
 
 from components.config import MFConfig, ParamsError
 from components.factors import FILE_NAME, FactorModel
-from components.sequences import SPLIT_CODES, Sequences, load_sequences, places_from_end
+from components.sequences import SPLIT_CODES, Sequences, load_sequences, places_from_end, recency_factor
 
 FOLD_IN_CG_STEPS = 2  # see fold_in
 
@@ -129,7 +129,7 @@ def confidence_matrix(seqs: Sequences, split: str, cfg: MFConfig) -> sp.csr_matr
     if cfg.recency_half_life > 0:
         # k = how many later kept interactions the user has.
         from_end = places_from_end(counts).astype(np.float32)
-        values *= 1.0 + np.float32(cfg.recency_boost) * np.exp2(-from_end / np.float32(cfg.recency_half_life))
+        values *= recency_factor(from_end, np.float32(cfg.recency_half_life), np.float32(cfg.recency_boost))
         del from_end
     matrix = sp.csr_matrix((values, seqs.items[keep].astype(np.int32), indptr), shape=(seqs.n_users, seqs.n_items))
     matrix.sum_duplicates()

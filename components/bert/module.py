@@ -12,6 +12,10 @@ Losses:
   sampled softmax an unbiased estimate of the full one, and accidental hits masked. Only the
   items involved get representations computed, so it scales to catalogues where the full softmax
   does not.
+Either can weigh targets by recency (`recency_half_life` > 0): a target with k later items in its
+sequence counts 1 + recency_boost * 0.5^(k / recency_half_life), MF's confidence factor
+(`components.sequences.recency_factor`). The last interactions are the most like the event to
+predict next (Petrov & Macdonald 2022 train on recency-sampled targets for the same reason).
 
 No full-softmax step waits on the GPU (the sampled loss still does, in `torch.unique`): training
 batches carry the flat indices of their target positions
@@ -41,6 +45,7 @@ from components import metrics
 from components.bert.data import target_positions
 from components.bert.dropout import use_packed_dropout
 from components.bert.model import SeqRecConfig, SeqRecModel
+from components.sequences import recency_factor
 
 EVAL_K = 10
 
@@ -59,6 +64,8 @@ class SeqRecModule(pl.LightningModule):
         item_counts: np.ndarray | None = None,
         text_features: torch.Tensor | None = None,
         texts: list[str] | None = None,
+        recency_half_life: float = 0.0,
+        recency_boost: float = 0.0,
     ):
         super().__init__()
         if objective not in ("next", "cloze"):
@@ -92,6 +99,9 @@ class SeqRecModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         data = self._trainer.datamodule if self._trainer is not None else None
         self.loss_normaliser = getattr(data, "positions_per_batch", None)
+        if self.loss_normaliser is not None and self.hparams.recency_half_life > 0:
+            # Bucketed batches divide their weighted sum by the average batch's total weight.
+            self.loss_normaliser *= self._mean_weight([len(s) - 1 for s in data.train_sequences])
         # A compiled encoder draws its masks in the generated code (and dynamo breaks its graph
         # on the packed draws), so packing is for eager training only.
         if self.packed_dropout_setting and self.device.type == "cpu" and not self.compile_setting:
@@ -109,6 +119,13 @@ class SeqRecModule(pl.LightningModule):
         if positions is None:
             positions = target_positions(targets)
         positives = targets.reshape(-1).index_select(0, positions)
+        weights = None
+        if self.hparams.recency_half_life > 0:
+            # Positions are right-aligned: a target's column says how many later items its
+            # sequence has.
+            width = targets.shape[1]
+            weights = recency_factor((width - 1 - positions % width).float(), self.hparams.recency_half_life,
+                                     self.hparams.recency_boost)
         m = self.model
         encode = self._compiled_encode or m.encode
 
@@ -118,7 +135,7 @@ class SeqRecModule(pl.LightningModule):
         if self.hparams.loss == "full":
             table = m.item_representations()
             hidden = m.output_users(at_targets(encode(inputs, table, causal=causal)))
-            return self._cross_entropy(hidden @ m.output_items(table).T, positives)
+            return self._cross_entropy(hidden @ m.output_items(table).T, positives, weights)
 
         negatives = torch.multinomial(self.proposal, self.hparams.num_negatives, replacement=True)
         needed = torch.unique(torch.cat([inputs[inputs >= 0], positives, negatives]))
@@ -133,12 +150,27 @@ class SeqRecModule(pl.LightningModule):
         neg_logit = hidden @ out[lookup[negatives]].T - log_q[negatives][None, :]
         neg_logit = neg_logit.masked_fill(negatives[None, :] == positives[:, None], float("-inf"))
         logits = torch.cat([pos_logit, neg_logit], dim=1)
-        return self._cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+        return self._cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device), weights)
 
-    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.loss_normaliser is None:
-            return F.cross_entropy(logits, targets)
-        return F.cross_entropy(logits, targets, reduction="sum") / self.loss_normaliser
+    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+        if weights is None:
+            if self.loss_normaliser is None:
+                return F.cross_entropy(logits, targets)
+            return F.cross_entropy(logits, targets, reduction="sum") / self.loss_normaliser
+        losses = F.cross_entropy(logits, targets, reduction="none") * weights
+        return losses.sum() / (weights.sum() if self.loss_normaliser is None else self.loss_normaliser)
+
+    def _mean_weight(self, target_counts: list[int]) -> float:
+        """The average recency weight of a target position over sequences with these many targets."""
+        longest = max(target_counts, default=0)
+        if longest == 0:
+            return 1.0
+        per_place = recency_factor(np.arange(longest, dtype=np.float64), self.hparams.recency_half_life,
+                                   self.hparams.recency_boost)
+        cumulative = np.concatenate([[0.0], np.cumsum(per_place)])
+        counts = np.asarray(target_counts)
+        return float(cumulative[counts].sum() / counts.sum())
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         inputs, targets, *positions = batch

@@ -256,6 +256,7 @@ def build_module(
         warmup_fraction=cfg.warmup_fraction, loss=cfg.loss, num_negatives=cfg.num_negatives,
         negative_sampling=cfg.negative_sampling, item_counts=item_counts,
         text_features=text_features, texts=texts,
+        recency_half_life=cfg.recency_half_life, recency_boost=cfg.recency_boost,
     )
     module.compile_setting, module.compile_mode = cfg.trainer.compile, cfg.trainer.compile_mode
     module.packed_dropout_setting = cfg.trainer.packed_dropout

@@ -228,14 +228,18 @@ def test_an_export_with_the_encoders_weights_fine_tunes_its_top_layer_there(expo
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"bert": {"bert.dropout": {"float": [0.1, 0.3]}}}))
     out = tmp_path / "t.json"
-    done = _run(["--input", str(inner), "--models", "bert", "--max-trials", "1", "--seeds", "1",
+    # --max-trials 0: no study, the dataset's settings as given beside the tower (the GPU study's call).
+    done = _run(["--input", str(inner), "--models", "bert", "--max-trials", "0", "--seeds", "1",
                  "--ablate", "bert.text_encoder.finetune_layers=1", "--space", str(space), "--dataset", "synthetic",
                  "--study-db", str(tmp_path / "s.db"), "--workdir", str(tmp_path / "w"), "--out", str(out),
                  "--set", "bert.finetune.max_epochs=1", "--set", "bert.trainer.num_threads=1"],
                 blocked=MISSING_THERE, module="benchmarks.tune")
-    rows = json.loads(out.read_text())["synthetic"]["bert"]["ablation"]
+    result = json.loads(out.read_text())["synthetic"]["bert"]
+    rows = result["ablation"]
     tower = rows["bert.text_encoder.finetune_layers=1"]
-    assert tower["settings"]["bert.text_encoder.finetune_layers"] == 1 and 0 <= tower["mean"] <= 1
+    assert tower["settings"] == {"bert.text_encoder.finetune_layers": 1} and 0 <= tower["mean"] <= 1
+    assert rows["tuned"]["settings"] == {} and 0 <= rows["tuned"]["mean"] <= 1 and len(rows) == 2
+    assert result["study"] is None and "queued" not in done.stderr and not (tmp_path / "s.db").exists()
     assert "text tower: the frozen layers' output" in done.stderr  # the tower trained, from the export's encoder
 
 

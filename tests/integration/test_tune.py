@@ -123,6 +123,11 @@ def test_a_bad_search_space_is_refused_by_name(tmp_path):
                             ("mf.factors=8", "expected bert.KEY=VALUE")):
         proc = _tune(tmp_path, [], "--models", "bert", "--space", str(space), "--ablate", change)
         assert proc.returncode == 2 and message in proc.stderr and "queued" not in proc.stderr, proc.stderr[-2000:]
+    # No study and nothing to score: refused, as is a negative count.
+    proc = _tune(tmp_path, [], "--models", "bert", "--max-trials", "0")
+    assert proc.returncode == 2 and "--max-trials 0 runs no study: give --ablate or --score-test" in proc.stderr
+    proc = _tune(tmp_path, [], "--models", "bert", "--max-trials", "-1")
+    assert proc.returncode == 2 and "--max-trials at least 0" in proc.stderr
     assert not (tmp_path / "studies.db").exists()
 
 

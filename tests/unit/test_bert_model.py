@@ -195,6 +195,45 @@ def test_losses_train_a_memorisable_sequence(loss):
         assert module.model.scores(users).argmax().item() == 6
 
 
+def _per_target_losses(module: SeqRecModule, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target's cross-entropy the long way, with its place from the end of its sequence."""
+    m = module.model
+    table = m.item_representations()
+    hidden = m.output_users(m.encode(x, table, causal=True))
+    real = y != PAD
+    logits = hidden[real] @ m.output_items(table).T
+    places = (y.shape[1] - 1 - torch.arange(y.shape[1])).expand_as(y)[real]
+    return torch.nn.functional.cross_entropy(logits, y[real], reduction="none"), places
+
+
+def test_recency_weights_each_target_by_its_place_from_the_end():
+    """Half-life 1, boost 3: the last target counts 4, the one before 2.5, then 1.75, ...; the
+    loss is the weighted mean. Boost 0 is the plain mean."""
+    c = cfg(mode="id", text_dim=0)
+    x, y, positions = NextItemCollate(6)([np.array([1, 2, 3, 4]), np.arange(10, 20), np.array([7, 8])])
+    plain = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0).eval()
+    weighted = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
+                            recency_half_life=1.0, recency_boost=3.0).eval()
+    weighted.model.load_state_dict(plain.model.state_dict())
+    none = SeqRecModule({**c.__dict__}, objective="next", lr=0.01, weight_decay=0.0, warmup_fraction=0.0,
+                        recency_half_life=1.0, recency_boost=0.0).eval()
+    none.model.load_state_dict(plain.model.state_dict())
+    with torch.no_grad():
+        losses, places = _per_target_losses(plain, x, y)
+        w = 1.0 + 3.0 * 0.5 ** places.float()
+        assert sorted(set(w.tolist()), reverse=True)[:3] == [4.0, 2.5, 1.75]
+        assert torch.isclose(weighted._loss(x, y, positions), (w * losses).sum() / w.sum(), atol=1e-6)
+        assert torch.isclose(none._loss(x, y, positions), losses.mean(), atol=1e-6)
+        assert not torch.isclose(weighted._loss(x, y, positions), losses.mean(), atol=1e-4)
+        # Bucketed batches: the summed weighted loss over the average batch's total weight.
+        seqs = [np.array([1, 2, 3, 4]), np.array([7, 8])]  # 3 and 1 targets
+        weighted._trainer = SimpleNamespace(datamodule=SimpleNamespace(positions_per_batch=2.0, train_sequences=seqs))
+        weighted.on_fit_start()
+        mean_w = (4.0 + 2.5 + 1.75 + 4.0) / 4
+        assert weighted.loss_normaliser == pytest.approx(2.0 * mean_w)
+        assert torch.isclose(weighted._loss(x, y, positions), (w * losses).sum() / (2.0 * mean_w), atol=1e-6)
+
+
 def test_sampled_loss_applies_log_q_and_masks_accidental_hits():
     torch.manual_seed(0)
     c = cfg(mode="id", text_dim=0, n_items=5)
@@ -253,6 +292,8 @@ def test_bert_loss_settings_are_checked_by_name():
     with pytest.raises(ParamsError, match="bert.text_experts must be at least 1"):
         load_params(overrides=["bert.text_adaptor=moe", "bert.text_experts=0"])
     assert load_params(overrides=["bert.text_adaptor=moe"]).bert.text_adaptor == "moe"
+    with pytest.raises(ParamsError, match="bert.recency_half_life and bert.recency_boost must be >= 0"):
+        load_params(overrides=["bert.recency_half_life=2", "bert.recency_boost=-1"])
 
 
 def test_padding_length_does_not_change_the_user_vector():
