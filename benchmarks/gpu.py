@@ -177,7 +177,8 @@ def export(out: Path, datasets: list[str], params_path: Path, overrides: list[st
         from transformers import AutoModel
 
         weights = AutoModel.from_pretrained(encoder).state_dict()
-        save_file({k: v.half().contiguous() for k, v in weights.items()}, str(target / ENCODER_WEIGHTS))
+        save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in weights.items()},
+                  str(target / ENCODER_WEIGHTS))
     (out / "texts.json").write_text(json.dumps(texts))
     manifest = {"datasets": datasets, "texts": len(texts), "encoder": encoder.name,
                 "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}

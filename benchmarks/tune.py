@@ -70,7 +70,7 @@ import numpy as np
 import yaml
 
 from benchmarks.common import dataset_params, datasets, names_of, save, write_json
-from benchmarks.gpu import exported_params
+from benchmarks.gpu import ENCODER_DIR, exported_params
 from components import pipeline
 from components.cli import add_params_arguments, run_main, setup_logging
 from components.config import DEFAULT_PARAMS, Params, params_from_dict, set_key
@@ -84,8 +84,8 @@ K = 10
 FIXED_BY_EXPORT = ("data.", "features.", "bert.pretrain.", "bert.text_encoder.")
 # Except how fine-tuning uses the encoder: its top layers trained (from the weights an export
 # carries with `--encoder-weights`) and where that runs. The text embeddings stay as exported.
-TUNABLE_ON_EXPORT = ("bert.text_encoder.finetune_layers", "bert.text_encoder.cache_frozen",
-                     "bert.text_encoder.device")
+TOWER_LAYERS = "bert.text_encoder.finetune_layers"
+TUNABLE_ON_EXPORT = (TOWER_LAYERS, "bert.text_encoder.cache_frozen", "bert.text_encoder.device")
 # A process of a study stops after this many failed trials in a row (a broken setup, not bad luck).
 FAILURES_IN_A_ROW = 3
 # The stage that trains each model.
@@ -302,12 +302,17 @@ def spent_seconds(study: Any) -> float:
     return sum(t.user_attrs.get("seconds", 0.0) for t in study.trials)
 
 
-def study_name(dataset: str, model: str, params: Params, space: dict[str, Any]) -> str:
+def study_name(dataset: str, model: str, params: Params, space: dict[str, Any],
+               exported: Path | None = None) -> str:
     """`<dataset>-<model>-<hash>`: the hash of the settings and the space, so that a study only
     ever holds comparable trials. Settings that change where and how the work runs, not its
     result (the pipeline's DEVICE_ONLY and ENGINE_ONLY), are left out: the same study resumes on
-    a GPU machine with the encoder compiled, or with a setting of that kind added later."""
+    a GPU machine with the encoder compiled, or with a setting of that kind added later. From
+    an `exported` folder, its own encoder is named as the export names it, not by where the
+    folder lies (a moved export, or one given by another path, resumes the study)."""
     settings = params.to_dict()
+    if exported is not None and settings["bert"]["text_encoder"]["path"] == str(exported.parent / ENCODER_DIR):
+        settings["bert"]["text_encoder"]["path"] = ENCODER_DIR
     for dotted in (*pipeline.DEVICE_ONLY, *pipeline.ENGINE_ONLY):
         *parents, leaf = dotted.split(".")
         section = settings
@@ -886,7 +891,9 @@ def main() -> int:
     for change in args.ablate:  # refused now, not after the study (the tuned settings checked then)
         try:
             changed(models[0], params, {}, change)
-        except TuningError as e:
+            if exported is not None:  # what the export must carry for it (the encoder's weights)
+                exported_params(exported, [*args.overrides, change], args.override_files)
+        except (TuningError, ValueError) as e:
             parser.error(str(e))
     spaces = yaml.safe_load(args.space.read_text()) if args.space else SPACES
     if not isinstance(spaces, dict):
@@ -895,6 +902,11 @@ def main() -> int:
         spaces = {m: check_space(m, spaces.get(m), params) for m in models}
     except ValueError as e:
         parser.error(f"{args.space or 'SPACES'}: {e}")
+    if exported is not None and TOWER_LAYERS in spaces["bert"]:
+        try:  # trials that would train the text tower need the encoder's weights in the export
+            exported_params(exported, [*args.overrides, f"{TOWER_LAYERS}=1"], args.override_files)
+        except ValueError as e:
+            parser.error(f"{args.space}: {e}")
     if exported is not None:  # the export ran these stages already: changing them would change nothing
         fixed = [k for k in [*spaces["bert"], *(c.partition("=")[0] for c in args.ablate)] if fixed_by_export(k)]
         if fixed:
@@ -913,7 +925,7 @@ def main() -> int:
             continue
         start = time.perf_counter()
         results[model] = tune_model(model, params, spaces[model], work, storage,
-                                    study_name(args.dataset, model, params, spaces[model]), args.minutes,
+                                    study_name(args.dataset, model, params, spaces[model], exported), args.minutes,
                                     args.max_trials, args.jobs, exported)
         write_preset(args.out.with_name(f"{args.out.stem}.{model}.yaml"), args.dataset, model, results[model],
                      args.study_db)

@@ -305,6 +305,11 @@ def main() -> int:
         command.add_argument("--wait-seconds", type=float, default=0.0,
                              help="wait this long for a flow run holding --artifacts (default: refuse at once)")
     args = parser.parse_args()
+    if not args.artifacts.is_dir():
+        # A lock on a folder no flow uses guards nothing (and would create it, say where the
+        # command was run from): refused instead.
+        parser.error(f"--artifacts {args.artifacts}: no such folder; name the flows' artifacts folder (the lock "
+                     "that keeps this command and a training run apart lives there)")
     params = params_from_args(args)
     with folder_lock(args.artifacts, f"promotion {args.command}", args.wait_seconds):
         if args.command == "rollback":

@@ -222,14 +222,16 @@ class TextTower(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if texts is not None:
-            # fp32 whatever the stored weights are (an export for a GPU machine carries fp16).
-            self.encoder = AutoModel.from_pretrained(encoder_path).float()
+            # fp32 whatever the stored weights are (an export for a GPU machine carries fp16). Asked
+            # for, not cast afterwards: a config without a dtype takes the weights' one, and the
+            # config saved into a checkpoint would then rebuild the encoder in fp16.
+            self.encoder = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)
             tokens = AutoTokenizer.from_pretrained(encoder_path)(
                 texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
             )
             input_ids, attention = tokens["input_ids"], tokens["attention_mask"]
         else:  # rebuilt from a checkpoint: weights and token buffers come from the state dict
-            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(encoder_path))
+            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(encoder_path), dtype=torch.float32)
             input_ids = torch.zeros((n_items, max_length), dtype=torch.long)
             attention = torch.zeros((n_items, max_length), dtype=torch.long)
         self.register_buffer("input_ids", input_ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,7 @@ def test_an_export_with_the_encoders_weights_fine_tunes_its_top_layer_there(expo
     assert len(texts) == json.loads((inner / "synthetic" / "stats.json").read_text())["n_items"] and all(texts)
     params = exported_params(inner / "synthetic", ["bert.text_encoder.finetune_layers=1"])
     assert params.bert.text_encoder.path == str(inner / "text-encoder")
+    shutil.rmtree(tmp_path / "encoder")  # the exporting machine's encoder: the run must not find it
 
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"bert": {"bert.dropout": {"float": [0.1, 0.3]}}}))
@@ -366,12 +368,19 @@ def test_tune_on_an_export_refuses_what_the_export_fixed(exported, exported_inne
     no export, are usage errors naming them: never a study that changes nothing."""
     base = [sys.executable, "-m", "benchmarks.tune", "--models", "bert",
             "--study-db", str(tmp_path / "s.db"), "--out", str(tmp_path / "t.json")]
+    tower_space = tmp_path / "space.yaml"
+    tower_space.write_text("bert:\n  bert.text_encoder.finetune_layers: {int: [0, 1]}\n")
     for args, message in (
             (["--input", str(tmp_path / "none")], "no export here (params.json missing)"),
             (["--input", str(exported_inner), "--data-dir", str(tmp_path)], "--params and --data-dir belong"),
             (["--input", str(exported_inner), "--ablate", "bert.pretrain.enabled=true"],
              "only fine-tuning runs): bert.pretrain.enabled; tune or ablate them through the pipeline"),
             (["--input", str(exported_inner), "--ablate", "bert.num_heads=3"], "multiple of bert.num_heads"),
+            # The tower needs the encoder's weights, which this export lacks: refused before anything
+            # runs, in an ablation as in a search space.
+            (["--input", str(exported_inner), "--max-trials", "0", "--ablate", "bert.text_encoder.finetune_layers=1"],
+             "export again with --encoder-weights"),
+            (["--input", str(exported_inner), "--space", str(tower_space)], "export again with --encoder-weights"),
             # A test-split export stays one: no --set turns it into an inner one to tune on.
             (["--input", str(exported), "--set", "features.holdout=inner"], "exported with features.holdout=test"),
             (["--input", str(exported_inner), "--set", "bert.text_encoder.max_length=99"],

@@ -1,6 +1,10 @@
-"""The promotion gate's decisions, worked by hand."""
+"""The promotion gate's decisions, worked by hand; the manual promotion command's refusals."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 from components.config import GateConfig
 from flows.promotion import gate
@@ -46,3 +50,14 @@ def test_differences_within_the_tolerance_are_ties_and_the_message_shows_them():
     assert not d.promote and "0.507193 < champion 0.507202" in d.reason
     # A real drop is not a tie.
     assert not gate({"ndcg@10": 0.50, "recall@10": 0.61}, champ, POP, True, 1.0, tolerant).promote
+
+
+def test_a_manual_promotion_command_refuses_a_missing_artifacts_folder(tmp_path):
+    """Its lock would guard nothing there (and the folder would be created): refused by name,
+    before MLflow is contacted, and nothing is created."""
+    missing = tmp_path / "nowhere"
+    proc = subprocess.run([sys.executable, "-m", "flows.promotion", "rollback", "--to-version", "1",
+                           "--artifacts", str(missing)], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"--artifacts {missing}: no such folder" in proc.stderr, proc.stderr[-2000:]
+    assert not missing.exists()

@@ -112,10 +112,20 @@ def test_copies_pickles_and_moves_leave_the_cache_behind(encoder):
     assert t._frozen_hidden is None
 
 
-def test_a_saved_recommender_with_a_tower_reloads_and_embeds_alike(tmp_path):
-    """Also where the encoder it was trained from is gone (a checkpoint from another machine)."""
+@pytest.mark.parametrize("stored", ["fp32", "fp16"])
+def test_a_saved_recommender_with_a_tower_reloads_and_embeds_alike(tmp_path, stored):
+    """Also where the encoder it was trained from is gone (a checkpoint from another machine).
+    fp16: the weights as `benchmarks.gpu export --encoder-weights` stores them, under a config
+    without a dtype (as MiniLM's is); the tower and its reloaded copy still run in fp32."""
+    from safetensors.torch import load_file, save_file
+
     items = texts()
     encoder = make_tiny_bert(tmp_path / "encoder")
+    if stored == "fp16":
+        weights = load_file(str(encoder / "model.safetensors"))
+        save_file({k: v.half() for k, v in weights.items()}, str(encoder / "model.safetensors"))
+        config = json.loads((encoder / "config.json").read_text())
+        (encoder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if "dtype" not in k}))
     cfg = SeqRecConfig(n_items=len(items), mode="text", text_dim=16, hidden_size=16, num_layers=1, num_heads=2,
                        intermediate_size=32, max_len=6, dropout=0.0, text_encoder_path=str(encoder),
                        text_finetune_layers=1, text_max_length=MAX_LENGTH)
@@ -130,6 +140,7 @@ def test_a_saved_recommender_with_a_tower_reloads_and_embeds_alike(tmp_path):
     shutil.move(tmp_path / "m", tmp_path / "moved")
     assert json.loads((tmp_path / "moved" / "config.json").read_text())["text_encoder_path"] == TOWER_CONFIG
     loaded = load_model(tmp_path / "moved")
+    assert {p.dtype for p in [*model.text_tower.parameters(), *loaded.text_tower.parameters()]} == {torch.float32}
     with torch.no_grad():
         assert torch.allclose(loaded.item_representations(), expected, atol=1e-6)
     assert loaded.text_tower.frozen_hidden().shape == (len(items), MAX_LENGTH, 16)

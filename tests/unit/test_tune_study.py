@@ -4,6 +4,8 @@ lacks a setting; the per-user score files `--ratio` pairs, refused when wrong; a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import optuna
 import pytest
@@ -108,3 +110,16 @@ def test_a_study_is_named_by_what_changes_results():
         assert study_name("d", "bert", tiny_params(same), SPACE) == name, same
     assert study_name("d", "bert", tiny_params("bert.dropout=0.3"), SPACE) != name
     assert study_name("d", "bert", base, {"mf.factors": {"choice": [8]}}) != name
+
+
+def test_an_exported_study_is_named_alike_wherever_the_export_lies():
+    """An export's own encoder (the path `exported_params` writes) is hashed as the export names
+    it: the same export given by another path, or moved, resumes its study; another encoder does
+    not."""
+    def name(encoder: str, export: str) -> str:
+        return study_name("d", "bert", tiny_params(f"bert.text_encoder.path={encoder}"), SPACE, Path(export))
+
+    here = name("/work/x/text-encoder", "/work/x/synthetic")
+    assert name("x/text-encoder", "x/synthetic") == here
+    assert name("/elsewhere/moved/text-encoder", "/elsewhere/moved/synthetic") == here
+    assert name("/work/other-encoder", "/work/x/synthetic") != here
