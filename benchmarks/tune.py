@@ -308,11 +308,13 @@ def study_name(dataset: str, model: str, params: Params, space: dict[str, Any],
     ever holds comparable trials. Settings that change where and how the work runs, not its
     result (the pipeline's DEVICE_ONLY and ENGINE_ONLY), are left out: the same study resumes on
     a GPU machine with the encoder compiled, or with a setting of that kind added later. From
-    an `exported` folder, its own encoder is named as the export names it, not by where the
-    folder lies (a moved export, or one given by another path, resumes the study)."""
+    an `exported` folder, its own encoder (where `exported_params` points) is named by the path
+    the export recorded, the encoder it was written from, not by where the folder lies: a moved
+    export, or one given by another path, resumes the study, and another encoder's does not."""
     settings = params.to_dict()
     if exported is not None and settings["bert"]["text_encoder"]["path"] == str(exported.parent / ENCODER_DIR):
-        settings["bert"]["text_encoder"]["path"] = ENCODER_DIR
+        written = json.loads((exported / "params.json").read_text())
+        settings["bert"]["text_encoder"]["path"] = written["bert"]["text_encoder"]["path"]
     for dotted in (*pipeline.DEVICE_ONLY, *pipeline.ENGINE_ONLY):
         *parents, leaf = dotted.split(".")
         section = settings
@@ -902,7 +904,7 @@ def main() -> int:
         spaces = {m: check_space(m, spaces.get(m), params) for m in models}
     except ValueError as e:
         parser.error(f"{args.space or 'SPACES'}: {e}")
-    if exported is not None and TOWER_LAYERS in spaces["bert"]:
+    if exported is not None and TOWER_LAYERS in spaces["bert"] and args.max_trials != 0:
         try:  # trials that would train the text tower need the encoder's weights in the export
             exported_params(exported, [*args.overrides, f"{TOWER_LAYERS}=1"], args.override_files)
         except ValueError as e:

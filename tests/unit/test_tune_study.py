@@ -112,14 +112,24 @@ def test_a_study_is_named_by_what_changes_results():
     assert study_name("d", "bert", base, {"mf.factors": {"choice": [8]}}) != name
 
 
-def test_an_exported_study_is_named_alike_wherever_the_export_lies():
-    """An export's own encoder (the path `exported_params` writes) is hashed as the export names
-    it: the same export given by another path, or moved, resumes its study; another encoder does
-    not."""
-    def name(encoder: str, export: str) -> str:
-        return study_name("d", "bert", tiny_params(f"bert.text_encoder.path={encoder}"), SPACE, Path(export))
+def test_an_exported_study_is_named_alike_wherever_the_export_lies(tmp_path):
+    """An export's own encoder (the path `exported_params` writes) is hashed as the path the
+    export recorded: the same export given by another path, or moved, resumes its study; an
+    export of another encoder, or another encoder set, does not."""
+    import json
 
-    here = name("/work/x/text-encoder", "/work/x/synthetic")
-    assert name("x/text-encoder", "x/synthetic") == here
-    assert name("/elsewhere/moved/text-encoder", "/elsewhere/moved/synthetic") == here
-    assert name("/work/other-encoder", "/work/x/synthetic") != here
+    def export(folder: Path, encoder: str) -> Path:
+        (folder / "d").mkdir(parents=True)
+        (folder / "d" / "params.json").write_text(json.dumps({"bert": {"text_encoder": {"path": encoder}}}))
+        return folder / "d"
+
+    def name(encoder: str, exported: Path) -> str:
+        return study_name("d", "bert", tiny_params(f"bert.text_encoder.path={encoder}"), SPACE, exported)
+
+    minilm = export(tmp_path / "x", "/venv/minilm")
+    here = name(str(tmp_path / "x" / "text-encoder"), minilm)
+    moved = export(tmp_path / "moved", "/venv/minilm")
+    assert name(str(tmp_path / "moved" / "text-encoder"), moved) == here
+    other = export(tmp_path / "other", "/venv/mpnet")
+    assert name(str(tmp_path / "other" / "text-encoder"), other) != here
+    assert name("/work/other-encoder", minilm) != here
