@@ -85,7 +85,7 @@ FIXED_BY_EXPORT = ("data.", "features.", "bert.pretrain.", "bert.text_encoder.")
 # Except how fine-tuning uses the encoder: its top layers trained (from the weights an export
 # carries with `--encoder-weights`) and where that runs. The text embeddings stay as exported.
 TOWER_LAYERS = "bert.text_encoder.finetune_layers"
-TUNABLE_ON_EXPORT = (TOWER_LAYERS, "bert.text_encoder.cache_frozen", "bert.text_encoder.device")
+TUNABLE_ON_EXPORT = (TOWER_LAYERS, *(k for k in pipeline.DEVICE_ONLY if k.startswith("bert.text_encoder.")))
 # A process of a study stops after this many failed trials in a row (a broken setup, not bad luck).
 FAILURES_IN_A_ROW = 3
 # The stage that trains each model.
@@ -304,24 +304,22 @@ def spent_seconds(study: Any) -> float:
 
 def study_name(dataset: str, model: str, params: Params, space: dict[str, Any],
                exported: Path | None = None) -> str:
-    """`<dataset>-<model>-<hash>`: the hash of the settings and the space, so that a study only
-    ever holds comparable trials. Settings that change where and how the work runs, not its
-    result (the pipeline's DEVICE_ONLY and ENGINE_ONLY), are left out: the same study resumes on
-    a GPU machine with the encoder compiled, or with a setting of that kind added later. From
-    an `exported` folder, its own encoder (where `exported_params` points) is named by the path
-    the export recorded, the encoder it was written from, not by where the folder lies: a moved
-    export, or one given by another path, resumes the study, and another encoder's does not."""
+    """`<dataset>-<model>-<hash>`: the hash of the settings the model's trials depend on and the
+    space, so that a study only ever holds comparable trials. The settings are those the
+    pipeline keys the model's training stage and the stages before it by (`pipeline.param_keys`):
+    the other model's settings, and those that change where and how the work runs but not its
+    result (DEVICE_ONLY, ENGINE_ONLY), are left out. So an MF study resumes after a BERT setting
+    changed, and a BERT study on a GPU machine with the encoder compiled. From an `exported`
+    folder, its own encoder (where `exported_params` points) is named by the path the export
+    recorded, the encoder it was written from, not by where the folder lies: a moved export, or
+    one given by another path, resumes the study, and another encoder's does not."""
     settings = params.to_dict()
     if exported is not None and settings["bert"]["text_encoder"]["path"] == str(exported.parent / ENCODER_DIR):
         written = json.loads((exported / "params.json").read_text())
         settings["bert"]["text_encoder"]["path"] = written["bert"]["text_encoder"]["path"]
-    for dotted in (*pipeline.DEVICE_ONLY, *pipeline.ENGINE_ONLY):
-        *parents, leaf = dotted.split(".")
-        section = settings
-        for part in parents:
-            section = section.get(part, {})
-        section.pop(leaf, None)
-    digest = hashlib.sha256(json.dumps([settings, space], sort_keys=True, default=str).encode())
+    keys = dict.fromkeys(k for stage in pipeline.plan(TRAINED_BY[model]) for k in pipeline.param_keys(stage))
+    depends_on = {key: _lookup(settings, key) for key in keys}
+    digest = hashlib.sha256(json.dumps([depends_on, space], sort_keys=True, default=str).encode())
     return f"{dataset}-{model}-{digest.hexdigest()[:10]}"
 
 

@@ -169,7 +169,7 @@ def recover(model: SeqRecModel, features_dir: Path, cfg: CompressConfig, bert: B
 
     from components.bert.data import SequenceDataModule
     from components.bert.module import SeqRecModule
-    from components.bert.train import interactive, trainer_kwargs
+    from components.bert.train import interactive, loss_settings, trainer_kwargs
 
     pl_.seed_everything(seed, workers=True, verbose=False)
     dm = SequenceDataModule(features_dir, model.cfg.max_len, bert.batch_size, "next", train_until=train_until,
@@ -177,9 +177,7 @@ def recover(model: SeqRecModel, features_dir: Path, cfg: CompressConfig, bert: B
     dm.setup()
     module = SeqRecModule(
         dataclasses.asdict(model.cfg), objective="next", lr=cfg.prune.recovery_lr,
-        weight_decay=bert.weight_decay, warmup_fraction=bert.warmup_fraction, loss=bert.loss,
-        num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, item_counts=dm.item_counts,
-        recency_half_life=bert.recency_half_life, recency_boost=bert.recency_boost,
+        warmup_fraction=bert.warmup_fraction, item_counts=dm.item_counts, **loss_settings(bert),
     )
     module.model.load_state_dict(model.state_dict())
     module.packed_dropout_setting = bert.trainer.packed_dropout

@@ -245,6 +245,7 @@ def train_steps(model: SeqRecModel, sequences: list[np.ndarray], steps: int, lr:
     linear decay to a tenth of `lr`; in place. `after(step)` is called every `every` steps (the
     model in eval mode meanwhile). Returns the mean loss of the last tenth."""
     from components.bert.module import SeqRecModule
+    from components.bert.train import loss_settings
 
     if not sequences or steps <= 0:
         return float("nan")
@@ -252,9 +253,7 @@ def train_steps(model: SeqRecModel, sequences: list[np.ndarray], steps: int, lr:
     # (Its own network is replaced by `model` at once: no text tower is loaded for it.)
     module = SeqRecModule(
         dataclasses.asdict(dataclasses.replace(model.cfg, text_finetune_layers=0, text_encoder_path=None)),
-        objective="next", lr=lr, weight_decay=bert.weight_decay, warmup_fraction=0.0, loss=bert.loss,
-        num_negatives=bert.num_negatives, negative_sampling=bert.negative_sampling, item_counts=item_counts,
-        recency_half_life=bert.recency_half_life, recency_boost=bert.recency_boost)
+        objective="next", lr=lr, warmup_fraction=0.0, item_counts=item_counts, **loss_settings(bert))
     module.model = model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -6,6 +6,7 @@ exercised and a key renamed in params.yaml breaks the tests that use it.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,13 @@ TINY = [
 ]
 
 
+# Loss settings other than the defaults, for tests that a trainer passes them on.
+LOSS_OVERRIDES = ["bert.loss=sampled", "bert.num_negatives=7", "bert.negative_sampling=uniform",
+                  "bert.recency_half_life=2", "bert.recency_boost=3", "bert.weight_decay=0.25"]
+LOSS_SETTINGS = {"loss": "sampled", "num_negatives": 7, "negative_sampling": "uniform",
+                 "recency_half_life": 2.0, "recency_boost": 3.0, "weight_decay": 0.25}
+
+
 def tiny_params(*overrides: str) -> Params:
     return load_params(REPO / "params.yaml", [*TINY, *overrides])
 
@@ -52,6 +60,22 @@ def tiny_params(*overrides: str) -> Params:
 @pytest.fixture
 def params() -> Params:
     return tiny_params()
+
+
+@pytest.fixture
+def built_modules(monkeypatch) -> list:
+    """Every `SeqRecModule` built while the test runs, in order (what its trainer configured)."""
+    from components.bert.module import SeqRecModule
+
+    built, init = [], SeqRecModule.__init__
+
+    @functools.wraps(init)  # Lightning reads the hyperparameters' names off the signature
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(SeqRecModule, "__init__", record)
+    return built
 
 
 @pytest.fixture

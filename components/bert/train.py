@@ -247,16 +247,22 @@ def model_config(cfg: BertRecConfig, n_items: int, text_dim: int, inference: str
     )
 
 
+def loss_settings(cfg: BertRecConfig) -> dict:
+    """What the sequence model is trained to minimise, as `SeqRecModule` takes it: one place for
+    every trainer (the training stages, the pruned model's recovery, the incremental update),
+    so none of them trains on another loss than the one configured."""
+    return dict(weight_decay=cfg.weight_decay, loss=cfg.loss, num_negatives=cfg.num_negatives,
+                negative_sampling=cfg.negative_sampling, recency_half_life=cfg.recency_half_life,
+                recency_boost=cfg.recency_boost)
+
+
 def build_module(
     cfg: BertRecConfig, stage: StageConfig, objective: str, mcfg: SeqRecConfig,
     text_features: torch.Tensor | None, texts: list[str] | None, item_counts: np.ndarray,
 ) -> SeqRecModule:
     module = SeqRecModule(
-        dataclasses.asdict(mcfg), objective=objective, lr=stage.lr, weight_decay=cfg.weight_decay,
-        warmup_fraction=cfg.warmup_fraction, loss=cfg.loss, num_negatives=cfg.num_negatives,
-        negative_sampling=cfg.negative_sampling, item_counts=item_counts,
-        text_features=text_features, texts=texts,
-        recency_half_life=cfg.recency_half_life, recency_boost=cfg.recency_boost,
+        dataclasses.asdict(mcfg), objective=objective, lr=stage.lr, warmup_fraction=cfg.warmup_fraction,
+        item_counts=item_counts, text_features=text_features, texts=texts, **loss_settings(cfg),
     )
     module.compile_setting, module.compile_mode = cfg.trainer.compile, cfg.trainer.compile_mode
     module.packed_dropout_setting = cfg.trainer.packed_dropout

@@ -11,6 +11,7 @@ import torch
 from components.bert.data import ClozeCollate, NextItemCollate
 from components.bert.model import MASK, PAD, SeqRecConfig, SeqRecModel, left_pad, load_model, save_model, whitening
 from components.bert.module import SeqRecModule
+from tests.conftest import LOSS_OVERRIDES, LOSS_SETTINGS
 
 
 def cfg(**kw) -> SeqRecConfig:
@@ -232,6 +233,59 @@ def test_recency_weights_each_target_by_its_place_from_the_end():
         mean_w = (4.0 + 2.5 + 1.75 + 4.0) / 4
         assert weighted.loss_normaliser == pytest.approx(2.0 * mean_w)
         assert torch.isclose(weighted._loss(x, y, positions), (w * losses).sum() / (2.0 * mean_w), atol=1e-6)
+
+
+@pytest.mark.parametrize("objective,loss", [("next", "sampled"), ("cloze", "full"), ("cloze", "sampled")])
+def test_recency_weights_masked_and_sampled_targets_alike(monkeypatch, objective, loss):
+    """The weighting holds for the cloze objective's masked positions and for the sampled
+    softmax: each target's own loss (read off the unweighted module, with the same masks and
+    negatives) times 1 + boost * 0.5^(later items / half-life), over the weights' sum."""
+    from components.bert.data import ClozeCollate
+
+    c = cfg(mode="id", text_dim=0)
+    seqs = [np.array([1, 2, 3, 4]), np.arange(10, 20), np.array([7, 8, 9])]
+    torch.manual_seed(3)
+    x, y, positions = (NextItemCollate(6) if objective == "next" else ClozeCollate(6, 0.6))(seqs)
+    kw = dict(objective=objective, lr=0.01, weight_decay=0.0, warmup_fraction=0.0, loss=loss, num_negatives=8)
+    plain = SeqRecModule({**c.__dict__}, **kw).eval()
+    with torch.no_grad():  # spread the targets' losses apart, so a wrong weighting shows
+        plain.model.id_embedding.weight.mul_(20.0)
+    weighted = SeqRecModule({**c.__dict__}, **kw, recency_half_life=2.0, recency_boost=3.0).eval()
+    weighted.model.load_state_dict(plain.model.state_dict())
+    per_target = []
+
+    def record(logits, targets, weights=None):
+        assert weights is None
+        per_target.append(torch.nn.functional.cross_entropy(logits, targets, reduction="none"))
+        return per_target[-1].mean()
+
+    monkeypatch.setattr(plain, "_cross_entropy", record)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        plain._loss(x, y, positions)
+        torch.manual_seed(7)
+        value = weighted._loss(x, y, positions)
+    (losses,) = per_target
+    later = (y.shape[1] - 1 - torch.arange(y.shape[1])).expand_as(y)[y != PAD].float()
+    assert losses.numel() == later.numel() and len(set(later.tolist())) > 2
+    w = 1.0 + 3.0 * 0.5 ** (later / 2.0)
+    assert torch.isclose(value, (w * losses).sum() / w.sum(), atol=1e-6)
+    assert not torch.isclose(value, losses.mean(), atol=1e-4)
+
+
+def test_every_trainer_takes_the_loss_from_one_place():
+    """`loss_settings` carries every loss setting `SeqRecModule` has (a new one left out of it
+    fails here); the stages, the pruned model's recovery and the incremental update all build
+    their module from it (tests/unit/test_incremental.py, test_compress.py)."""
+    import inspect
+
+    from components.bert.train import loss_settings
+    from components.config import load_params
+
+    other = {"self", "model_cfg", "objective", "lr", "warmup_fraction", "item_counts", "text_features", "texts"}
+    module_settings = set(inspect.signature(SeqRecModule.__init__).parameters) - other
+    assert loss_settings(load_params(overrides=LOSS_OVERRIDES).bert) == LOSS_SETTINGS
+    assert set(LOSS_SETTINGS) == module_settings
 
 
 def test_sampled_loss_applies_log_q_and_masks_accidental_hits():

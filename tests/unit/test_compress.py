@@ -277,3 +277,24 @@ def test_gated_residual_exports_and_prunes(tmp_path):
     for before, after in zip(m.modules(), sparse.modules()):
         if isinstance(before, GatedOutput):
             assert torch.equal(before.gate.weight, after.gate.weight)
+
+
+def test_recovery_trains_on_the_configured_loss(built_modules, monkeypatch, tmp_path):
+    """The pruned model's recovery fine-tune builds its module from `loss_settings`, as the
+    training stages do (recency weights, sampled softmax and weight decay included)."""
+    from components.bert import data
+    from components.compress import recover
+    from components.config import load_params
+    from components.sequences import Sequences
+    from tests.conftest import LOSS_OVERRIDES, LOSS_SETTINGS
+
+    rows = [np.arange(u, u + n) % 40 for u, n in enumerate([5, 9, 3, 7])]
+    split = np.concatenate([np.r_[np.zeros(len(r) - 1, np.int8), 1] for r in rows])
+    items = np.concatenate(rows).astype(np.int32)
+    seqs = Sequences(np.r_[0, np.cumsum([len(r) for r in rows])], items, np.arange(items.size),
+                     np.ones(items.size, np.float32), split, 40)
+    monkeypatch.setattr(data, "load_sequences", lambda folder: seqs)
+    params = load_params(overrides=[*LOSS_OVERRIDES, "compress.prune.recovery_epochs=1", "bert.trainer.num_threads=1"])
+    recover(tiny(mode="id", text_dim=0), tmp_path, params.compress, params.bert, 0, "valid")
+    (module,) = built_modules
+    assert {k: module.hparams[k] for k in LOSS_SETTINGS} == LOSS_SETTINGS

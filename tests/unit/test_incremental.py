@@ -11,6 +11,7 @@ import torch
 
 from components.bert.model import SeqRecConfig, SeqRecModel
 from components.config import load_params
+from tests.conftest import LOSS_OVERRIDES, LOSS_SETTINGS
 from components.incremental import (
     FULL, INCREMENTAL, NOTHING, Events, decide, extend_items, incremental_update, js_divergence, measure_drift,
     train_steps,
@@ -170,6 +171,13 @@ def test_train_steps_calls_back_every_n_steps():
     loss = train_steps(model, seqs, 9, 0.001, 4, params.bert, 0, every=3, after=seen.append)
     assert seen == [3, 6, 9] and np.isfinite(loss)
     assert np.isnan(train_steps(model, [np.array([1])], 5, 0.001, 4, params.bert, 0))  # nothing to predict
+
+
+def test_train_steps_train_on_the_configured_loss(built_modules):
+    bert = load_params(overrides=LOSS_OVERRIDES).bert
+    train_steps(tiny_model("id"), [np.arange(10) % 30 for _ in range(8)], 2, 0.001, 4, bert, 0)
+    (module,) = built_modules
+    assert {k: module.hparams[k] for k in LOSS_SETTINGS} == LOSS_SETTINGS
 
 
 def test_store_exports_after_a_watermark(tmp_path):

@@ -102,7 +102,8 @@ def test_per_user_scores_pair_only_as_written(tmp_path):
 
 def test_a_study_is_named_by_what_changes_results():
     """Where and how the work runs (device, compilation, the cached text layers, the feature
-    engine) opens no new study; a setting that changes the trials, or the space, does."""
+    engine) opens no new study, nor does the other model's setting; a setting that changes the
+    trials (the model's own, or one of a stage before its training), or the space, does."""
     base = tiny_params()
     name = study_name("d", "bert", base, SPACE)
     assert name.startswith("d-bert-")
@@ -110,6 +111,13 @@ def test_a_study_is_named_by_what_changes_results():
         assert study_name("d", "bert", tiny_params(same), SPACE) == name, same
     assert study_name("d", "bert", tiny_params("bert.dropout=0.3"), SPACE) != name
     assert study_name("d", "bert", base, {"mf.factors": {"choice": [8]}}) != name
+    # What the stages before training read counts; the other model's settings do not.
+    assert study_name("d", "bert", tiny_params("features.min_item_interactions=3"), SPACE) != name
+    assert study_name("d", "bert", tiny_params("mf.factors=3"), SPACE) == name
+    mf = study_name("d", "mf", base, {})
+    assert study_name("d", "mf", tiny_params("bert.dropout=0.3", "bert.trainer.compile=true"), {}) == mf
+    assert study_name("d", "mf", tiny_params("features.holdout=inner"), {}) != mf
+    assert study_name("d", "mf", tiny_params("mf.recency_boost=2"), {}) != mf
 
 
 def test_an_exported_study_is_named_alike_wherever_the_export_lies(tmp_path):
