@@ -258,7 +258,7 @@ def train_steps(model: SeqRecModel, sequences: list[np.ndarray], steps: int, lr:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": bert.weight_decay},
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": module.hparams.weight_decay},
          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.1, 1.0 - 0.9 * s / max(1, steps)))
     collate = NextItemCollate(model.cfg.max_len)

@@ -273,19 +273,24 @@ def test_recency_weights_masked_and_sampled_targets_alike(monkeypatch, objective
     assert not torch.isclose(value, losses.mean(), atol=1e-4)
 
 
-def test_every_trainer_takes_the_loss_from_one_place():
+def test_every_trainer_takes_the_loss_from_one_place(built_modules):
     """`loss_settings` carries every loss setting `SeqRecModule` has (a new one left out of it
-    fails here); the stages, the pruned model's recovery and the incremental update all build
-    their module from it (tests/unit/test_incremental.py, test_compress.py)."""
+    fails here); the training stages build their module from it, as the pruned model's recovery
+    and the incremental update do (tests/unit/test_compress.py, test_incremental.py)."""
     import inspect
 
-    from components.bert.train import loss_settings
+    from components.bert.train import build_module, loss_settings, model_config
     from components.config import load_params
 
     other = {"self", "model_cfg", "objective", "lr", "warmup_fraction", "item_counts", "text_features", "texts"}
     module_settings = set(inspect.signature(SeqRecModule.__init__).parameters) - other
-    assert loss_settings(load_params(overrides=LOSS_OVERRIDES).bert) == LOSS_SETTINGS
+    bert = load_params(overrides=[*LOSS_OVERRIDES, "bert.mode=id", "bert.hidden_size=16", "bert.num_layers=1",
+                                  "bert.intermediate_size=32"]).bert
+    assert loss_settings(bert) == LOSS_SETTINGS
     assert set(LOSS_SETTINGS) == module_settings
+    for stage, objective in ((bert.pretrain, "cloze"), (bert.finetune, "next")):
+        build_module(bert, stage, objective, model_config(bert, 30, 0, inference="causal"), None, None, np.ones(30))
+    assert [{k: m.hparams[k] for k in LOSS_SETTINGS} for m in built_modules] == [LOSS_SETTINGS] * 2
 
 
 def test_sampled_loss_applies_log_q_and_masks_accidental_hits():

@@ -116,7 +116,7 @@ def test_a_study_is_named_by_what_changes_results():
     assert study_name("d", "bert", tiny_params("mf.factors=3"), SPACE) == name
     mf = study_name("d", "mf", base, {})
     assert study_name("d", "mf", tiny_params("bert.dropout=0.3", "bert.trainer.compile=true"), {}) == mf
-    assert study_name("d", "mf", tiny_params("features.holdout=inner"), {}) != mf
+    assert study_name("d", "mf", tiny_params("features.min_user_interactions=2"), {}) != mf
     assert study_name("d", "mf", tiny_params("mf.recency_boost=2"), {}) != mf
 
 
