@@ -73,7 +73,7 @@ from benchmarks.common import dataset_params, datasets, names_of, save, write_js
 from benchmarks.gpu import ENCODER_DIR, exported_params
 from components import pipeline
 from components.cli import add_params_arguments, run_main, setup_logging
-from components.config import DEFAULT_PARAMS, Params, params_from_dict, set_key
+from components.config import DEFAULT_PARAMS, Params, flatten, params_from_dict, set_key
 from components.pipeline import Artifacts
 
 log = logging.getLogger("benchmarks.tune")
@@ -302,10 +302,9 @@ def spent_seconds(study: Any) -> float:
     return sum(t.user_attrs.get("seconds", 0.0) for t in study.trials)
 
 
-def study_name(dataset: str, model: str, params: Params, space: dict[str, Any],
-               exported: Path | None = None) -> str:
-    """`<dataset>-<model>-<hash>`: the hash of the settings the model's trials depend on and the
-    space, so that a study only ever holds comparable trials. The settings are those the
+def study_settings(model: str, params: Params, space: dict[str, Any], exported: Path | None = None) -> dict[str, Any]:
+    """What a study of `model` is named by: the settings its trials depend on (flat, dotted) and
+    the space, so that a study only ever holds comparable trials. The settings are those the
     pipeline keys the model's training stage and the stages before it by (`pipeline.param_keys`):
     the other model's settings, and those that change where and how the work runs but not its
     result (DEVICE_ONLY, ENGINE_ONLY), are left out. So an MF study resumes after a BERT setting
@@ -319,8 +318,50 @@ def study_name(dataset: str, model: str, params: Params, space: dict[str, Any],
         settings["bert"]["text_encoder"]["path"] = written["bert"]["text_encoder"]["path"]
     keys = dict.fromkeys(k for stage in pipeline.plan(TRAINED_BY[model]) for k in pipeline.param_keys(stage))
     depends_on = {key: _lookup(settings, key) for key in keys}
-    digest = hashlib.sha256(json.dumps([depends_on, space], sort_keys=True, default=str).encode())
+    # Through JSON, so that what a study records compares equal to what a later call computes.
+    return json.loads(json.dumps({"settings": depends_on, "space": space}, sort_keys=True, default=str))
+
+
+def name_of_study(dataset: str, model: str, settings: dict[str, Any]) -> str:
+    """`<dataset>-<model>-<hash of study_settings>` (hashed as before the settings were recorded,
+    so that the studies named since 2026-11-29 keep their names)."""
+    digest = hashlib.sha256(json.dumps([settings["settings"], settings["space"]], sort_keys=True).encode())
     return f"{dataset}-{model}-{digest.hexdigest()[:10]}"
+
+
+def study_name(dataset: str, model: str, params: Params, space: dict[str, Any],
+               exported: Path | None = None) -> str:
+    return name_of_study(dataset, model, study_settings(model, params, space, exported))
+
+
+# The study's user attribute that records its `study_settings`, so that a call that opens a new
+# study can say which settings differ from the study it may have expected to resume.
+SETTINGS = "settings"
+
+
+def why_a_new_study(storage: str, name: str, settings: dict[str, Any]) -> str | None:
+    """For a study just opened with no trials: how its settings differ from the latest other
+    study of the same dataset and model in `storage` (the one a user most likely meant to
+    resume), or None when there is none. A changed setting otherwise looks like a lost study."""
+    import optuna
+
+    prefix = name.rsplit("-", 1)[0] + "-"
+    others = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+              if s.study_name.startswith(prefix) and s.study_name != name and s.n_trials]
+    if not others:
+        return None
+    latest = max(others, key=lambda s: s.datetime_start)  # its first trial's start (each has trials)
+    before = latest.user_attrs.get(SETTINGS)
+    head = f"a new study {name!r}: the latest other study of {prefix[:-1]}, {latest.study_name!r} ({latest.n_trials} trials),"
+    if before is None:
+        return (f"{head} recorded no settings (it predates their recording), so what differs is not known; "
+                "a study resumes only under the settings and space its trials ran with")
+    old, new = flatten(before["settings"]), flatten(settings["settings"])
+    changes = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+               for k in sorted(set(old) | set(new)) if old.get(k, "(unset)") != new.get(k, "(unset)")]
+    if before["space"] != settings["space"]:
+        changes.append("the search space")
+    return f"{head} ran with other settings: {'; '.join(changes) or 'none recorded differ'}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,6 +539,11 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
     import optuna
 
     study = _open_study(storage, name, params.seed, create=True)
+    settings = study_settings(model, params, space, exported)
+    if SETTINGS not in study.user_attrs:  # new, or named before the settings were recorded
+        study.set_user_attr(SETTINGS, settings)
+    if not study.trials and (why := why_a_new_study(storage, name, settings)):
+        log.info("%s: %s", model, why)
     inner = with_settings(params, {"features.holdout": "inner"})
     left = minutes * 60 * jobs - spent_seconds(study)
     done = sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)  # a queued one is to run
@@ -701,8 +747,6 @@ def export_settings(folder: Path, holdout: str, overrides: list[str], override_f
     """The settings an export (`--input`) was written with, the call's presets and `--set` laid
     over them. A ValueError when it was written with another holdout (a `--set` here cannot turn
     a test-split export into an inner one), or when the call changes what the export fixed."""
-    from components.config import flatten
-
     written = exported_params(folder, [])
     if written.features.holdout != holdout:
         raise ValueError(f"{folder}: exported with features.holdout={written.features.holdout}; this reads an "

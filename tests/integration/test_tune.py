@@ -91,6 +91,10 @@ def test_tune_resumes_writes_presets_and_scores_test_per_seed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     other = json.loads((tmp_path / "t.json").read_text())["synthetic"]["mf"]
     assert other["study"] != out["mf"]["study"] and len(other["trials"]) == 1
+    # ... and the call says why the stored study did not resume.
+    assert (f"a new study {other['study']!r}: the latest other study of synthetic-mf, {out['mf']['study']!r} "
+            "(3 trials), ran with other settings: mf.iterations ") in proc.stderr
+    assert "-> 3" in proc.stderr.split("ran with other settings: mf.iterations ")[1].splitlines()[0]
 
 
 def test_a_bad_search_space_is_refused_by_name(tmp_path):

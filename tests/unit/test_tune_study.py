@@ -1,6 +1,7 @@
 """benchmarks.tune's study bookkeeping, on Optuna's in-memory storage: the trial a study starts
 from (the dataset's own settings), queued once, again when it failed, partly where the space
-lacks a setting; the per-user score files `--ratio` pairs, refused when wrong; and the study's name."""
+lacks a setting; the per-user score files `--ratio` pairs, refused when wrong; the study's name, and
+what a new study says about the settings that differ from the one before it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import numpy as np
 import optuna
 import pytest
 
-from benchmarks.tune import START, TuningError, load_per_user, ratio, save_per_user, start_from, study_name
+from benchmarks.tune import (
+    SETTINGS, START, TuningError, load_per_user, ratio, save_per_user, start_from, study_name, study_settings,
+    why_a_new_study,
+)
 from tests.conftest import tiny_params
 
 SPACE = {"mf.factors": {"choice": [8, 16]}, "mf.regularization": {"log": [0.01, 100.0]}}
@@ -118,6 +122,40 @@ def test_a_study_is_named_by_what_changes_results():
     assert study_name("d", "mf", tiny_params("bert.dropout=0.3", "bert.trainer.compile=true"), {}) == mf
     assert study_name("d", "mf", tiny_params("features.min_user_interactions=2"), {}) != mf
     assert study_name("d", "mf", tiny_params("mf.recency_boost=2"), {}) != mf
+
+
+def test_a_new_study_names_the_settings_that_differ_from_the_latest_one(tmp_path):
+    """A changed setting opens a new, empty study, which looks like a lost one: the call says
+    which settings differ from the latest other study of the same dataset and model (recorded
+    with each study), or that an older one recorded none. Other models' studies, empty ones and
+    the study itself are not compared."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+
+    def stored(name: str, settings: dict | None, trials: int = 1) -> None:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        if settings is not None:
+            study.set_user_attr(SETTINGS, settings)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=trials)
+
+    first = study_settings("bert", tiny_params("bert.dropout=0.2"), SPACE)
+    now = study_settings("bert", tiny_params("bert.dropout=0.3", "bert.positions=absolute+relative"), SPACE)
+    name = study_name("d", "bert", tiny_params("bert.dropout=0.3", "bert.positions=absolute+relative"), SPACE)
+    assert why_a_new_study(storage, name, now) is None  # nothing before it
+    stored("d-mf-0000000000", study_settings("mf", tiny_params(), {}))  # another model's
+    stored("d-bert-empty00000", first, trials=0)  # never ran a trial
+    assert why_a_new_study(storage, name, now) is None
+    stored("d-bert-1111111111", None)  # from before the settings were recorded
+    assert "recorded no settings" in why_a_new_study(storage, name, now)
+    stored("d-bert-2222222222", first)  # the latest
+    stored(name, now)  # the study itself is not compared with itself
+    why = why_a_new_study(storage, name, now)
+    assert "'d-bert-2222222222' (1 trials)" in why
+    assert why.endswith("ran with other settings: bert.dropout 0.2 -> 0.3; bert.positions 'absolute' -> "
+                        "'absolute+relative'")
+    wider = {**SPACE, "mf.alpha": {"log": [1.0, 10.0]}}
+    assert why_a_new_study(storage, name, study_settings("bert", tiny_params("bert.dropout=0.2"), wider)).endswith(
+        "ran with other settings: the search space")
 
 
 def test_an_exported_study_is_named_alike_wherever_the_export_lies(tmp_path):
