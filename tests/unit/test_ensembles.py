@@ -1,0 +1,119 @@
+"""benchmarks.ensembles: EASE's closed form, mixtures of z-scored models, weights chosen on
+validation as the evaluate stage would score them, and runs that cannot be mixed refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from math import comb
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.ensembles import ease, mix, run, simplex
+from components.evaluate import per_user_ndcg
+from components.factors import FILE_NAME, FactorModel
+from components.sequences import load_sequences, write_sequences
+from tests.conftest import REPO
+
+N_USERS, N_ITEMS = 80, 25
+
+
+def write_run(root: Path, seed: int = 0, data_seed: int = 0) -> None:
+    """A finished run's dataset folder: sequences (each user's last event the test, the one
+    before it the validation) and random MF and bert factor files."""
+    rng = np.random.default_rng(data_seed)
+    lengths = rng.integers(4, 9, N_USERS)
+    items = np.concatenate([rng.choice(N_ITEMS, n, replace=False) for n in lengths])
+    split = np.concatenate([[0] * (n - 2) + [1, 2] for n in lengths]).astype(np.int8)
+    features = root / "features"
+    features.mkdir(parents=True)
+    write_sequences(features, np.concatenate([[0], np.cumsum(lengths)]), items, np.arange(items.size),
+                    np.ones(items.size, np.float32), split)
+    (features / "stats.json").write_text(json.dumps({"n_items": N_ITEMS}))
+    rng = np.random.default_rng(100 + seed)
+    for model, dim in (("mf", 4), ("bert", 6)):
+        FactorModel(items={s: rng.normal(size=(N_ITEMS, dim)).astype(np.float32) for s in ("valid", "test")},
+                    users={s: rng.normal(size=(N_USERS, dim)).astype(np.float32) for s in ("valid", "test")}
+                    ).save(root / model / FILE_NAME)
+
+
+def test_ease_is_the_constrained_least_squares_solution(tmp_path):
+    """B minimises |X - XB|^2 + lam |B|^2 with a zero diagonal: its stationarity condition makes
+    (X'X + lam I) B - X'X diagonal. The test split's B is fitted on training + validation."""
+    write_run(tmp_path)
+    seqs = load_sequences(tmp_path / "features")
+    model = ease(seqs, 5.0)
+    for split in ("valid", "test"):
+        x = seqs.history_matrix(split).toarray()
+        x[x > 0] = 1.0
+        b = model.items[split].T.astype(np.float64)
+        assert np.allclose(np.diag(b), 0.0)
+        kkt = (x.T @ x + 5.0 * np.eye(N_ITEMS)) @ b - x.T @ x
+        assert np.allclose(kkt - np.diag(np.diag(kkt)), 0.0, atol=1e-4)
+        assert np.array_equal(model.users[split], x.astype(np.float32))
+    assert not np.allclose(model.items["valid"], model.items["test"])
+    with pytest.raises(ValueError, match="lambda must be positive"):
+        ease(seqs, 0.0)
+
+
+def test_a_mixture_ranks_by_the_weighted_sum_of_z_scores():
+    rng = np.random.default_rng(0)
+    models = [FactorModel(items={s: rng.normal(size=(30, d)) for s in ("valid", "test")},
+                          users={s: rng.normal(size=(5, d)) for s in ("valid", "test")}) for d in (3, 7)]
+    mixed = mix(models, [0.3, 0.7])
+    for split in ("valid", "test"):
+        z = [(m.users[split] @ m.items[split].T) for m in models]
+        z = [(s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True) for s in z]
+        direct = 0.3 * z[0] + 0.7 * z[1]
+        got = mixed.users[split] @ mixed.items[split].T
+        # Equal up to a per-user constant (the means drop out), so the same ranking.
+        assert np.allclose(got - got.mean(1, keepdims=True), direct, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,grid", [(2, 21), (3, 11), (3, 2)])
+def test_the_simplex_grid_holds_every_weighting_once(n, grid):
+    points = simplex(n, grid)
+    assert len(points) == len(set(points)) == comb(grid - 1 + n - 1, n - 1)
+    assert all(len(p) == n and abs(sum(p) - 1) < 1e-12 and min(p) >= 0 for p in points)
+
+
+def test_weights_are_the_best_on_validation_and_rows_scored_as_evaluate_scores(tmp_path):
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for seed, root in enumerate(roots):
+        write_run(root, seed=seed)
+    out = run(roots, [1.0, 50.0], grid_size=5, batch_size=16)
+    rows = {r["model"]: r for r in out["rows"]}
+    seqs = load_sequences(roots[0] / "features")
+    mf = FactorModel.load(roots[0] / "mf" / FILE_NAME)
+    bert = FactorModel.load(roots[0] / "bert" / FILE_NAME)
+    assert rows["mf"]["ndcg@10"] == pytest.approx(per_user_ndcg(mf, seqs, "test", 10, 16).mean())
+    assert rows["mf"]["ratio_to_mf"] == pytest.approx(1.0)
+    assert rows["bert (a)"]["ndcg@10"] == pytest.approx(per_user_ndcg(bert, seqs, "test", 10, 16).mean())
+    fused = rows["fused bert + mf"]
+    best = max(per_user_ndcg(mix([bert, mf], list(w)), seqs, "valid", 10, 16).mean() for w in simplex(2, 5))
+    assert fused["valid_ndcg@10"] == pytest.approx(best)
+    chosen = mix([bert, mf], fused["weights"])
+    assert fused["ndcg@10"] == pytest.approx(per_user_ndcg(chosen, seqs, "test", 10, 16).mean())
+    assert fused["ci95"][0] <= fused["ratio_to_mf"] <= fused["ci95"][1]
+    lam = rows["ease"]["lambda"]
+    assert lam in (1.0, 50.0)
+    assert rows["ease"]["valid_ndcg@10"] == pytest.approx(
+        max(per_user_ndcg(ease(seqs, v), seqs, "valid", 10, 16).mean() for v in (1.0, 50.0)))
+    assert len(rows["fused bert + mf + ease"]["weights"]) == 3
+    assert {"bert, 2 runs averaged", "fused bert (2 runs averaged) + mf"} <= set(rows)
+
+
+def test_runs_over_other_sequences_are_refused_by_name(tmp_path):
+    write_run(tmp_path / "a")
+    write_run(tmp_path / "b", data_seed=1)
+    with pytest.raises(ValueError, match=r"other sequences than .*a.*: .*b"):
+        run([tmp_path / "a", tmp_path / "b"], [1.0], grid_size=3, batch_size=16)
+    (tmp_path / "c").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ensembles", "--runs", str(tmp_path / "a"),
+                           str(tmp_path / "c"), "--out", str(tmp_path / "e.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"missing {tmp_path / 'c'}/features/sequences.npz" in proc.stderr
+    assert not (tmp_path / "e.json").exists()
