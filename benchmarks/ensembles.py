@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +36,34 @@ from components.factors import EVAL_SPLITS, FILE_NAME, FactorModel
 from components.fusion import user_score_std
 from components.sequences import FILE_NAME as SEQUENCES, Sequences, load_sequences
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("benchmarks.ensembles")
 
 K = 10
 # EASE inverts an items x items matrix: past this many items it is the wrong tool.
 EASE_MAX_ITEMS = 20_000
 
 
-def ease(seqs: Sequences, lam: float) -> FactorModel:
+# Every weighting is scored from each model's validation scores held whole (users x items, float32,
+# one matrix per model and one for their sum): fine at a research dataset's size, not at a
+# production catalogue's.
+MAX_SCORE_BYTES = 4 << 30
+
+
+class EnsembleError(ValueError):
+    """Runs or settings this benchmark cannot mix: the message says which and why."""
+
+
+def ease(seqs: Sequences, lam: float, splits: tuple[str, ...] = EVAL_SPLITS) -> FactorModel:
     """EASE as a factor model: per split, B = I - P diagMat(1 / diag(P)) with P = (X'X + lam I)^-1
     and X the (binary) histories before the split; a user's scores X_u B are the factor model
     with users X and items B'. The test split's B is fitted on training + validation, as the
-    other models are refitted."""
+    other models are refitted. `splits`: only those fitted (choosing lambda needs validation's)."""
     if seqs.n_items > EASE_MAX_ITEMS:
-        raise ValueError(f"EASE inverts an items x items matrix: {seqs.n_items} items is more than {EASE_MAX_ITEMS}")
+        raise EnsembleError(f"EASE inverts an items x items matrix: {seqs.n_items} items is more than {EASE_MAX_ITEMS}")
     if lam <= 0:
-        raise ValueError(f"EASE's lambda must be positive, got {lam}")
+        raise EnsembleError(f"EASE's lambda must be positive, got {lam}")
     items, users = {}, {}
-    for split in EVAL_SPLITS:
+    for split in splits:
         x = seqs.history_matrix(split).astype(np.float64)
         x.data[:] = 1.0
         p = np.linalg.inv((x.T @ x).toarray() + lam * np.eye(seqs.n_items))
@@ -114,27 +125,38 @@ def labels(roots: list[Path]) -> list[str]:
 
 
 def run(roots: list[Path], lambdas: list[float], grid_size: int, batch_size: int) -> dict[str, Any]:
+    """Every row of the table for the finished runs `roots` (MF from the first): NDCG@10 on
+    validation and test, the test's ratio to MF with its interval, and what was chosen on
+    validation with the validation scores it was chosen by."""
     if grid_size < 2:
-        raise ValueError("fusion.grid_size must be at least 2")
+        raise EnsembleError("fusion.grid_size must be at least 2")
     digests = {root: hashlib.sha256((root / "features" / SEQUENCES).read_bytes()).hexdigest() for root in roots}
     if len(set(digests.values())) > 1:
         odd = [str(r) for r, d in digests.items() if d != digests[roots[0]]]
-        raise ValueError(f"these runs hold other sequences than {roots[0]} (other data, split or seed of the "
+        raise EnsembleError(f"these runs hold other sequences than {roots[0]} (other data, split or seed of the "
                          f"features): {', '.join(odd)}")
     seqs = load_sequences(roots[0] / "features")
+    if seqs.n_items > EASE_MAX_ITEMS:  # before any work, not after the first rows
+        raise EnsembleError(f"EASE inverts an items x items matrix: {seqs.n_items} items is more than {EASE_MAX_ITEMS}")
+    need = 4 * 4 * seqs.n_users * seqs.n_items
+    if need > MAX_SCORE_BYTES:
+        raise EnsembleError(f"{seqs.n_users} users x {seqs.n_items} items: the validation scores of three models "
+                            f"would take {need / 2**30:.1f} GiB, more than {MAX_SCORE_BYTES / 2**30:.0f}")
 
     def ndcg(model: FactorModel, split: str) -> np.ndarray:
         return per_user_ndcg(model, seqs, split, K, batch_size)
 
     valid = ValidationScores(seqs)
 
-    def best(models: list[FactorModel]) -> tuple[FactorModel, tuple[float, ...]]:
+    def best(models: list[FactorModel]) -> tuple[FactorModel, dict[str, Any]]:
         z = [valid.z_scores(m) for m in models]
-        scored = [(valid.ndcg(sum(w * zi for w, zi in zip(weights, z))), weights)
-                  for weights in simplex(len(models), grid_size)]
-        # Ties go to the first grid point (the last model's largest weight first).
-        weights = max(scored, key=lambda s: s[0])[1]
-        return mix(models, list(weights)), weights
+        curve = [(weights, valid.ndcg(sum(w * zi for w, zi in zip(weights, z))))
+                 for weights in simplex(len(models), grid_size)]
+        # Ties go to the weights closest to an even mix, as the product's fusion breaks them.
+        even = 1.0 / len(models)
+        weights = max(curve, key=lambda c: (c[1], -sum((w - even) ** 2 for w in c[0])))[0]
+        return mix(models, list(weights)), {"weights": list(weights),
+                                            "validation_curve": [[*w, v] for w, v in curve]}
 
     mf = FactorModel.load(roots[0] / "mf" / FILE_NAME)
     berts = [FactorModel.load(root / "bert" / FILE_NAME) for root in roots]
@@ -146,26 +168,27 @@ def run(roots: list[Path], lambdas: list[float], grid_size: int, batch_size: int
         r, low, high = metrics.paired_bootstrap_ratio(test, reference)
         rows.append({"model": name, "valid_ndcg@10": float(ndcg(model, "valid").mean()), "ndcg@10": float(test.mean()),
                      "ratio_to_mf": r, "ci95": [low, high], **extra})
+        chosen = {k: v for k, v in extra.items() if k in ("weights", "lambda")}
         log.info("%s: valid %.4f, test %.4f, %.3fx MF [%.3f, %.3f]%s", name, rows[-1]["valid_ndcg@10"],
-                 rows[-1]["ndcg@10"], r, low, high, f" {extra}" if extra else "")
+                 rows[-1]["ndcg@10"], r, low, high, f" {chosen}" if chosen else "")
 
     row("mf", mf)
     for label, bert in zip(labels(roots), berts):
         row(f"bert ({label})", bert)
-    average = mix(berts, [1.0 / len(berts)] * len(berts))
     if len(berts) > 1:
+        average = mix(berts, [1.0 / len(berts)] * len(berts))
         row(f"bert, {len(berts)} runs averaged", average)
-    by_lambda = {lam: ease(seqs, lam) for lam in lambdas}
-    lam = max(lambdas, key=lambda v: ndcg(by_lambda[v], "valid").mean())
-    e = by_lambda[lam]
-    row("ease", e, **{"lambda": lam})
-    fused, w = best([berts[0], mf])
-    row("fused bert + mf", fused, weights=list(w))
+    by_lambda = {lam: float(ndcg(ease(seqs, lam, ("valid",)), "valid").mean()) for lam in lambdas}
+    lam = max(lambdas, key=by_lambda.__getitem__)
+    e = ease(seqs, lam)
+    row("ease", e, **{"lambda": lam, "validation_by_lambda": [[v, by_lambda[v]] for v in lambdas]})
+    fused, chosen = best([berts[0], mf])
+    row("fused bert + mf", fused, **chosen)
     if len(berts) > 1:
-        fused, w = best([average, mf])
-        row(f"fused bert ({len(berts)} runs averaged) + mf", fused, weights=list(w))
-    fused, w = best([berts[0], mf, e])
-    row("fused bert + mf + ease", fused, weights=list(w))
+        fused, chosen = best([average, mf])
+        row(f"fused bert ({len(berts)} runs averaged) + mf", fused, **chosen)
+    fused, chosen = best([berts[0], mf, e])
+    row("fused bert + mf + ease", fused, **chosen)
     return {"runs": [str(r) for r in roots], "n_users": {s: int(np.count_nonzero(np.diff(seqs.target_matrix(s).indptr)))
                                                           for s in EVAL_SPLITS},
             "ease_lambdas": lambdas, "grid_size": grid_size, "rows": rows}
@@ -215,14 +238,17 @@ def main() -> int:
         lambdas = [float(v) for v in args.ease_lambdas.split(",")]
     except ValueError:
         parser.error(f"--ease-lambdas: expected numbers separated by commas, got {args.ease_lambdas!r}")
+    if not lambdas or min(lambdas) <= 0:
+        parser.error(f"--ease-lambdas: expected positive numbers, got {args.ease_lambdas!r}")
     missing = [str(r / p) for r in args.runs for p in (f"features/{SEQUENCES}", f"mf/{FILE_NAME}", f"bert/{FILE_NAME}")
                if not (r / p).exists()]
     if missing:
         parser.error(f"--runs: not a finished run's dataset folder, missing {', '.join(missing)}")
     try:
         out = run(args.runs, lambdas, params.fusion.grid_size, params.evaluation.batch_size)
-    except ValueError as e:
+    except EnsembleError as e:
         parser.error(str(e))
+    out["command"] = " ".join(["python -m benchmarks.ensembles", *sys.argv[1:]])
     print(table(out))
     save(out, args.out, plot)
     return 0

@@ -339,29 +339,49 @@ def study_name(dataset: str, model: str, params: Params, space: dict[str, Any],
 SETTINGS = "settings"
 
 
+def _differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """`key old -> new` for each flat key whose value differs (`unset` where one side lacks it)."""
+    old, new = flatten(before), flatten(after)
+
+    def shown(side: dict[str, Any], key: str) -> str:
+        return repr(side[key]) if key in side else "unset"
+
+    return [f"{k} {shown(old, k)} -> {shown(new, k)}" for k in sorted(set(old) | set(new))
+            if k not in old or k not in new or old[k] != new[k]]
+
+
 def why_a_new_study(storage: str, name: str, settings: dict[str, Any]) -> str | None:
-    """For a study just opened with no trials: how its settings differ from the latest other
-    study of the same dataset and model in `storage` (the one a user most likely meant to
-    resume), or None when there is none. A changed setting otherwise looks like a lost study."""
+    """For a study just opened with no trials: how its settings differ from the other study of
+    the same dataset and model in `storage` that ran a trial last (the one a user most likely
+    meant to resume), or None when there is none. A changed setting otherwise looks like a lost
+    study."""
     import optuna
 
     prefix = name.rsplit("-", 1)[0] + "-"
-    others = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-              if s.study_name.startswith(prefix) and s.study_name != name and s.n_trials]
-    if not others:
+    last_run = {}
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if not summary.study_name.startswith(prefix) or summary.study_name == name:
+            continue
+        trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials(deepcopy=False)
+        # A trial only queued (a call killed before it started) has no time: it ran nothing.
+        times = [t.datetime_complete or t.datetime_start for t in trials if t.datetime_start is not None]
+        if times:
+            last_run[summary.study_name] = (max(times), summary, len(trials))
+    if not last_run:
         return None
-    latest = max(others, key=lambda s: s.datetime_start)  # its first trial's start (each has trials)
+    _, latest, n = max(last_run.values(), key=lambda v: v[0])
     before = latest.user_attrs.get(SETTINGS)
-    head = f"a new study {name!r}: the latest other study of {prefix[:-1]}, {latest.study_name!r} ({latest.n_trials} trials),"
+    head = (f"a new study {name!r}: the other study of {prefix[:-1]} run last, {latest.study_name!r} "
+            f"({n} trial{'s' if n != 1 else ''}),")
     if before is None:
         return (f"{head} recorded no settings (it predates their recording), so what differs is not known; "
                 "a study resumes only under the settings and space its trials ran with")
-    old, new = flatten(before["settings"]), flatten(settings["settings"])
-    changes = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-               for k in sorted(set(old) | set(new)) if old.get(k, "(unset)") != new.get(k, "(unset)")]
-    if before["space"] != settings["space"]:
-        changes.append("the search space")
-    return f"{head} ran with other settings: {'; '.join(changes) or 'none recorded differ'}"
+    # Equal settings and space would be this study's own name, so something differs.
+    changes = _differences(before["settings"], settings["settings"])
+    space = _differences(before["space"], settings["space"])
+    if space:
+        changes.append(f"the search space ({'; '.join(space)})")
+    return f"{head} ran with other settings: {'; '.join(changes)}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,7 +92,7 @@ def test_tune_resumes_writes_presets_and_scores_test_per_seed(tmp_path):
     other = json.loads((tmp_path / "t.json").read_text())["synthetic"]["mf"]
     assert other["study"] != out["mf"]["study"] and len(other["trials"]) == 1
     # ... and the call says why the stored study did not resume.
-    assert (f"a new study {other['study']!r}: the latest other study of synthetic-mf, {out['mf']['study']!r} "
+    assert (f"a new study {other['study']!r}: the other study of synthetic-mf run last, {out['mf']['study']!r} "
             "(3 trials), ran with other settings: mf.iterations ") in proc.stderr
     assert "-> 3" in proc.stderr.split("ran with other settings: mf.iterations ")[1].splitlines()[0]
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.ensembles import ease, mix, run, simplex
+import benchmarks.ensembles as ensembles
+from benchmarks.ensembles import EnsembleError, ease, mix, run, simplex
 from components.evaluate import per_user_ndcg
 from components.factors import FILE_NAME, FactorModel
 from components.sequences import load_sequences, write_sequences
@@ -55,7 +56,7 @@ def test_ease_is_the_constrained_least_squares_solution(tmp_path):
         assert np.allclose(kkt - np.diag(np.diag(kkt)), 0.0, atol=1e-4)
         assert np.array_equal(model.users[split], x.astype(np.float32))
     assert not np.allclose(model.items["valid"], model.items["test"])
-    with pytest.raises(ValueError, match="lambda must be positive"):
+    with pytest.raises(EnsembleError, match="lambda must be positive"):
         ease(seqs, 0.0)
 
 
@@ -92,25 +93,68 @@ def test_weights_are_the_best_on_validation_and_rows_scored_as_evaluate_scores(t
     assert rows["mf"]["ndcg@10"] == pytest.approx(per_user_ndcg(mf, seqs, "test", 10, 16).mean())
     assert rows["mf"]["ratio_to_mf"] == pytest.approx(1.0)
     assert rows["bert (a)"]["ndcg@10"] == pytest.approx(per_user_ndcg(bert, seqs, "test", 10, 16).mean())
-    fused = rows["fused bert + mf"]
-    best = max(per_user_ndcg(mix([bert, mf], list(w)), seqs, "valid", 10, 16).mean() for w in simplex(2, 5))
-    assert fused["valid_ndcg@10"] == pytest.approx(best)
-    chosen = mix([bert, mf], fused["weights"])
-    assert fused["ndcg@10"] == pytest.approx(per_user_ndcg(chosen, seqs, "test", 10, 16).mean())
-    assert fused["ci95"][0] <= fused["ratio_to_mf"] <= fused["ci95"][1]
-    lam = rows["ease"]["lambda"]
-    assert lam in (1.0, 50.0)
+    e = ease(seqs, rows["ease"]["lambda"])
     assert rows["ease"]["valid_ndcg@10"] == pytest.approx(
         max(per_user_ndcg(ease(seqs, v), seqs, "valid", 10, 16).mean() for v in (1.0, 50.0)))
-    assert len(rows["fused bert + mf + ease"]["weights"]) == 3
-    assert {"bert, 2 runs averaged", "fused bert (2 runs averaged) + mf"} <= set(rows)
+    average = mix([bert, FactorModel.load(roots[1] / "bert" / FILE_NAME)], [0.5, 0.5])
+    assert rows["bert, 2 runs averaged"]["ndcg@10"] == pytest.approx(per_user_ndcg(average, seqs, "test", 10, 16).mean())
+    # Each mixture's weights are the best on validation, as the evaluate stage scores them.
+    for name, models in (("fused bert + mf", [bert, mf]), ("fused bert (2 runs averaged) + mf", [average, mf]),
+                         ("fused bert + mf + ease", [bert, mf, e])):
+        fused = rows[name]
+        best = max(per_user_ndcg(mix(models, list(w)), seqs, "valid", 10, 16).mean() for w in simplex(len(models), 5))
+        assert fused["valid_ndcg@10"] == pytest.approx(best), name
+        assert len(fused["validation_curve"]) == len(simplex(len(models), 5))
+        chosen = mix(models, fused["weights"])
+        assert fused["ndcg@10"] == pytest.approx(per_user_ndcg(chosen, seqs, "test", 10, 16).mean()), name
+        assert fused["ci95"][0] <= fused["ratio_to_mf"] <= fused["ci95"][1]
 
 
-def test_runs_over_other_sequences_are_refused_by_name(tmp_path):
+def test_no_choice_reads_the_test_split(tmp_path):
+    """Other test targets and test-split factors change the test rows, never a weight or
+    lambda: those are chosen on validation alone."""
+    write_run(tmp_path / "a")
+    lambdas = [0.1, 1.0, 10.0, 100.0, 1000.0]
+    before = {r["model"]: r for r in run([tmp_path / "a"], lambdas, grid_size=5, batch_size=16)["rows"]}
+    rng = np.random.default_rng(7)
+    seqs = load_sequences(tmp_path / "a" / "features")
+    items = seqs.items.copy()
+    test = seqs.split == 2
+    items[test] = rng.integers(0, N_ITEMS, test.sum())  # (a repeat of a history item is fine here)
+    write_sequences(tmp_path / "a" / "features", seqs.indptr, items, seqs.timestamps, seqs.weights, seqs.split)
+    for model in ("mf", "bert"):
+        m = FactorModel.load(tmp_path / "a" / model / FILE_NAME)
+        FactorModel(items={"valid": m.items["valid"], "test": rng.normal(size=m.items["test"].shape).astype(np.float32)},
+                    users={"valid": m.users["valid"], "test": rng.normal(size=m.users["test"].shape).astype(np.float32)}
+                    ).save(tmp_path / "a" / model / FILE_NAME)
+    after = {r["model"]: r for r in run([tmp_path / "a"], lambdas, grid_size=5, batch_size=16)["rows"]}
+    assert [r["ndcg@10"] for r in after.values()] != [r["ndcg@10"] for r in before.values()]
+    for name, row in before.items():
+        for chosen in ("weights", "lambda", "valid_ndcg@10"):
+            assert row.get(chosen) == after[name].get(chosen), (name, chosen)
+
+
+def test_ties_go_to_the_most_even_weights_as_the_products_fusion(tmp_path):
+    """MF the same model as bert: every weighting ranks alike, and the even mix is chosen."""
+    write_run(tmp_path / "a")
+    (tmp_path / "a" / "mf" / FILE_NAME).write_bytes((tmp_path / "a" / "bert" / FILE_NAME).read_bytes())
+    fused = {r["model"]: r for r in run([tmp_path / "a"], [1.0], grid_size=5, batch_size=16)["rows"]}["fused bert + mf"]
+    assert len({v for *_, v in fused["validation_curve"]}) == 1
+    assert fused["weights"] == [0.5, 0.5]
+
+
+def test_runs_over_other_sequences_are_refused_by_name(tmp_path, monkeypatch):
     write_run(tmp_path / "a")
     write_run(tmp_path / "b", data_seed=1)
-    with pytest.raises(ValueError, match=r"other sequences than .*a.*: .*b"):
+    with pytest.raises(EnsembleError, match=r"other sequences than .*a.*: .*b"):
         run([tmp_path / "a", tmp_path / "b"], [1.0], grid_size=3, batch_size=16)
+    monkeypatch.setattr(ensembles, "EASE_MAX_ITEMS", N_ITEMS - 1)
+    with pytest.raises(EnsembleError, match=f"{N_ITEMS} items is more than {N_ITEMS - 1}"):
+        run([tmp_path / "a"], [1.0], grid_size=3, batch_size=16)
+    monkeypatch.setattr(ensembles, "MAX_SCORE_BYTES", 16 * N_USERS * N_ITEMS - 1)
+    monkeypatch.setattr(ensembles, "EASE_MAX_ITEMS", N_ITEMS)
+    with pytest.raises(EnsembleError, match=f"{N_USERS} users x {N_ITEMS} items: the validation scores"):
+        run([tmp_path / "a"], [1.0], grid_size=3, batch_size=16)
     (tmp_path / "c").mkdir()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.ensembles", "--runs", str(tmp_path / "a"),
                            str(tmp_path / "c"), "--out", str(tmp_path / "e.json")],
