@@ -303,8 +303,9 @@ def spent_seconds(study: Any) -> float:
 
 
 def study_settings(model: str, params: Params, space: dict[str, Any], exported: Path | None = None) -> dict[str, Any]:
-    """What a study of `model` is named by: the settings its trials depend on (flat, dotted) and
-    the space, so that a study only ever holds comparable trials. The settings are those the
+    """What a study of `model` is named by: the settings its trials depend on (by the keys the
+    pipeline reads, a whole section or one dotted setting) and the space, so that a study only
+    ever holds comparable trials. The settings are those the
     pipeline keys the model's training stage and the stages before it by (`pipeline.param_keys`):
     the other model's settings, and those that change where and how the work runs but not its
     result (DEVICE_ONLY, ENGINE_ONLY), are left out. So an MF study resumes after a BERT setting
