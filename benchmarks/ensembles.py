@@ -31,9 +31,9 @@ import numpy as np
 from benchmarks.common import save
 from components import metrics
 from components.cli import add_params_arguments, params_from_args, run_main
-from components.evaluate import block_top_k, per_user_ndcg
+from components.evaluate import ndcg_of_scores, per_user_ndcg
 from components.factors import EVAL_SPLITS, FILE_NAME, FactorModel
-from components.fusion import user_score_std
+from components.fusion import mix, user_score_std
 from components.sequences import FILE_NAME as SEQUENCES, Sequences, load_sequences
 
 log = logging.getLogger("benchmarks.ensembles")
@@ -74,18 +74,6 @@ def ease(seqs: Sequences, lam: float, splits: tuple[str, ...] = EVAL_SPLITS) -> 
     return FactorModel(items=items, users=users)
 
 
-def mix(models: list[FactorModel], weights: list[float]) -> FactorModel:
-    """sum_i w_i z_i, each model's scores z-scored per user, as a factor model (the per-user
-    means drop out of a ranking): `components.fusion.fuse` for any number of models."""
-    items, users = {}, {}
-    for split in EVAL_SPLITS:
-        users[split] = np.concatenate(
-            [w * m.users[split] / user_score_std(m.users[split], m.items[split])[:, None]
-             for m, w in zip(models, weights)], axis=1).astype(np.float32)
-        items[split] = np.concatenate([m.items[split] for m in models], axis=1).astype(np.float32)
-    return FactorModel(items=items, users=users)
-
-
 def simplex(n: int, grid_size: int) -> list[tuple[float, ...]]:
     """The weights of `n` models on a grid of `grid_size` steps per weight, summing to 1."""
     steps = grid_size - 1
@@ -96,24 +84,21 @@ def simplex(n: int, grid_size: int) -> list[tuple[float, ...]]:
 class ValidationScores:
     """The validation split's users, what they saw and their targets, to score many weightings
     of the same models: each model's z-scores are computed once and a weighting is a weighted
-    sum of them, ranked as the evaluate stage ranks (history excluded, `block_top_k`)."""
+    sum of them, ranked as the evaluate stage ranks (`components.evaluate.ndcg_of_scores`)."""
 
     def __init__(self, seqs: Sequences):
         targets = seqs.target_matrix("valid")
         self.users = np.flatnonzero(np.diff(targets.indptr) > 0)
         self.targets = targets[self.users]
-        seen = seqs.history_matrix("valid")[self.users].tocoo()
-        self.seen = (seen.row, seen.col)
+        self.seen = seqs.history_matrix("valid")[self.users].tocsr()
 
     def z_scores(self, model: FactorModel) -> np.ndarray:
         u, v = model.users["valid"][self.users], model.items["valid"]
         return (u @ v.T / user_score_std(u, v)[:, None]).astype(np.float32)
 
     def ndcg(self, scores: np.ndarray) -> float:
-        scores = scores.copy()
-        scores[self.seen] = -np.inf
-        top = block_top_k(scores, K)
-        return float(metrics.ndcg_at_k(metrics.hits(top, self.targets), np.diff(self.targets.indptr), K).mean())
+        """Mean NDCG@K of `scores` [users, items] (overwritten)."""
+        return float(ndcg_of_scores(scores, self.seen, self.targets, K).mean())
 
 
 def labels(roots: list[Path]) -> list[str]:

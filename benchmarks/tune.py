@@ -553,14 +553,16 @@ def _worker(job: Job) -> None:
 
 
 def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], work: Path, storage: str,
-               name: str, minutes: float, max_trials: int | None, jobs: int = 1,
+               dataset: str, minutes: float, max_trials: int | None, jobs: int = 1,
                exported: Path | None = None) -> dict[str, Any]:
-    """The study of `model`: `jobs` processes for `minutes` each (the budget is `jobs` x
-    `minutes` of trials, what the stored ones spent deducted), then its summary."""
+    """The study of `model` on `dataset`, named by its settings (`study_settings`): `jobs`
+    processes for `minutes` each (the budget is `jobs` x `minutes` of trials, what the stored
+    ones spent deducted), then its summary."""
     import optuna
 
-    study = _open_study(storage, name, params.seed, create=True)
     settings = study_settings(model, params, space, exported)
+    name = name_of_study(dataset, model, settings)
+    study = _open_study(storage, name, params.seed, create=True)
     if SETTINGS not in study.user_attrs:  # new, or named before the settings were recorded
         study.set_user_attr(SETTINGS, settings)
     if not study.trials and (why := why_a_new_study(storage, name, settings)):
@@ -989,8 +991,7 @@ def main() -> int:
             log.info("%s: --max-trials 0, no study: the settings as given", model)
             continue
         start = time.perf_counter()
-        results[model] = tune_model(model, params, spaces[model], work, storage,
-                                    study_name(args.dataset, model, params, spaces[model], exported), args.minutes,
+        results[model] = tune_model(model, params, spaces[model], work, storage, args.dataset, args.minutes,
                                     args.max_trials, args.jobs, exported)
         write_preset(args.out.with_name(f"{args.out.stem}.{model}.yaml"), args.dataset, model, results[model],
                      args.study_db)

@@ -150,12 +150,22 @@ def _rank_blocks(
     items_t = np.ascontiguousarray(item_vectors.T, dtype=np.float32)
     for lo in range(0, n_users, batch_size):
         hi = min(lo + batch_size, n_users)
-        scores = user_vectors[lo:hi].astype(np.float32) @ items_t
-        block = exclude[lo:hi]
-        rows = np.repeat(np.arange(hi - lo), np.diff(block.indptr))
-        scores[rows, block.indices] = -np.inf
-        out[lo:hi] = block_top_k(scores, k)
+        out[lo:hi] = top_k_outside(user_vectors[lo:hi].astype(np.float32) @ items_t, exclude[lo:hi], k)
     return out
+
+
+def top_k_outside(scores: np.ndarray, exclude: sp.csr_matrix, k: int) -> np.ndarray:
+    """Top-k of a block of scores [users, items], each row's `exclude` items left out, as `rank`
+    ranks them. `scores` is overwritten (the excluded ones set to -inf)."""
+    rows = np.repeat(np.arange(scores.shape[0]), np.diff(exclude.indptr))
+    scores[rows, exclude.indices] = -np.inf
+    return block_top_k(scores, k)
+
+
+def ndcg_of_scores(scores: np.ndarray, exclude: sp.csr_matrix, targets: sp.csr_matrix, k: int) -> np.ndarray:
+    """Per-user NDCG@k of a block of scores, ranked as the evaluate stage ranks (`top_k_outside`;
+    `scores` is overwritten): for scores that are no factor model's, such as a mixture's."""
+    return metrics.ndcg_at_k(metrics.hits(top_k_outside(scores, exclude, k), targets), np.diff(targets.indptr), k)
 
 
 # Catalogues larger than this are scanned in tiles of items in decreasing norm, the first tile

@@ -198,15 +198,19 @@ def temporal_split(df: pl.DataFrame, valid_fraction: float, test_fraction: float
     return df.with_columns(split=split)
 
 
-def inner_holdout(df: pl.DataFrame) -> pl.DataFrame:
+def inner_holdout(df: pl.DataFrame, min_user: int = 0, min_item: int = 0) -> pl.DataFrame:
     """The split one step further back, for choosing settings without the test split.
 
-    Test interactions are dropped, validation becomes the test, and the last training
-    interaction of each user with a validation item becomes the validation; a user with a single
-    training interaction keeps it for training (and has no validation). Expects a `split`
-    column and chronological order per user.
+    Test interactions are dropped and k-core filtering (`min_user`, `min_item`) runs again on
+    what is left, so no test interaction helps decide which users and items are kept. Then
+    validation becomes the test, and the last training interaction of each user with a
+    validation item left becomes the validation; a user with a single training interaction keeps
+    it for training (and has no validation). Expects a `split` column and chronological order
+    per user.
     """
-    df = df.filter(pl.col("split") != "test")
+    # The core of what is left is the core of the data without its test interactions: the
+    # filtering before the split only removed what that core cannot hold either.
+    df = k_core(df.filter(pl.col("split") != "test"), min_user, min_item)
     is_train = pl.col("split") == "train"
     n_train = is_train.sum().over("user_id")
     last_train = is_train & (is_train.cast(pl.Int64).cum_sum().over("user_id") == n_train)
@@ -307,7 +311,11 @@ def feature_table(inter_path: Path, cfg: FeaturesConfig) -> FeatureTable:
     elif split_source == "temporal":
         df = temporal_split(df, cfg.temporal_valid_fraction, cfg.temporal_test_fraction)
     if cfg.holdout == "inner":
-        df = inner_holdout(df)
+        n_before = df.height
+        df = inner_holdout(df, cfg.min_user_interactions, cfg.min_item_interactions)
+        if df.height == 0:
+            raise no_interactions_left()
+        log.info("inner holdout: %d -> %d interactions (test dropped, k-core again)", n_before, df.height)
 
     df, user_map, item_map = index_ids(df)
     user_map = user_map.join(user_codes.rename({"code": "user_id", "user_id": "id"}), on="user_id",

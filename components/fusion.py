@@ -1,4 +1,4 @@
-"""Score-level fusion of two factor models, the weight tuned on validation.
+"""Score-level fusion of factor models, the weight of two tuned on validation.
 
 Each model's scores are standardised per user (z-scores over all items), then mixed:
 s = w * z_a + (1 - w) * z_b. With score = u . v, the per-user mean and variance are exact and
@@ -32,17 +32,27 @@ def user_score_std(users: np.ndarray, items: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(var, 1e-12))
 
 
-def fuse(a: FactorModel, b: FactorModel, weight: float) -> FactorModel:
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError("fusion weight must be in [0, 1]")
+def mix(models: list[FactorModel], weights: list[float]) -> FactorModel:
+    """sum_i w_i z_i over any number of models, each one's scores z-scored per user, as one
+    factor model (the per-user means drop out of a ranking)."""
+    if len(models) != len(weights) or not models:
+        raise ValueError(f"{len(weights)} fusion weights for {len(models)} models")
+    if min(weights) < 0.0:
+        raise ValueError(f"fusion weights must not be negative: {list(weights)}")
     items, users = {}, {}
     for split in EVAL_SPLITS:
-        ua, ub = a.users[split], b.users[split]
-        sa = user_score_std(ua, a.items[split])[:, None]
-        sb = user_score_std(ub, b.items[split])[:, None]
-        users[split] = np.concatenate([weight * ua / sa, (1 - weight) * ub / sb], axis=1).astype(np.float32)
-        items[split] = np.concatenate([a.items[split], b.items[split]], axis=1).astype(np.float32)
+        users[split] = np.concatenate(
+            [w * m.users[split] / user_score_std(m.users[split], m.items[split])[:, None]
+             for m, w in zip(models, weights)], axis=1).astype(np.float32)
+        items[split] = np.concatenate([m.items[split] for m in models], axis=1).astype(np.float32)
     return FactorModel(items=items, users=users)
+
+
+def fuse(a: FactorModel, b: FactorModel, weight: float) -> FactorModel:
+    """`weight` on `a`, the rest on `b`."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError("fusion weight must be in [0, 1]")
+    return mix([a, b], [weight, 1 - weight])
 
 
 def tune(a: FactorModel, b: FactorModel, score_valid, grid_size: int) -> FusionResult:

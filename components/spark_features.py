@@ -123,7 +123,9 @@ def feature_table(inter_path: Path, cfg: FeaturesConfig, spark_cfg: SparkConfig,
         df = df.withColumn("split", F.when(F.col("timestamp") >= test_cut, "test")
                            .when(F.col("timestamp") >= valid_cut, "valid").otherwise("train"))
     if cfg.holdout == "inner":  # `features.inner_holdout`
-        df = df.where(F.col("split") != "test")
+        df = _k_core(df.where(F.col("split") != "test"), cfg.min_user_interactions, cfg.min_item_interactions)
+        if df.count() == 0:
+            raise no_interactions_left()
         is_train = F.col("split") == "train"
         n_train = F.sum(is_train.cast("long")).over(per_user)
         seen = F.sum(is_train.cast("long")).over(in_order.rowsBetween(Window.unboundedPreceding, Window.currentRow))

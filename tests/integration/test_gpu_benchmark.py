@@ -254,7 +254,7 @@ def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_faili
 
     from benchmarks.gpu import exported_params
     from benchmarks.tune import (FAILURES_IN_A_ROW, START, Job, TuningError, _open_study, optimize, run_exported,
-                                 start_from, tune_model)
+                                 start_from, study_name, tune_model)
 
     folder = exported_inner / "synthetic"
     params = exported_params(folder, ["bert.finetune.max_epochs=6", "bert.finetune.patience=50"])
@@ -278,10 +278,11 @@ def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_faili
     # process stops after three in a row instead of spending ten minutes on them, and the call
     # says why none completed.
     heads = {"bert.num_heads": {"choice": [3]}}
-    with pytest.raises(TuningError, match=r"no trial of study 'failing' completed; 3 failed, the last with: "
+    failing = study_name("failing", "bert", params, heads, folder)
+    with pytest.raises(TuningError, match=rf"no trial of study '{failing}' completed; 3 failed, the last with: "
                                           r"ParamsError: .*multiple of bert.num_heads"):
         tune_model("bert", params, heads, tmp_path / "w", storage, "failing", 10.0, None, 1, folder)
-    trials = _open_study(storage, "failing", 0, create=False).trials
+    trials = _open_study(storage, failing, 0, create=False).trials
     assert len(trials) == FAILURES_IN_A_ROW and all(t.state == optuna.trial.TrialState.FAIL for t in trials)
 
     # The test seeds' and ablations' processes: one that dies is an error naming its run (never

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import benchmarks.ensembles as ensembles
-from benchmarks.ensembles import EnsembleError, ease, mix, run, simplex
+from benchmarks.ensembles import EnsembleError, ease, run, simplex
 from components.evaluate import per_user_ndcg
 from components.factors import FILE_NAME, FactorModel
+from components.fusion import mix
 from components.sequences import load_sequences, write_sequences
 from tests.conftest import REPO
 
@@ -58,20 +59,6 @@ def test_ease_is_the_constrained_least_squares_solution(tmp_path):
     assert not np.allclose(model.items["valid"], model.items["test"])
     with pytest.raises(EnsembleError, match="lambda must be positive"):
         ease(seqs, 0.0)
-
-
-def test_a_mixture_ranks_by_the_weighted_sum_of_z_scores():
-    rng = np.random.default_rng(0)
-    models = [FactorModel(items={s: rng.normal(size=(30, d)) for s in ("valid", "test")},
-                          users={s: rng.normal(size=(5, d)) for s in ("valid", "test")}) for d in (3, 7)]
-    mixed = mix(models, [0.3, 0.7])
-    for split in ("valid", "test"):
-        z = [(m.users[split] @ m.items[split].T) for m in models]
-        z = [(s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True) for s in z]
-        direct = 0.3 * z[0] + 0.7 * z[1]
-        got = mixed.users[split] @ mixed.items[split].T
-        # Equal up to a per-user constant (the means drop out), so the same ranking.
-        assert np.allclose(got - got.mean(1, keepdims=True), direct, atol=1e-4)
 
 
 @pytest.mark.parametrize("n,grid", [(2, 21), (3, 11), (3, 2)])

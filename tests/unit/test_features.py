@@ -83,6 +83,38 @@ def test_inner_holdout_moves_the_split_one_step_back():
     assert out.filter(pl.col("user_id") == "u1")["item_id"].to_list() == ["a", "b", "c"]
 
 
+def test_inner_holdout_keeps_what_the_data_without_its_test_interactions_would_keep(tmp_path):
+    """k-core 3/3. Item x has 3 interactions, one of them u0's test item: the real split keeps x,
+    the inner split must not, since only the test interaction lifts it to 3. The proof that no
+    test interaction decides anything: u0's test item changed to another one gives the same
+    inner features, byte for byte."""
+    common = ["a", "b", "c", "d"]
+    rows = ([("u0", i, t) for t, i in enumerate(common + ["x"])]  # x: u0's test item
+            + [("u1", i, t) for t, i in enumerate(["a", "b", "x", "c", "d"])]
+            + [("u2", i, t) for t, i in enumerate(["a", "x", "b", "c", "d"])]
+            + [(f"u{u}", i, t) for u in (3, 4) for t, i in enumerate(common + ["a"])])
+    changed = [(u, "a" if (u, t) == ("u0", 4) else i, t) for u, i, t in rows]
+    items = pl.DataFrame({"item_id": common + ["x"], "text": ["T"] * 5})
+    core = ("features.min_user_interactions=3", "features.min_item_interactions=3")
+    out = {}
+    for name, inter in (("data", rows), ("changed", changed)):
+        data = write_snapshot(tmp_path / name, frame(inter), items)
+        for holdout in ("test", "inner"):
+            out[name, holdout] = tmp_path / f"{name}-{holdout}"
+            build_features(data, out[name, holdout], tiny_params(*core, f"features.holdout={holdout}").features)
+
+    def item_ids(folder):
+        return pl.read_parquet(folder / "items.parquet")["item_id"].to_list()
+
+    assert "x" in item_ids(out["data", "test"])
+    assert item_ids(out["data", "inner"]) == common
+    for name in ("interactions.parquet", "items.parquet", "user_map.parquet"):
+        assert pl.read_parquet(out["data", "inner"] / name).equals(pl.read_parquet(out["changed", "inner"] / name))
+    # u1 and u2 lost x and keep 4 interactions each; the old validation items are the test.
+    inner = load_sequences(out["data", "inner"])
+    assert inner.n_users == 5 and inner.target_matrix("test").nnz == 5
+
+
 def test_temporal_split_uses_one_global_cut():
     df = frame([(f"u{i % 3}", f"i{i}", i) for i in range(1, 11)])
     out = temporal_split(df, 0.2, 0.2)
