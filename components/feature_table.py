@@ -49,7 +49,11 @@ def check_split_settings(cfg: FeaturesConfig, has_split: bool) -> str:
     return split_source
 
 
-def no_interactions_left() -> ValueError:
+def no_interactions_left(inner: bool = False) -> ValueError:
+    if inner:  # k-core may be off: dropping the test interactions alone can leave nothing
+        return ValueError("features.holdout=inner: nothing is left once the test interactions are dropped and "
+                          "k-core filtering runs again; lower features.min_user_interactions / "
+                          "features.min_item_interactions, or score on the test split")
     return ValueError("k-core filtering removed every interaction; lower features.min_user_interactions / "
                       "features.min_item_interactions")
 

@@ -202,22 +202,26 @@ def inner_holdout(df: pl.DataFrame, min_user: int = 0, min_item: int = 0) -> pl.
     """The split one step further back, for choosing settings without the test split.
 
     Test interactions are dropped and k-core filtering (`min_user`, `min_item`) runs again on
-    what is left, so no test interaction helps decide which users and items are kept. Then
-    validation becomes the test, and the last training interaction of each user with a
-    validation item left becomes the validation; a user with a single training interaction keeps
-    it for training (and has no validation). Expects a `split` column and chronological order
-    per user.
+    what is left, so the test interactions count toward no threshold: users and items that
+    only they kept above one are dropped. Then validation becomes the test, and the last
+    training interaction of each user with a validation item left becomes the validation; a
+    user with a single training interaction keeps it for training (and has no validation), and
+    one with none left keeps the validation item for training (no history to predict it from).
+    Expects a `split` column and chronological order per user.
     """
-    # The core of what is left is the core of the data without its test interactions: the
-    # filtering before the split only removed what that core cannot hold either.
+    # For a given set of test interactions T this is the core of the data without them:
+    # k_core(k_core(D) - T) == k_core(D - T). Under leave-one-out T itself is each user's last
+    # interaction in k_core(D), so which one that is can still depend on them.
     df = k_core(df.filter(pl.col("split") != "test"), min_user, min_item)
     is_train = pl.col("split") == "train"
     n_train = is_train.sum().over("user_id")
     last_train = is_train & (is_train.cast(pl.Int64).cum_sum().over("user_id") == n_train)
     evaluated = (pl.col("split") == "valid").any().over("user_id")
     split = (
-        pl.when(pl.col("split") == "valid")
+        pl.when((pl.col("split") == "valid") & (n_train >= 1))
         .then(pl.lit("test"))
+        .when(pl.col("split") == "valid")
+        .then(pl.lit("train"))
         .when(last_train & evaluated & (n_train >= 2))
         .then(pl.lit("valid"))
         .otherwise(pl.col("split"))
@@ -314,7 +318,7 @@ def feature_table(inter_path: Path, cfg: FeaturesConfig) -> FeatureTable:
         n_before = df.height
         df = inner_holdout(df, cfg.min_user_interactions, cfg.min_item_interactions)
         if df.height == 0:
-            raise no_interactions_left()
+            raise no_interactions_left(inner=True)
         log.info("inner holdout: %d -> %d interactions (test dropped, k-core again)", n_before, df.height)
 
     df, user_map, item_map = index_ids(df)

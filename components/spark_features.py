@@ -125,13 +125,14 @@ def feature_table(inter_path: Path, cfg: FeaturesConfig, spark_cfg: SparkConfig,
     if cfg.holdout == "inner":  # `features.inner_holdout`
         df = _k_core(df.where(F.col("split") != "test"), cfg.min_user_interactions, cfg.min_item_interactions)
         if df.count() == 0:
-            raise no_interactions_left()
+            raise no_interactions_left(inner=True)
         is_train = F.col("split") == "train"
         n_train = F.sum(is_train.cast("long")).over(per_user)
         seen = F.sum(is_train.cast("long")).over(in_order.rowsBetween(Window.unboundedPreceding, Window.currentRow))
         last_train = is_train & (seen == n_train)
         evaluated = F.max((F.col("split") == "valid").cast("int")).over(per_user) == 1
-        df = df.withColumn("split", F.when(F.col("split") == "valid", "test")
+        is_valid = F.col("split") == "valid"
+        df = df.withColumn("split", F.when(is_valid & (n_train >= 1), "test").when(is_valid, "train")
                            .when(last_train & evaluated & (n_train >= 2), "valid").otherwise(F.col("split")))
 
     df = df.localCheckpoint()

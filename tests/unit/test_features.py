@@ -85,9 +85,10 @@ def test_inner_holdout_moves_the_split_one_step_back():
 
 def test_inner_holdout_keeps_what_the_data_without_its_test_interactions_would_keep(tmp_path):
     """k-core 3/3. Item x has 3 interactions, one of them u0's test item: the real split keeps x,
-    the inner split must not, since only the test interaction lifts it to 3. The proof that no
-    test interaction decides anything: u0's test item changed to another one gives the same
-    inner features, byte for byte."""
+    the inner split must not, since only the test interaction lifts it to 3. So u0's test item
+    changed to another one gives the same inner features, byte for byte. (Under leave-one-out a
+    test item can still decide which interaction is another user's last in the full core:
+    `inner_holdout`.)"""
     common = ["a", "b", "c", "d"]
     rows = ([("u0", i, t) for t, i in enumerate(common + ["x"])]  # x: u0's test item
             + [("u1", i, t) for t, i in enumerate(["a", "b", "x", "c", "d"])]
@@ -113,6 +114,24 @@ def test_inner_holdout_keeps_what_the_data_without_its_test_interactions_would_k
     # u1 and u2 lost x and keep 4 interactions each; the old validation items are the test.
     inner = load_sequences(out["data", "inner"])
     assert inner.n_users == 5 and inner.target_matrix("test").nnz == 5
+
+
+def test_an_inner_validation_item_with_no_history_left_trains_and_an_empty_inner_split_is_refused(tmp_path):
+    """Items need 2 users, users nothing: u0's first item is seen only by u0 and the test
+    interactions, so without them it goes, and u0's validation item has no history to be predicted
+    from: it stays training data, never a test target with an empty history."""
+    rows = [("u0", "z", 0), ("u0", "a", 1), ("u0", "z", 2), ("u1", "a", 0), ("u1", "b", 1), ("u1", "z", 2),
+            ("u2", "b", 0), ("u2", "a", 1), ("u2", "b", 2)]
+    out = inner_holdout(leave_one_out(order_chronologically(frame(rows))), 0, 2)
+    assert out.filter(pl.col("user_id") == "u0")["split"].to_list() == ["train"]
+    assert out.filter(pl.col("split") == "test")["user_id"].to_list() == ["u1", "u2"]
+    items = pl.DataFrame({"item_id": ["a", "b", "z"], "text": ["T"] * 3})
+    # One user at exactly 3 of 3 interactions: the test split has it, the inner split nothing.
+    data = write_snapshot(tmp_path / "data", frame([("u0", "a", 0), ("u0", "b", 1), ("u0", "z", 2)]), items)
+    thresholds = ("features.min_user_interactions=3", "features.min_item_interactions=0")
+    build_features(data, tmp_path / "f", tiny_params(*thresholds).features)
+    with pytest.raises(ValueError, match="holdout=inner: nothing is left once the test interactions are dropped"):
+        build_features(data, tmp_path / "f", tiny_params(*thresholds, "features.holdout=inner").features)
 
 
 def test_temporal_split_uses_one_global_cut():

@@ -31,13 +31,19 @@ def test_a_mixture_ranks_by_the_weighted_sum_of_z_scores():
         assert np.allclose(got - got.mean(1, keepdims=True), direct, atol=1e-4)
 
 
-def test_two_models_fused_are_their_mixture_bit_for_bit():
+def test_two_models_fused_are_what_fuse_gave_before_mix_existed():
+    """`fuse` as it was written before `mix` (2026-11-29), spelled out: the same bits, so the
+    pipeline's fused model did not move."""
     a, b = random_models(4, 6)
     for w in (0.0, 0.35, 1.0):
-        fused, mixed = fuse(a, b, w), mix([a, b], [w, 1 - w])
+        fused = fuse(a, b, w)
         for split in SPLITS:
-            assert np.array_equal(fused.users[split], mixed.users[split])
-            assert np.array_equal(fused.items[split], mixed.items[split])
+            sa = user_score_std(a.users[split], a.items[split])[:, None]
+            sb = user_score_std(b.users[split], b.items[split])[:, None]
+            users = np.concatenate([w * a.users[split] / sa, (1 - w) * b.users[split] / sb], axis=1)
+            items = np.concatenate([a.items[split], b.items[split]], axis=1)
+            assert np.array_equal(fused.users[split], users.astype(np.float32))
+            assert np.array_equal(fused.items[split], items.astype(np.float32))
 
 
 def test_bad_weights_are_refused():
