@@ -579,7 +579,7 @@ def tune_model(model: str, params: Params, space: dict[str, dict[str, list]], wo
     inner = with_settings(params, {"features.holdout": "inner"})
     left = minutes * 60 * jobs - spent_seconds(study)
     done = sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)  # a queued one is to run
-    log.info("%s: study %r holds %d trials (%.1f min); %.1f of the %.0f trial-minutes left (%d process%s)", model,
+    log.info("%s: study %r holds %d trials (%.1f min); %.1f of the %g trial-minutes left (%d process%s)", model,
              name, done, spent_seconds(study) / 60, max(left, 0) / 60, minutes * jobs, jobs, "es" if jobs > 1 else "")
     for left_over in work.glob(f"{model}-inner*/trial-*"):  # a killed call's exported trials (none runs yet)
         shutil.rmtree(left_over, ignore_errors=True)
