@@ -325,8 +325,8 @@ def study_settings(model: str, params: Params, space: dict[str, Any], exported: 
     depends_on = {key: _lookup(settings, key) for key in keys}
     features = settings["features"]
     if max(features["min_user_interactions"], features["min_item_interactions"]) > 1:
-        # With k-core on, the inner split trials score on changed on 2026-11-29 (k-core runs again
-        # without the test events): a study of the earlier one must not take their trials.
+        # With k-core on, the inner split that trials are scored on changed on 2026-11-29 (k-core
+        # runs again without the test events): a study of the earlier split must not take them.
         depends_on[INNER_K_CORE] = "again without the test events"
     # Through JSON, so that what a study records compares equal to what a later call computes.
     return json.loads(json.dumps({"settings": depends_on, "space": space}, sort_keys=True, default=str))

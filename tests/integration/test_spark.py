@@ -120,6 +120,9 @@ def test_validation_and_features_agree_on_clean_data(data):
         # Dropping the test events takes items and users under these again: k-core re-runs alike.
         "inner_strict_k_core": ["features.holdout=inner", "features.min_user_interactions=10",
                                 "features.min_item_interactions=30"],
+        # No user threshold: a user can lose every training event, and keeps its validation one.
+        "inner_items_only": ["features.holdout=inner", "features.min_user_interactions=0",
+                             "features.min_item_interactions=60"],
     }.items():
         outs = {}
         for engine, result in (("default", default), ("spark", spark)):
