@@ -53,13 +53,17 @@ class EnsembleError(ValueError):
     """Runs or settings this benchmark cannot mix: the message says which and why."""
 
 
+def check_ease_size(n_items: int) -> None:
+    if n_items > EASE_MAX_ITEMS:
+        raise EnsembleError(f"EASE inverts an items x items matrix: {n_items} items is more than {EASE_MAX_ITEMS}")
+
+
 def ease(seqs: Sequences, lam: float, splits: tuple[str, ...] = EVAL_SPLITS) -> FactorModel:
     """EASE as a factor model: per split, B = I - P diagMat(1 / diag(P)) with P = (X'X + lam I)^-1
     and X the (binary) histories before the split; a user's scores X_u B are the factor model
     with users X and items B'. The test split's B is fitted on training + validation, as the
     other models are refitted. `splits`: only those fitted (choosing lambda needs validation's)."""
-    if seqs.n_items > EASE_MAX_ITEMS:
-        raise EnsembleError(f"EASE inverts an items x items matrix: {seqs.n_items} items is more than {EASE_MAX_ITEMS}")
+    check_ease_size(seqs.n_items)
     if lam <= 0:
         raise EnsembleError(f"EASE's lambda must be positive, got {lam}")
     items, users = {}, {}
@@ -121,8 +125,7 @@ def run(roots: list[Path], lambdas: list[float], grid_size: int, batch_size: int
         raise EnsembleError(f"these runs hold other sequences than {roots[0]} (other data, split or seed of the "
                          f"features): {', '.join(odd)}")
     seqs = load_sequences(roots[0] / "features")
-    if seqs.n_items > EASE_MAX_ITEMS:  # before any work, not after the first rows
-        raise EnsembleError(f"EASE inverts an items x items matrix: {seqs.n_items} items is more than {EASE_MAX_ITEMS}")
+    check_ease_size(seqs.n_items)  # before any work, not after the first rows
     need = 4 * 4 * seqs.n_users * seqs.n_items
     if need > MAX_SCORE_BYTES:
         raise EnsembleError(f"{seqs.n_users} users x {seqs.n_items} items: the validation scores of three models "
