@@ -16,6 +16,12 @@ from components.config import DEFAULT_PARAMS, Params, load_params
 ARTIFACTS = Path("artifacts")
 
 
+class MissingInput(FileNotFoundError):
+    """An input an earlier step writes is not there; the message names the step to run."""
+
+    exit_code = 2  # a CLI prints the message and exits with this, no traceback
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     add_params_arguments(parser)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from components.config import FeaturesConfig
+from components.config import FeaturesConfig, ParamsError
 
 # An id that sorts as a number: ASCII digits only, which both engines' casts read (\A and \z
 # mean the same in Rust's and Java's regexes; Java's `$` also matches before a final newline).
@@ -39,25 +39,27 @@ class FeatureTable:
 
 def check_split_settings(cfg: FeaturesConfig, has_split: bool) -> str:
     """The split the settings ask for given whether the source publishes one (its name), or the
-    error for a combination that cannot work."""
+    error for a combination that cannot work. The errors here are the settings' (ParamsError): a
+    CLI prints them and exits 2, no traceback."""
     split_source = "source" if has_split else cfg.split
     if cfg.holdout == "inner" and split_source == "temporal":
-        raise ValueError(
+        raise ParamsError(
             "features.holdout=inner needs a per-user split (leave_one_out or the source's); "
             "with split=temporal, move temporal_valid_fraction / temporal_test_fraction instead"
         )
     return split_source
 
 
-def no_interactions_left(inner: bool = False) -> ValueError:
+def no_interactions_left(inner: bool = False) -> ParamsError:
     if inner:  # k-core may be off: dropping the test interactions alone can leave nothing
-        return ValueError("features.holdout=inner: nothing is left once the test interactions are dropped and "
+        return ParamsError("features.holdout=inner: nothing is left once the test interactions are dropped and "
                           "k-core filtering runs again; lower features.min_user_interactions / "
                           "features.min_item_interactions, or score on the test split")
-    return ValueError("k-core filtering removed every interaction; lower features.min_user_interactions / "
+    return ParamsError("k-core filtering removed every interaction; lower features.min_user_interactions / "
                       "features.min_item_interactions")
 
 
 def check_temporal_fractions(valid_fraction: float, test_fraction: float) -> None:
     if not (0 < test_fraction < 1 and 0 <= valid_fraction < 1 and valid_fraction + test_fraction < 1):
-        raise ValueError("temporal fractions must be in (0, 1) and sum to less than 1")
+        raise ParamsError(f"features.temporal_test_fraction ({test_fraction}) must be in (0, 1), "
+                          f"features.temporal_valid_fraction ({valid_fraction}) in [0, 1), and their sum below 1")

@@ -26,6 +26,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from components import npz
+from components.cli import MissingInput
 from components.config import DataConfig, FeaturesConfig
 from components.feature_table import (NUMERIC_ID, FeatureTable, check_split_settings, check_temporal_fractions,
                                       no_interactions_left)
@@ -337,7 +338,7 @@ def build_features(data_dir: Path, out_dir: Path, cfg: FeaturesConfig, source: D
     start = time.perf_counter()
     inter_path = data_dir / "interactions.parquet"
     if not inter_path.exists():
-        raise FileNotFoundError(f"{inter_path} not found: run validation first (it writes the snapshot)")
+        raise MissingInput(f"{inter_path} not found: run validation first (it writes the snapshot)")
     if source is not None:
         check_snapshot(data_dir, source, seed if seed is not None else 0)
     out_dir.mkdir(parents=True, exist_ok=True)

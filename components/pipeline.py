@@ -51,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from components.cli import MissingInput
 from components.config import Params
 
 log = logging.getLogger(__name__)
@@ -442,7 +443,7 @@ def load_result(stage: str | Stage, art: Artifacts) -> Any:
     stage = STAGE[stage] if isinstance(stage, str) else stage
     path = _result_path(stage, art)
     if not path.exists():
-        raise FileNotFoundError(f"{stage.name} has not run in {art.root}: run the pipeline first")
+        raise MissingInput(f"{stage.name} has not run in {art.root}: run the pipeline first")
     with path.open("rb") as f:
         return pickle.load(f)
 
@@ -515,6 +516,22 @@ def _invalidate_downstream(stage: Stage, art: Artifacts) -> None:
                 log.info("removed %s: it was built from what %s no longer vouches for", path, stage.name)
 
 
+def missing_inputs(stage: Stage, art: Artifacts) -> MissingInput | None:
+    """The error naming the stages to run first when an artifact the stage reads is missing or
+    an empty folder (what a writer that failed may leave), else None. Some inputs matter only
+    under some settings (evaluate reads bert's factors only when it scores bert), so this
+    explains a stage's failure to find a file rather than refusing to start it."""
+    writers = {name: s.name for s in STAGES for name in s.outputs.values()}
+    missing = [name for name in dict.fromkeys(stage.inputs.values())
+               if not (path := art.path(name)).exists() or (path.is_dir() and not any(path.iterdir()))]
+    if not missing:
+        return None
+    first = [s.name for s in STAGES if s.name in {writers[n] for n in missing}]
+    run = " and ".join([", ".join(first[:-1]), first[-1]] if len(first) > 1 else first)
+    return MissingInput(f"{stage.name} reads {', '.join(str(art.path(n)) for n in missing)}, missing or empty: "
+                        f"run {run} first (or the whole pipeline: python -m flows.training)")
+
+
 def execute(stage: Stage, params: Params, art: Artifacts) -> Any:
     """Run the stage here, then record its key, outputs, result and metrics (rank 0)."""
     key = stage_key(stage, params, art)
@@ -525,6 +542,10 @@ def execute(stage: Stage, params: Params, art: Artifacts) -> Any:
     except Exception as exc:
         if getattr(exc, "stales_downstream", False) and _is_rank_zero():
             _invalidate_downstream(stage, art)
+        if isinstance(exc, FileNotFoundError) and not isinstance(exc, MissingInput):
+            explained = missing_inputs(stage, art)  # a stage run by hand before its inputs
+            if explained is not None:
+                raise explained from exc
         raise
     if _is_rank_zero():
         _record(stage, art, key, result, time.perf_counter() - start)

@@ -103,7 +103,7 @@ def test_invalid_data_stops_the_pipeline(tmp_path):
     assert not (art / "data").exists()
     # The next stage refuses to run without a validated snapshot, and writes nothing.
     proc = cli("features", art, *source)
-    assert proc.returncode != 0 and "run validation first" in proc.stderr
+    assert proc.returncode == 2 and "run validation first" in proc.stderr and "Traceback" not in proc.stderr
     assert not (art / "features" / "sequences.npz").exists()
 
 
@@ -166,6 +166,25 @@ def test_features_refuse_a_snapshot_of_another_source_and_a_failed_validation_vo
     assert cli("validate", art, *b).returncode == 1
     assert not (art / "data").exists() and not (art / "features").exists()
     assert not (art / ".pipeline" / "features.json").exists()
+
+
+def test_a_stage_before_its_inputs_or_settings_that_leave_nothing_are_clear_errors(tmp_path):
+    """Found by hand: both ended in a traceback (exit 1) instead of a message naming what to do."""
+    art = tmp_path / "artifacts"
+    proc = cli("train_mf", art)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"train_mf reads {art / 'features'}, missing or empty: run features first" in proc.stderr
+    source = files_source(tmp_path / "raw", b"user_id,item_id,timestamp\n" + b"\n".join(
+        b"u%d,i%d,%d" % (u % 3, u % 5, 1_600_000_000 + u) for u in range(40)) + b"\n", ITEMS)
+    assert cli("validate", art, *source).returncode == 0
+    proc = cli("features", art, *source, "features.min_user_interactions=400")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "k-core filtering removed every interaction; lower features.min_user_interactions" in proc.stderr
+    # The failed run leaves an empty features folder: the next stage still says what to run.
+    proc = cli("train_mf", art)
+    assert proc.returncode == 2 and "run features first" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("bert.finetune", art, *source, "features.min_user_interactions=0", "features.min_item_interactions=0")
+    assert proc.returncode == 2 and "run features, item_text_embeddings and pretrain_bert first" in proc.stderr
 
 
 def test_a_folder_where_a_file_belongs_is_a_clear_error(tmp_path):

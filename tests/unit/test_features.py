@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
+from components.config import ParamsError
 from components.sequences import load_sequences
 from components.features import (
     build_features,
@@ -130,7 +131,7 @@ def test_an_inner_validation_item_with_no_history_left_trains_and_an_empty_inner
     data = write_snapshot(tmp_path / "data", frame([("u0", "a", 0), ("u0", "b", 1), ("u0", "z", 2)]), items)
     thresholds = ("features.min_user_interactions=3", "features.min_item_interactions=0")
     build_features(data, tmp_path / "f", tiny_params(*thresholds).features)
-    with pytest.raises(ValueError, match="holdout=inner: nothing is left once the test interactions are dropped"):
+    with pytest.raises(ParamsError, match="holdout=inner: nothing is left once the test interactions are dropped"):
         build_features(data, tmp_path / "f", tiny_params(*thresholds, "features.holdout=inner").features)
 
 
@@ -259,8 +260,22 @@ def test_source_split_is_kept(tmp_path):
 def test_everything_filtered_is_an_error(tmp_path):
     inter = pl.DataFrame({"user_id": ["u1"], "item_id": ["a"], "timestamp": [1]})
     data = write_snapshot(tmp_path / "data", inter, pl.DataFrame({"item_id": ["a"], "text": ["A"]}))
-    with pytest.raises(ValueError, match="k-core filtering removed every interaction"):
+    with pytest.raises(ParamsError, match="k-core filtering removed every interaction"):
         build_features(data, tmp_path / "f", tiny_params().features)
+
+
+def test_split_settings_that_cannot_work_are_settings_errors(tmp_path):
+    """A CLI prints a ParamsError and exits 2; each message names the keys to change."""
+    inter = pl.DataFrame({"user_id": ["u1"] * 4, "item_id": list("abcd"), "timestamp": [1, 2, 3, 4]})
+    data = write_snapshot(tmp_path / "data", inter, pl.DataFrame({"item_id": list("abcd"), "text": list("ABCD")}))
+    loose = ("features.min_user_interactions=0", "features.min_item_interactions=0", "features.split=temporal")
+    with pytest.raises(ParamsError, match=r"features.temporal_test_fraction \(0.6\) must be in \(0, 1\), "
+                                          r"features.temporal_valid_fraction \(0.5\) in \[0, 1\), and their sum below 1"):
+        build_features(data, tmp_path / "f", tiny_params(*loose, "features.temporal_test_fraction=0.6",
+                                                         "features.temporal_valid_fraction=0.5").features)
+    with pytest.raises(ParamsError, match="features.holdout=inner needs a per-user split"):
+        build_features(data, tmp_path / "f", tiny_params(*loose, "features.holdout=inner").features)
+    assert ParamsError.exit_code == 2
 
 
 def test_missing_snapshot_explains(tmp_path):
