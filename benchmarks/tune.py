@@ -34,7 +34,9 @@ process is killed, not left running).
 - `--jobs N`: N processes share the study (its SQLite file), each with --minutes of trials.
 - `--input DIR` (with `--test-input DIR` for `--score-test`): the sequence model is tuned on
   the folders `python -m benchmarks.gpu export --set features.holdout=inner` (and without it)
-  wrote, its fine-tuning stage alone: what a GPU machine with PyTorch alone runs.
+  wrote, its fine-tuning stage alone: what a GPU machine with PyTorch alone runs. Each run's
+  per-user scores stay in --workdir with a key of the fine-tuning code, the export and the
+  settings; a later call reads a run of the same key instead of training it again.
 - `--ablate KEY=VALUE` (repeatable): the best settings and each single change on the inner
   holdout, `--seeds` seeds each (the quality table's rows).
 - `--score-test` also writes each model's per-user test NDCG@10 (`X.<model>.test.npz`, with a
@@ -641,16 +643,34 @@ def write_preset(path: Path, dataset: str, model: str, result: dict[str, Any], d
     print(f"wrote {path}")
 
 
+def exported_run_key(folder: str, settings: dict[str, Any]) -> str:
+    """What an exported run's scores depend on: the fine-tuning stage's code, the export's files
+    and the run's settings (its seed among them)."""
+    stage = pipeline.STAGE["finetune_bert"]
+    code = {f: pipeline.DIGESTS.file(pipeline.REPO / f) for f in pipeline.code_files(stage)}
+    parts = [code, pipeline.DIGESTS.tree(Path(folder)), settings]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run_exported(tasks: list[tuple[str, dict[str, Any], str]], jobs: int) -> list[np.ndarray]:
     """Each task (an export's folder, settings, a working folder) trained and scored by
     `train_exported` in a process of its own, `jobs` at a time: the per-user NDCG@10, in task
     order. Spawned (each starts CUDA of its own) and armed to die with the call. A process that
     dies (memory, a signal) is an error naming its run; when the call is interrupted, the
-    running ones are terminated, not waited for."""
+    running ones are terminated, not waited for. Scores stay beside the working folder with the
+    run's key: a later call (the study only reported, one more `--ablate` row) reuses a run of
+    the same code, export and settings instead of spending device time on it again."""
     from multiprocessing.connection import wait
 
+    keys = [exported_run_key(folder, settings) for folder, settings, _ in tasks]
+    results: dict[int, np.ndarray] = {}
+    for i, (_, _, out) in enumerate(tasks):
+        key_file, scores = Path(f"{out}.key"), Path(f"{out}.per-user.npy")
+        if key_file.is_file() and key_file.read_text() == keys[i] and scores.is_file():
+            results[i] = np.load(scores)
+            log.info("%s: scored before with this code, export and settings: reused", out)
     context = multiprocessing.get_context("spawn")
-    pending, running, results = list(range(len(tasks))), {}, {}
+    pending, running = [i for i in range(len(tasks)) if i not in results], {}
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -664,9 +684,8 @@ def run_exported(tasks: list[tuple[str, dict[str, Any], str]], jobs: int) -> lis
                 del running[i]
                 if process.exitcode != 0:
                     raise TuningError(f"the run in {tasks[i][2]} exited with {process.exitcode} (see the log above)")
-                result = Path(f"{tasks[i][2]}.per-user.npy")
-                results[i] = np.load(result)
-                result.unlink()
+                results[i] = np.load(f"{tasks[i][2]}.per-user.npy")
+                Path(f"{tasks[i][2]}.key").write_text(keys[i])  # written last: the scores are whole
     finally:
         for process in running.values():
             process.terminate()
@@ -678,6 +697,7 @@ def run_exported(tasks: list[tuple[str, dict[str, Any], str]], jobs: int) -> lis
 def _score_exported(task: tuple[str, dict[str, Any], str]) -> None:
     _arm_child()
     folder, settings, out = task
+    Path(f"{out}.key").unlink(missing_ok=True)  # the scores beside it are about to change
     try:
         values = train_exported(Path(folder), params_from_dict(settings), Path(out))[1]
     except Terminated:

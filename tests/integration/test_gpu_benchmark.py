@@ -250,6 +250,7 @@ def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_faili
     dataset's own settings still runs all its epochs (never pruned: a study's best is then never
     below them), while an ordinary trial as far behind is pruned. Trials whose settings fail
     are failed with their reason, and a process stops after three in a row."""
+    import numpy as np
     import optuna
 
     from benchmarks.gpu import exported_params
@@ -292,7 +293,17 @@ def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_faili
     with pytest.raises(TuningError, match=r"the run in .*dies exited with 1"):
         run_exported(tasks, 2)
     (scores,) = run_exported(tasks[:1], 1)
-    assert scores.ndim == 1 and 0 <= scores.mean() <= 1 and not list(tmp_path.glob("*.per-user.npy"))
+    assert scores.ndim == 1 and 0 <= scores.mean() <= 1
+    # Its scores stay with the run's key: the same run again (a report-only call) is read, not
+    # trained; another seed trains. The run that died left no key, so nothing of it is reused.
+    saved = tmp_path / "fine.per-user.npy"
+    written = saved.stat().st_mtime_ns
+    (again,) = run_exported(tasks[:1], 1)
+    assert np.array_equal(again, scores) and saved.stat().st_mtime_ns == written
+    assert not (tmp_path / "dies.key").exists()
+    reseeded = [(tasks[0][0], {**tasks[0][1], "seed": params.seed + 1}, tasks[0][2])]
+    run_exported(reseeded, 1)
+    assert saved.stat().st_mtime_ns != written
 
 
 def _descendants(pid: int) -> list:
