@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from benchmarks.common import dataset_params, datasets, save
+from benchmarks.common import dataset_params, datasets, names_of, save
 from components import metrics
 from components.cli import add_params_arguments, run_main
 from components.config import IncrementalConfig, Params
@@ -512,13 +512,13 @@ def main() -> int:
             tune = TuneSpec(parse_grid(args.tune_grid), args.tune_windows, args.tune_max_share)
         except ValueError as e:
             parser.error(str(e))
-    names = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    names = names_of(parser, "--dataset", args.dataset, datasets())
     if args.data_dir and len(names) > 1:
         parser.error("--data-dir needs a single --dataset")
+    settings = {n: dataset_params(args.params, n, args.data_dir, args.overrides, args.override_files) for n in names}
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            params = dataset_params(args.params, name, args.data_dir, args.overrides, args.override_files)
+        for name, params in settings.items():
             out[name] = run_dataset(params, (args.workdir or Path(tmp)) / name, args.base_fraction, args.windows,
                                     args.order, tune)
             total = out[name]["total"]

@@ -135,14 +135,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    names = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    names = names_of(parser, "--dataset", args.dataset, datasets())
     models = names_of(parser, "--models", args.models, known)
     if args.data_dir and len(names) > 1:
         parser.error("--data-dir needs a single --dataset")
+    # Every dataset's settings checked before the first trains (a bad one would lose its results).
+    settings = {d: dataset_params(args.params, d, args.data_dir, args.overrides, args.override_files) for d in names}
 
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for dataset in names:
-        params = dataset_params(args.params, dataset, args.data_dir, args.overrides, args.override_files)
+    for dataset, params in settings.items():
         results[dataset] = run_dataset(dataset, models, params, args.workdir / dataset)
     print(table(results))
     write_json(args.out, results)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import dataset_params, names_of, save
+from benchmarks.common import dataset_params, datasets, names_of, save
 from components.cli import add_params_arguments, run_main
 
 log = logging.getLogger("benchmarks.training_speed")
@@ -153,7 +153,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_params_arguments(parser, artifacts=False)
-    parser.add_argument("--dataset", default="movielens-100k", help="comma-separated dataset names")
+    parser.add_argument("--dataset", default="movielens-100k", help=f"comma-separated: {', '.join(datasets())}")
     parser.add_argument("--variants", default=",".join(RECIPES), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per variant, after one warm-up epoch")
     parser.add_argument("--steps", type=int, help="timed steps per variant instead of --epochs epochs")
@@ -173,8 +173,9 @@ def main() -> int:
         "device": f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}",
         "epochs": args.epochs, "repeats": args.repeats, "datasets": {},
     }
-    for dataset in (d.strip() for d in args.dataset.split(",") if d.strip()):
-        params = dataset_params(args.params, dataset, overrides=args.overrides, override_files=args.override_files)
+    settings = {d: dataset_params(args.params, d, overrides=args.overrides, override_files=args.override_files)
+                for d in names_of(parser, "--dataset", args.dataset, datasets())}
+    for dataset, params in settings.items():
         out["datasets"][dataset] = measure(dataset, params, variants, args.epochs, args.repeats, args.workdir,
                                            args.steps, args.warmup_steps)
     save(out, args.out, plot)

@@ -75,7 +75,7 @@ from benchmarks.common import dataset_params, datasets, names_of, save, write_js
 from benchmarks.gpu import ENCODER_DIR, exported_params
 from components import pipeline
 from components.cli import add_params_arguments, run_main, setup_logging
-from components.config import DEFAULT_PARAMS, Params, flatten, params_from_dict, set_key
+from components.config import DEFAULT_PARAMS, Params, ParamsError, flatten, params_from_dict, read_yaml, set_key
 from components.pipeline import Artifacts
 
 log = logging.getLogger("benchmarks.tune")
@@ -488,7 +488,6 @@ def optimize(job: Job) -> None:
     """Run trials of the stored study until `job.seconds` or the study's `max_trials`."""
     import optuna
 
-    from components.config import ParamsError
     from components.pipeline import StageFailed
 
     inner = params_from_dict(job.inner)
@@ -911,7 +910,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_params_arguments(parser, artifacts=False)
-    parser.add_argument("--dataset", default="movielens-100k", help=f"one of {', '.join(datasets())}")
+    parser.add_argument("--dataset", default="movielens-100k", choices=datasets())
     parser.add_argument("--data-dir", type=Path, default=None, help="dataset folder")
     parser.add_argument("--models", default="mf,bert", help=f"comma-separated: {', '.join(TRAINED_BY)}")
     parser.add_argument("--minutes", type=float, default=60.0,
@@ -991,7 +990,10 @@ def main() -> int:
                 exported_params(exported, [*args.overrides, change], args.override_files)
         except (TuningError, ValueError) as e:
             parser.error(str(e))
-    spaces = yaml.safe_load(args.space.read_text()) if args.space else SPACES
+    try:
+        spaces = read_yaml(args.space, "search space file") if args.space else SPACES
+    except ParamsError as e:
+        parser.error(f"--space: {e}")
     if not isinstance(spaces, dict):
         parser.error(f"{args.space}: expected a mapping of models to their search spaces")
     try:

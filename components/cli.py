@@ -51,8 +51,16 @@ def add_params_arguments(parser: argparse.ArgumentParser, artifacts: bool = True
     )
     if artifacts:
         parser.add_argument(
-            "--artifacts", type=Path, default=ARTIFACTS, help="root folder of outputs (default: artifacts)"
+            "--artifacts", type=folder_arg, default=ARTIFACTS, help="root folder of outputs (default: artifacts)"
         )
+
+
+def folder_arg(text: str) -> Path:
+    """A folder argument: a path that does not exist yet, or a folder (never a file)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    return path
 
 
 class _DropMessages(logging.Filter):

@@ -268,6 +268,9 @@ class BertRecConfig:
                               f"{self.recency_half_life} and {self.recency_boost}")
         if self.loss != "full" and self.num_negatives < 1:
             raise ParamsError(f"bert.num_negatives must be at least 1 with bert.loss={self.loss}, got {self.num_negatives}")
+        if not self.pretrain.enabled and not self.finetune.enabled:
+            raise ParamsError("bert.pretrain.enabled and bert.finetune.enabled are both false: enable at least one "
+                              "(nothing would train the sequence model)")
 
 
 @dataclass(frozen=True)
@@ -556,7 +559,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+        raise ParamsError(f"override {text!r}: value is not valid YAML ({yaml_problem(exc)})") from None
     return key.split("."), value
 
 
@@ -590,12 +593,31 @@ def set_key(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def read_raw(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
+def read_yaml(path: Path | str, what: str) -> Any:
+    """A YAML file's content, or a one-line ParamsError naming the file (`what` it should be)."""
     path = Path(path)
     if not path.exists():
-        raise ParamsError(f"params file not found: {path}")
-    with path.open() as f:
-        raw = yaml.safe_load(f)
+        raise ParamsError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ParamsError(f"{path}: a folder, not a {what}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own text spans several)."""
+    where = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return problem + (f" at line {where.line + 1}, column {where.column + 1}" if where is not None else "")
+
+
+def read_raw(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    raw = read_yaml(path, "params file")
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
     return raw

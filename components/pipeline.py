@@ -807,8 +807,8 @@ def cli() -> int:
     add_params_arguments(status)
     runner = sub.add_parser("run", help="run the stages (without Prefect), skipping what is up to date")
     add_params_arguments(runner)
-    runner.add_argument("--until", action="append", default=None, metavar="STAGE",
-                        help="only this stage and what it needs (repeatable)")
+    runner.add_argument("--until", action="append", default=None, metavar="STAGE", choices=list(STAGE),
+                        help=f"only this stage and what it needs (repeatable): {', '.join(STAGE)}")
     runner.add_argument("--force", action="store_true", help="rerun every stage")
     gen = sub.add_parser("dvc", help="write dvc.yaml and the README's stage table from the declaration")
     gen.add_argument("--check", action="store_true", help="exit 1 when either differs (writes nothing)")

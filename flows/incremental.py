@@ -463,6 +463,9 @@ def main() -> int:
 
     def run() -> int:
         args = parser.parse_args()
+        if not args.artifacts.is_dir():  # the flow's lock would create a mistyped folder
+            parser.error(f"--artifacts {args.artifacts}: no such folder; name the training flow's artifacts folder "
+                         "(the champion an update starts from was trained there)")
         load_params(args.params, args.overrides, args.override_files)
         result = incremental(args.overrides, str(args.params), str(args.artifacts),
                              params_overrides=[str(f) for f in args.override_files])

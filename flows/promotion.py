@@ -226,11 +226,12 @@ def read_online(cfg: OnlineConfig, since: float, until: float):
     """The impressions shown in [since, until) in the service's store (`online.db`) and the
     events that may count for them."""
     from serving.online import read
-    from serving.store import EventStore, is_url, store_arg
+    from serving.store import EventStore, not_a_store, store_arg
 
     db = store_arg(cfg.db)
-    if not is_url(db) and not db.exists():
-        raise NoStore(f"online.db: the service's event store {db} does not exist")
+    problem = not_a_store(db)
+    if problem:
+        raise NoStore(f"online.db: {problem}")
     store = EventStore(db)
     try:
         return read(store, since, until, cfg.attribution_seconds)
@@ -247,8 +248,13 @@ def online_evidence(params: Params, since: float, until: float):
     cfg = params.online
     champion, challenger = current_champion(params), current_champion(params, CHALLENGER)
     if champion is None or challenger is None or champion.version == challenger.version:
-        raise NothingToCompare(f"nothing to compare: champion {getattr(champion, 'version', None)}, challenger "
-                               f"{getattr(challenger, 'version', None)}")
+        name = params.tracking.model_name
+        if champion is None or challenger is None:
+            missing = " and ".join(a for a, v in ((CHAMPION, champion), (CHALLENGER, challenger)) if v is None)
+            why = f"{name} has no {missing} alias (the training flow registers them)"
+        else:
+            why = f"the champion and the challenger are both version {champion.version} of {name}"
+        raise NothingToCompare(f"nothing to compare: {why}")
     impressions, events = read_online(cfg, since, until)
     values = per_user(impressions, events, cfg.k, cfg.attribution_seconds)
     champ = values.get((str(champion.version), "champion"), {})
@@ -270,10 +276,23 @@ def promote_online(params: Params, since: float, until: float) -> GateDecision:
     return decision
 
 
+class NoSuchVersion(LookupError):
+    exit_code = 2
+
+
 def rollback(params: Params, to_version: int) -> str:
+    from mlflow.exceptions import MlflowException
+
     mlflow_client = client(params.tracking)
     name = params.tracking.model_name
-    mlflow_client.get_model_version(name, str(to_version))  # fails clearly when it does not exist
+    try:
+        mlflow_client.get_model_version(name, str(to_version))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        versions = sorted(int(v.version) for v in mlflow_client.search_model_versions(f"name='{name}'"))
+        known = f"its versions are {', '.join(map(str, versions))}" if versions else "it has no versions yet"
+        raise NoSuchVersion(f"{name} has no version {to_version} to roll back to ({known})") from None
     previous = current_champion(params)
     mlflow_client.set_registered_model_alias(name, CHAMPION, to_version)
     note = f"champion rolled back to version {to_version}" + (f" (was {previous.version})" if previous else "")
@@ -311,17 +330,21 @@ def main() -> int:
         parser.error(f"--artifacts {args.artifacts}: no such folder; name the flows' artifacts folder (the lock "
                      "that keeps this command and a training run apart lives there)")
     params = params_from_args(args)
+    if args.command == "online":
+        import time
+
+        from serving.online import parse_time
+
+        now = time.time()
+        try:
+            since = parse_time(args.since, now) if args.since else now - params.online.window_hours * 3600
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"--since: {exc}")
     with folder_lock(args.artifacts, f"promotion {args.command}", args.wait_seconds):
         if args.command == "rollback":
             print(rollback(params, args.to_version))
             return 0
         if args.command == "online":
-            import time
-
-            from serving.online import parse_time
-
-            now = time.time()
-            since = parse_time(args.since, now) if args.since else now - params.online.window_hours * 3600
             decision = promote_online(params, since, now)
             print(decision.reason)
             return 0

@@ -20,6 +20,7 @@ import logging
 import os
 from pathlib import Path
 
+from serving.bundle_format import MANIFEST
 from serving.http import create_app
 from serving.retrieval import ANN_KINDS, RetrievalConfig
 from serving.service import Settings
@@ -85,6 +86,10 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, str, in
         p.error("--challenger-bundle needs --challenger ab|shadow")
     if a.attribution_seconds <= 0 or a.online_window_seconds <= 0 or a.impression_queue < 1:
         p.error("--attribution-seconds, --online-window-seconds and --impression-queue must be positive")
+    # Checked here, not when the service starts loading it (a startup failure, not a usage error).
+    for option, bundle in (("--bundle", a.bundle), ("--challenger-bundle", a.challenger_bundle)):
+        if bundle is not None and not (bundle / MANIFEST).is_file():
+            p.error(f"{option} {bundle}: not a bundle (no {MANIFEST}); the export stage writes one, e.g. artifacts/bundle")
     settings = Settings(bundle=a.bundle, model_name=a.model_name, tracking_uri=a.tracking_uri, cache_dir=a.cache_dir,
                         db=a.db, admin_token=os.environ.get("RECFORGE_ADMIN_TOKEN"), poll_seconds=a.poll_seconds,
                         max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, batch_workers=max(1, a.batch_workers),

@@ -29,7 +29,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from datetime import datetime
 
-from serving.store import EventStore, Impression, is_url, store_arg
+from serving.store import EventStore, Impression, not_a_store, store_arg
 
 METRICS = ("hr", "ndcg", "mrr")
 
@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attribution-seconds", type=float, default=1800.0)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     a = p.parse_args(argv)
-    if not is_url(a.db) and not a.db.is_file():
-        p.error(f"{a.db} does not exist")
+    problem = not_a_store(a.db)
+    if problem:
+        p.error(problem)
     if a.k < 1 or a.attribution_seconds <= 0:
         p.error("--k and --attribution-seconds must be positive")
     now = time.time()

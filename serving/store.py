@@ -96,6 +96,27 @@ def store_arg(text: str) -> Path | str:
     return text if is_url(text) else Path(text)
 
 
+def not_a_store(db: Path | str) -> str | None:
+    """Why `db` is not an existing event store a reader may open (None: it is one, or a URL,
+    which the connection itself checks). Opening a store creates its tables, so a reader that
+    skipped this would turn a mistyped path, an empty file or another SQLite database into one."""
+    if is_url(db):
+        return None
+    path = Path(db)
+    if not path.exists():
+        return f"{path} does not exist"
+    if not path.is_file():
+        return f"{path} is a folder, not the service's event store (a SQLite file)"
+    try:
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError:
+        return f"{path} is not a SQLite database, so not the service's event store"
+    if "events" not in tables:
+        return f"{path} holds no events table: not the service's event store" + ("" if tables else " (it is empty)")
+    return None
+
+
 # The same tables on both backends; the types and auto-increments differ.
 _SCHEMA = {
     "sqlite": [
@@ -371,9 +392,13 @@ def main() -> int:
     args = parser.parse_args()
     if not args.settle_seconds >= 0:
         parser.error("--settle-seconds must be a number >= 0")
-    if not is_url(args.db) and not args.db.exists():
-        parser.error(f"{args.db} does not exist")
+    problem = not_a_store(args.db)
+    if problem:
+        parser.error(problem)
     quarantine = args.quarantine or args.out.with_name(args.out.stem + ".quarantine.csv")
+    for path in (args.out, quarantine):
+        if not path.parent.is_dir():
+            parser.error(f"{path}: no folder {path.parent} to write it in")
     store = EventStore(args.db)
     result = store.export_csv(args.out, quarantine, args.after_seq,
                               received_before=time.time() - args.settle_seconds if args.settle_seconds else None)

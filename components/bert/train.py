@@ -46,6 +46,7 @@ import torch
 from components.bert.data import SequenceDataModule
 from components.bert.model import SeqRecConfig, SeqRecModel, left_pad, load_model, padded_length, save_model
 from components.bert.module import SeqRecModule, count_parameters
+from components.cli import MissingInput
 from components.config import BertRecConfig, StageConfig, TrainerConfig
 from components.factors import FILE_NAME, FactorModel
 from components.sequences import load_sequences
@@ -566,10 +567,8 @@ def finetune(features_dir: Path, text_dir: Path, pretrain_dir: Path, pretrain_cu
     """Next-item fine-tuning, from the pre-trained weights when that stage ran."""
     pretrained = cfg.pretrain.enabled and (pretrain_dir / "model" / "config.json").exists()
     if cfg.pretrain.enabled and not pretrained:
-        raise FileNotFoundError(f"{pretrain_dir}/model not found: run the pretrain stage first (or disable it)")
-    if not cfg.finetune.enabled:
-        if not pretrained:
-            raise ValueError("bert.pretrain and bert.finetune are both disabled: enable at least one")
+        raise MissingInput(f"{pretrain_dir}/model not found: run the pretrain stage first (or disable it)")
+    if not cfg.finetune.enabled:  # pre-training is on then: the settings refuse both off
         return _use_pretrained(pretrain_dir, pretrain_curve, features_dir, out_dir, epochs_file)
     return run_stage(
         "finetune", features_dir, text_dir, out_dir, checkpoint_dir, epochs_file, cfg, seed, eval_batch_size,

@@ -304,9 +304,6 @@ def test_stages_can_be_skipped(prepared):
     assert json.loads((art / "bert" / "model" / "config.json").read_text())["inference"] == "cloze"
     assert (art / "bert" / "factors.npz").exists()
 
-    with pytest.raises(ValueError, match="both disabled"):
-        finetune(with_("bert.pretrain.enabled=false", "bert.finetune.enabled=false"), art)
-
 
 @pytest.mark.parametrize("refit", ["continue", "retrain"])
 def test_validation_factors_come_from_the_model_selected_before_the_refit(prepared, refit):

@@ -109,6 +109,12 @@ def test_flow_registers_gates_caches_and_rolls_back(services, tmp_path):
     proc = subprocess.run(rollback_cli, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert client.get_model_version_by_alias("test-model", "champion").version == "2"
+    # A version the registry does not hold: named with the ones it does, nothing moved.
+    proc = subprocess.run([*rollback_cli[:-3], "99", "--artifacts", art], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "test-model has no version 99 to roll back to (its versions are 1, 2)" in proc.stderr
+    assert client.get_model_version_by_alias("test-model", "champion").version == "2"
 
 
 def check_mlflow_run(client, run, result) -> None:

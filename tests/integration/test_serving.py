@@ -781,6 +781,10 @@ def test_promotion_and_rollback_on_online_evidence(bundle, tmp_path):
             v2 = registry.get_model_version_by_alias("online", "champion")
             assert v2.version == "2" and v2.tags["online_gate"] == "passed" and v2.tags["previous_champion"] == "1"
             wait_version(s, "2")
+            # Asked again: the challenger is the champion now, said as such (exit 2, no traceback).
+            again = subprocess.run(proc.args, cwd=REPO, capture_output=True, text=True, timeout=180)
+            assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+            assert "nothing to compare: the champion and the challenger are both version 2 of online" in again.stderr
 
             session(s, [f"b{i}" for i in range(24)], ids, acts_on_first=None)
             time.sleep(1)

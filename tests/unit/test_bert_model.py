@@ -353,6 +353,8 @@ def test_bert_loss_settings_are_checked_by_name():
     assert load_params(overrides=["bert.text_adaptor=moe"]).bert.text_adaptor == "moe"
     with pytest.raises(ParamsError, match="bert.recency_half_life and bert.recency_boost must be >= 0"):
         load_params(overrides=["bert.recency_half_life=2", "bert.recency_boost=-1"])
+    with pytest.raises(ParamsError, match="bert.pretrain.enabled and bert.finetune.enabled are both false"):
+        load_params(overrides=["bert.pretrain.enabled=false", "bert.finetune.enabled=false"])
 
 
 def test_padding_length_does_not_change_the_user_vector():
