@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import machine, write_json
+from benchmarks.common import datasets, machine, names_of, write_json
 
 log = logging.getLogger("benchmarks.gpu")
 
@@ -147,13 +147,14 @@ def export(out: Path, datasets: list[str], params_path: Path, overrides: list[st
     from components.bert.train import ITEM_TEXTS, item_texts
     from components.pipeline import Artifacts
 
+    # Every dataset's settings checked before the old export goes.
+    settings = {d: dataset_params(params_path, d, overrides=overrides, override_files=override_files) for d in datasets}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     texts: list[str] = []
     encoder = None
-    for dataset in datasets:
-        params = dataset_params(params_path, dataset, overrides=overrides, override_files=override_files)
+    for dataset, params in settings.items():
         art = Artifacts(work / dataset)
         log.info("%s: validation, features and text embeddings", dataset)
         pipeline.run(params, art, until="item_text_embeddings")
@@ -923,7 +924,7 @@ def main() -> int:
                    help="override one setting of every run (repeatable)")
     args = parser.parse_args()
     if args.command == "export":
-        export(args.out, args.datasets.split(","), args.params, args.overrides, args.work, args.override_files,
+        export(args.out, names_of(parser, "--datasets", args.datasets, datasets()), args.params, args.overrides, args.work, args.override_files,
                args.encoder_weights)
     elif args.command == "merge":
         out = attach_cpu(json.loads(args.gpu.read_text()), json.loads(args.cpu.read_text()))

@@ -643,30 +643,33 @@ def write_preset(path: Path, dataset: str, model: str, result: dict[str, Any], d
 
 
 def exported_run_key(folder: str, settings: dict[str, Any]) -> str:
-    """What an exported run's scores depend on: the fine-tuning stage's code, the export's files
-    and the run's settings (its seed among them)."""
-    stage = pipeline.STAGE["finetune_bert"]
-    code = {f: pipeline.DIGESTS.file(pipeline.REPO / f) for f in pipeline.code_files(stage)}
-    parts = [code, pipeline.DIGESTS.tree(Path(folder)), settings]
+    """What an exported run's per-user scores depend on: the code that trains and scores it
+    (the fine-tuning and evaluation stages' modules, and this one), the export's files, the
+    text encoder's weights beside it, the cut-off and the run's settings (its seed among them)."""
+    files = {f for name in ("finetune_bert", "evaluate") for f in pipeline.code_files(pipeline.STAGE[name])}
+    code = {f: pipeline.DIGESTS.file(pipeline.REPO / f) for f in sorted(files)}
+    code[__name__] = pipeline.DIGESTS.file(Path(__file__))
+    parts = [code, pipeline.DIGESTS.tree(Path(folder)), pipeline.DIGESTS.tree(Path(folder).parent / ENCODER_DIR),
+             K, settings]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run_exported(tasks: list[tuple[str, dict[str, Any], str]], jobs: int) -> list[np.ndarray]:
-    """Each task (an export's folder, settings, a working folder) trained and scored by
+    """Each task (an export's folder, settings, a name for the run) trained and scored by
     `train_exported` in a process of its own, `jobs` at a time: the per-user NDCG@10, in task
     order. Spawned (each starts CUDA of its own) and armed to die with the call. A process that
     dies (memory, a signal) is an error naming its run; when the call is interrupted, the
-    running ones are terminated, not waited for. Scores stay beside the working folder with the
-    run's key: a later call (the study only reported, one more `--ablate` row) reuses a run of
-    the same code, export and settings instead of spending device time on it again."""
+    running ones are terminated, not waited for. A run works in NAME-KEY (KEY: the start of
+    `exported_run_key`) and leaves its scores there as NAME-KEY.per-user.npy: a later call (the
+    study only reported, more `--ablate` rows or seeds) reads a run of the same code, export and
+    settings instead of spending device time on it again."""
     from multiprocessing.connection import wait
 
-    keys = [exported_run_key(folder, settings) for folder, settings, _ in tasks]
+    tasks = [(folder, settings, f"{name}-{exported_run_key(folder, settings)[:16]}") for folder, settings, name in tasks]
     results: dict[int, np.ndarray] = {}
     for i, (_, _, out) in enumerate(tasks):
-        key_file, scores = Path(f"{out}.key"), Path(f"{out}.per-user.npy")
-        if key_file.is_file() and key_file.read_text() == keys[i] and scores.is_file():
-            results[i] = np.load(scores)
+        if Path(f"{out}.per-user.npy").is_file():  # written whole: saved under another name, then renamed
+            results[i] = np.load(f"{out}.per-user.npy")
             log.info("%s: scored before with this code, export and settings: reused", out)
     context = multiprocessing.get_context("spawn")
     pending, running = [i for i in range(len(tasks)) if i not in results], {}
@@ -684,7 +687,6 @@ def run_exported(tasks: list[tuple[str, dict[str, Any], str]], jobs: int) -> lis
                 if process.exitcode != 0:
                     raise TuningError(f"the run in {tasks[i][2]} exited with {process.exitcode} (see the log above)")
                 results[i] = np.load(f"{tasks[i][2]}.per-user.npy")
-                Path(f"{tasks[i][2]}.key").write_text(keys[i])  # written last: the scores are whole
     finally:
         for process in running.values():
             process.terminate()
@@ -696,12 +698,12 @@ def run_exported(tasks: list[tuple[str, dict[str, Any], str]], jobs: int) -> lis
 def _score_exported(task: tuple[str, dict[str, Any], str]) -> None:
     _arm_child()
     folder, settings, out = task
-    Path(f"{out}.key").unlink(missing_ok=True)  # the scores beside it are about to change
     try:
         values = train_exported(Path(folder), params_from_dict(settings), Path(out))[1]
     except Terminated:
         sys.exit(128 + signal.SIGTERM)
-    np.save(f"{out}.per-user.npy", values)
+    np.save(f"{out}.partial.npy", values)
+    os.replace(f"{out}.partial.npy", f"{out}.per-user.npy")  # a reader never finds half a file
 
 
 def score_test(models: dict[str, dict[str, Any]], params: Params, work: Path, seeds: int,
@@ -752,8 +754,7 @@ def ablate(model: str, best: dict[str, Any], changes: list[str], params: Params,
     runs = {(name, i): with_settings(params, {**settings, "features.holdout": "inner", "seed": params.seed + i})
             for name, settings in rows.items() for i in range(seeds)}
     if exported is not None:
-        tasks = [(str(exported), run.to_dict(), str(work / f"ablation-{n}-{i}")) for n, ((_, i), run)
-                 in enumerate(runs.items())]
+        tasks = [(str(exported), run.to_dict(), str(work / "ablation")) for run in runs.values()]
         values = [float(v.mean()) for v in run_exported(tasks, jobs)]
     else:
         values = [train_and_score(model, run, Artifacts(work / f"ablation-seed{run.seed}"))[0] for run in runs.values()]

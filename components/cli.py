@@ -16,12 +16,6 @@ from components.config import DEFAULT_PARAMS, Params, load_params
 ARTIFACTS = Path("artifacts")
 
 
-class MissingInput(FileNotFoundError):
-    """An input an earlier step writes is not there; the message names the step to run."""
-
-    exit_code = 2  # a CLI prints the message and exits with this, no traceback
-
-
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     add_params_arguments(parser)
@@ -58,8 +52,8 @@ def add_params_arguments(parser: argparse.ArgumentParser, artifacts: bool = True
 def folder_arg(text: str) -> Path:
     """A folder argument: a path that does not exist yet, or a folder (never a file)."""
     path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is not a folder" + (" (a file)" if path.is_file() else ""))
     return path
 
 

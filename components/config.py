@@ -23,7 +23,14 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 class ParamsError(ValueError):
-    """A settings file or override that does not match the schema; the message names the key."""
+    """Settings that cannot work: a file or override that does not match the schema, or values
+    that leave nothing to do (k-core thresholds above every count). The message names the key."""
+
+    exit_code = 2  # a CLI prints the message and exits with this, no traceback
+
+
+class MissingInput(FileNotFoundError):
+    """An input an earlier step writes is not there; the message names the step to run."""
 
     exit_code = 2  # a CLI prints the message and exits with this, no traceback
 

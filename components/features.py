@@ -26,8 +26,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from components import npz
-from components.cli import MissingInput
-from components.config import DataConfig, FeaturesConfig
+from components.config import DataConfig, FeaturesConfig, MissingInput
 from components.feature_table import (NUMERIC_ID, FeatureTable, check_split_settings, check_temporal_fractions,
                                       no_interactions_left)
 from components.sequences import SPLIT_CODES, places_from_end, write_sequences

@@ -51,8 +51,7 @@ from typing import Any
 
 import yaml
 
-from components.cli import MissingInput
-from components.config import Params
+from components.config import MissingInput, Params
 
 log = logging.getLogger(__name__)
 
@@ -516,20 +515,31 @@ def _invalidate_downstream(stage: Stage, art: Artifacts) -> None:
                 log.info("removed %s: it was built from what %s no longer vouches for", path, stage.name)
 
 
-def missing_inputs(stage: Stage, art: Artifacts) -> MissingInput | None:
-    """The error naming the stages to run first when an artifact the stage reads is missing or
-    an empty folder (what a writer that failed may leave), else None. Some inputs matter only
-    under some settings (evaluate reads bert's factors only when it scores bert), so this
-    explains a stage's failure to find a file rather than refusing to start it."""
-    writers = {name: s.name for s in STAGES for name in s.outputs.values()}
-    missing = [name for name in dict.fromkeys(stage.inputs.values())
-               if not (path := art.path(name)).exists() or (path.is_dir() and not any(path.iterdir()))]
+def _absent(path: Path) -> bool:
+    # An empty folder counts: a writer that failed may leave one.
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def missing_inputs(stage: Stage, art: Artifacts, filename: str | None = None) -> MissingInput | None:
+    """The error naming the stages to run first when an artifact the stage reads is absent
+    (`filename`: the file the stage failed to find, which narrows it to that artifact), else
+    None. Some inputs matter only under some settings (evaluate reads bert's factors only when it
+    scores bert), so this explains a stage's failure to find a file rather than refusing to
+    start it."""
+    missing = [name for name in dict.fromkeys(stage.inputs.values()) if _absent(art.path(name))]
+    if filename:
+        failed = Path(os.path.abspath(filename))
+        missing = [n for n in missing if failed.is_relative_to(os.path.abspath(art.path(n)))] or missing
     if not missing:
         return None
-    first = [s.name for s in STAGES if s.name in {writers[n] for n in missing}]
-    run = " and ".join([", ".join(first[:-1]), first[-1]] if len(first) > 1 else first)
+    writers = {name: s.name for s in STAGES for name in s.outputs.values()}
+    # Every stage on the way whose outputs are absent too (in a fresh folder: from validate on).
+    before = [s.name for s in plan([writers[n] for n in missing if n in writers])
+              if any(_absent(art.path(o)) for o in s.outputs.values())]
+    run = " and ".join([", ".join(before[:-1]), before[-1]] if len(before) > 1 else before)
     return MissingInput(f"{stage.name} reads {', '.join(str(art.path(n)) for n in missing)}, missing or empty: "
-                        f"run {run} first (or the whole pipeline: python -m flows.training)")
+                        f"run {run} first (`python -m components.pipeline run --until {stage.name} --artifacts "
+                        f"{art.root}` runs what it needs)")
 
 
 def execute(stage: Stage, params: Params, art: Artifacts) -> Any:
@@ -542,8 +552,8 @@ def execute(stage: Stage, params: Params, art: Artifacts) -> Any:
     except Exception as exc:
         if getattr(exc, "stales_downstream", False) and _is_rank_zero():
             _invalidate_downstream(stage, art)
-        if isinstance(exc, FileNotFoundError) and not isinstance(exc, MissingInput):
-            explained = missing_inputs(stage, art)  # a stage run by hand before its inputs
+        if isinstance(exc, FileNotFoundError):
+            explained = missing_inputs(stage, art, exc.filename)  # a stage run by hand before its inputs
             if explained is not None:
                 raise explained from exc
         raise

@@ -231,7 +231,7 @@ def read_online(cfg: OnlineConfig, since: float, until: float):
     db = store_arg(cfg.db)
     problem = not_a_store(db)
     if problem:
-        raise NoStore(f"online.db: {problem}")
+        raise NoStore(f"online.db, the service's event store: {problem}")
     store = EventStore(db)
     try:
         return read(store, since, until, cfg.attribution_seconds)
@@ -250,8 +250,8 @@ def online_evidence(params: Params, since: float, until: float):
     if champion is None or challenger is None or champion.version == challenger.version:
         name = params.tracking.model_name
         if champion is None or challenger is None:
-            missing = " and ".join(a for a, v in ((CHAMPION, champion), (CHALLENGER, challenger)) if v is None)
-            why = f"{name} has no {missing} alias (the training flow registers them)"
+            missing = [a for a, v in ((CHAMPION, champion), (CHALLENGER, challenger)) if v is None]
+            why = f"{name} has no {' and no '.join(missing)} alias (the training flow sets them)"
         else:
             why = f"the champion and the challenger are both version {champion.version} of {name}"
         raise NothingToCompare(f"nothing to compare: {why}")
@@ -335,9 +335,8 @@ def main() -> int:
 
         from serving.online import parse_time
 
-        now = time.time()
-        try:
-            since = parse_time(args.since, now) if args.since else now - params.online.window_hours * 3600
+        try:  # refused before waiting for the lock; the window itself ends once it is held
+            parse_time(args.since, time.time()) if args.since else None
         except argparse.ArgumentTypeError as exc:
             parser.error(f"--since: {exc}")
     with folder_lock(args.artifacts, f"promotion {args.command}", args.wait_seconds):
@@ -345,6 +344,8 @@ def main() -> int:
             print(rollback(params, args.to_version))
             return 0
         if args.command == "online":
+            now = time.time()
+            since = parse_time(args.since, now) if args.since else now - params.online.window_hours * 3600
             decision = promote_online(params, since, now)
             print(decision.reason)
             return 0

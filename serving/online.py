@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     problem = not_a_store(a.db)
     if problem:
-        p.error(problem)
+        p.error(f"--db: {problem}")
     if a.k < 1 or a.attribution_seconds <= 0:
         p.error("--k and --attribution-seconds must be positive")
     now = time.time()

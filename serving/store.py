@@ -16,6 +16,7 @@ import math
 import sqlite3
 import threading
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,8 +109,10 @@ def not_a_store(db: Path | str) -> str | None:
     if not path.is_file():
         return f"{path} is a folder, not the service's event store (a SQLite file)"
     try:
-        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as conn:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError as exc:  # unreadable, or locked past the timeout: say what SQLite says
+        return f"{path} cannot be read as an SQLite database: {exc}"
     except sqlite3.DatabaseError:
         return f"{path} is not a SQLite database, so not the service's event store"
     if "events" not in tables:
@@ -394,7 +397,7 @@ def main() -> int:
         parser.error("--settle-seconds must be a number >= 0")
     problem = not_a_store(args.db)
     if problem:
-        parser.error(problem)
+        parser.error(f"--db: {problem}")
     quarantine = args.quarantine or args.out.with_name(args.out.stem + ".quarantine.csv")
     for path in (args.out, quarantine):
         if not path.parent.is_dir():

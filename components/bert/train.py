@@ -46,8 +46,7 @@ import torch
 from components.bert.data import SequenceDataModule
 from components.bert.model import SeqRecConfig, SeqRecModel, left_pad, load_model, padded_length, save_model
 from components.bert.module import SeqRecModule, count_parameters
-from components.cli import MissingInput
-from components.config import BertRecConfig, StageConfig, TrainerConfig
+from components.config import BertRecConfig, MissingInput, StageConfig, TrainerConfig
 from components.factors import FILE_NAME, FactorModel
 from components.sequences import load_sequences
 

@@ -290,20 +290,19 @@ def test_an_exported_study_runs_its_starting_trial_to_the_end_and_stops_on_faili
     # a call waiting for ever on it), beside one that scores.
     tasks = [(str(folder), params.to_dict(), str(tmp_path / "fine")),
              (str(tmp_path / "no-export"), params.to_dict(), str(tmp_path / "dies"))]
-    with pytest.raises(TuningError, match=r"the run in .*dies exited with 1"):
+    with pytest.raises(TuningError, match=r"the run in .*dies-[0-9a-f]{16} exited with 1"):
         run_exported(tasks, 2)
+    assert not list(tmp_path.glob("dies-*.npy"))  # a run that died leaves no scores to reuse
     (scores,) = run_exported(tasks[:1], 1)
     assert scores.ndim == 1 and 0 <= scores.mean() <= 1
-    # Its scores stay with the run's key: the same run again (a report-only call) is read, not
-    # trained; another seed trains. The run that died left no key, so nothing of it is reused.
-    saved = tmp_path / "fine.per-user.npy"
+    # Its scores stay under its key: the same run again (a report-only call) is read, not
+    # trained; another seed is another run, beside it.
+    (saved,) = tmp_path.glob("fine-*.per-user.npy")
     written = saved.stat().st_mtime_ns
     (again,) = run_exported(tasks[:1], 1)
     assert np.array_equal(again, scores) and saved.stat().st_mtime_ns == written
-    assert not (tmp_path / "dies.key").exists()
-    reseeded = [(tasks[0][0], {**tasks[0][1], "seed": params.seed + 1}, tasks[0][2])]
-    run_exported(reseeded, 1)
-    assert saved.stat().st_mtime_ns != written
+    run_exported([(tasks[0][0], {**tasks[0][1], "seed": params.seed + 1}, tasks[0][2])], 1)
+    assert len(list(tmp_path.glob("fine-*.per-user.npy"))) == 2 and saved.stat().st_mtime_ns == written
 
 
 def _descendants(pid: int) -> list:

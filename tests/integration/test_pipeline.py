@@ -103,7 +103,8 @@ def test_invalid_data_stops_the_pipeline(tmp_path):
     assert not (art / "data").exists()
     # The next stage refuses to run without a validated snapshot, and writes nothing.
     proc = cli("features", art, *source)
-    assert proc.returncode == 2 and "run validation first" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"features reads {art / 'data'}, missing or empty: run validate first" in proc.stderr
     assert not (art / "features" / "sequences.npz").exists()
 
 
@@ -173,7 +174,8 @@ def test_a_stage_before_its_inputs_or_settings_that_leave_nothing_are_clear_erro
     art = tmp_path / "artifacts"
     proc = cli("train_mf", art)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"train_mf reads {art / 'features'}, missing or empty: run features first" in proc.stderr
+    assert f"train_mf reads {art / 'features'}, missing or empty: run validate and features first" in proc.stderr
+    assert f"python -m components.pipeline run --until train_mf --artifacts {art}" in proc.stderr
     source = files_source(tmp_path / "raw", b"user_id,item_id,timestamp\n" + b"\n".join(
         b"u%d,i%d,%d" % (u % 3, u % 5, 1_600_000_000 + u) for u in range(40)) + b"\n", ITEMS)
     assert cli("validate", art, *source).returncode == 0

@@ -68,7 +68,7 @@ def test_a_store_reader_opens_the_services_store_and_nothing_else(tmp_path):
 def test_arguments_refused_before_any_work(tmp_path):
     a_file = tmp_path / "a-file"
     a_file.touch()
-    assert f"argument --artifacts: {a_file} is a file, not a folder" in refused(
+    assert f"argument --artifacts: {a_file} is not a folder (a file)" in refused(
         "components.train_mf", "--artifacts", str(a_file))
     assert "argument --until: invalid choice: 'bogus'" in refused("components.pipeline", "run", "--until", "bogus")
     assert "--dataset: unknown bogus; choose from synthetic" in refused(
@@ -81,11 +81,14 @@ def test_arguments_refused_before_any_work(tmp_path):
     missing = tmp_path / "missing"
     assert "no such folder" in refused("flows.incremental", "--artifacts", str(missing))
     assert not missing.exists()  # the flow's folder lock never made it
+    assert "--since: 'bogus' is not a time" in refused(
+        "flows.promotion", "online", "--since", "bogus", "--artifacts", str(tmp_path))
+    assert "--datasets: unknown bogus" in refused("benchmarks.gpu", "export", "--datasets", "movielens-100k,bogus",
+                                                  "--out", str(missing))
+    assert not missing.exists()
 
 
-def test_the_schedule_refuses_a_bad_cron_or_bad_settings_before_serving(tmp_path):
+def test_the_schedule_refuses_a_bad_cron_or_bad_settings_before_serving():
     """It used to start serving either way: bad settings would have failed at 02:00."""
     assert "--cron 'bogus cron': not a cron schedule" in refused("flows.schedule", "--cron", "bogus cron")
     assert "unknown key mf.factorz" in refused("flows.schedule", "--set", "mf.factorz=3")
-    assert "--since: 'bogus' is not a time" in refused(
-        "flows.promotion", "online", "--since", "bogus", "--artifacts", str(tmp_path))
