@@ -352,13 +352,15 @@ def _merge_results(parts: list[Any], sample_size: int) -> Any:
 def _ranges_need_numbers(merged: Any) -> Any:
     """A range check over a column whose type check found text fails too, with the reason. GE's
     pandas engine passes one over an empty text column (no value to compare) while its Spark
-    engine cannot compute it: the verdict must not depend on the engine."""
+    engine cannot compute it: the verdict must not depend on the engine. Where GE raised instead
+    (text compared with a number), its internal message gives way to the same reason."""
     wrong_type = {r.expectation_config.kwargs.get("column") for r in merged.results
                   if r.expectation_config.type == "expect_column_values_to_be_in_type_list" and not r.success
                   and r.result.get("observed_value") not in NUMBER_TYPES}  # floats are compared fine
     for r in merged.results:
         column = r.expectation_config.kwargs.get("column")
-        if r.expectation_config.type == "expect_column_values_to_be_between" and column in wrong_type and r.success:
+        if (r.expectation_config.type == "expect_column_values_to_be_between" and column in wrong_type
+                and (r.success or _raised(r))):
             r.success, r.result = False, {}
             r.exception_info = {"raised_exception": True, "exception_traceback": None,
                                 "exception_message": f"'{column}' is not numeric (see its type check)"}
