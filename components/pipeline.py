@@ -521,15 +521,15 @@ def _absent(path: Path) -> bool:
 
 
 def missing_inputs(stage: Stage, art: Artifacts, filename: str | None = None) -> MissingInput | None:
-    """The error naming the stages to run first when an artifact the stage reads is absent
-    (`filename`: the file the stage failed to find, which narrows it to that artifact), else
-    None. Some inputs matter only under some settings (evaluate reads bert's factors only when it
-    scores bert), so this explains a stage's failure to find a file rather than refusing to
+    """The error naming the stages to run first when an artifact the stage reads is absent, else
+    None; with `filename` (the file the stage failed to find), only when it lies in such an
+    artifact. Some inputs matter only under some settings (evaluate reads bert's factors only when
+    it scores bert), so this explains a stage's failure to find a file rather than refusing to
     start it."""
     missing = [name for name in dict.fromkeys(stage.inputs.values()) if _absent(art.path(name))]
     if filename:
         failed = Path(os.path.abspath(filename))
-        missing = [n for n in missing if failed.is_relative_to(os.path.abspath(art.path(n)))] or missing
+        missing = [n for n in missing if failed.is_relative_to(os.path.abspath(art.path(n)))]
     if not missing:
         return None
     writers = {name: s.name for s in STAGES for name in s.outputs.values()}

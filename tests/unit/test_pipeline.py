@@ -185,3 +185,23 @@ def test_a_stage_process_dies_with_the_process_that_started_it(tmp_path):
     else:
         child.kill()
         pytest.fail("the stage process outlived the process that started it")
+
+
+def test_a_missing_input_is_explained_only_when_the_stage_failed_on_it(tmp_path):
+    """The stage to run is named for a file inside an absent input; a file elsewhere (say a
+    text encoder's folder) is the stage's own error, left as it was."""
+    from components.pipeline import STAGE, Artifacts, missing_inputs
+
+    art = Artifacts(tmp_path)
+    for name in ("data", "validation"):  # validate ran
+        art.path(name).mkdir()
+        (art.path(name) / "x").touch()
+    (tmp_path / "features").mkdir()  # a failed features run left it empty
+    evaluate = STAGE["evaluate"]
+    error = missing_inputs(evaluate, art, str(tmp_path / "mf" / "factors.npz"))
+    assert str(error).startswith(f"evaluate reads {tmp_path / 'mf'}, missing or empty: run features and train_mf first")
+    assert error.exit_code == 2
+    assert missing_inputs(evaluate, art, "/elsewhere/config.json") is None
+    assert f"reads {tmp_path / 'features'}, {tmp_path / 'mf'}, {tmp_path / 'bert'}," in str(missing_inputs(evaluate, art))
+    (tmp_path / "features" / "sequences.npz").touch()
+    assert missing_inputs(STAGE["train_mf"], art) is None
