@@ -74,8 +74,16 @@ def _excerpt(value: Any) -> Any:
 
 
 def _errors(errors: list[dict[str, Any]], prefix: tuple = ()) -> list[dict[str, Any]]:
-    return [{**{k: v for k, v in e.items() if k not in ("ctx", "url")}, "loc": [*prefix, *e["loc"]],
-             **({"input": _excerpt(e["input"])} if "input" in e else {})} for e in errors]
+    return [_error(e, prefix) for e in errors]
+
+
+def _error(e: dict[str, Any], prefix: tuple) -> dict[str, Any]:
+    out = {**{k: v for k, v in e.items() if k not in ("ctx", "url", "input")}, "loc": [*prefix, *e["loc"]]}
+    if e.get("type") == "json_invalid":
+        # FastAPI's own parse error: the reason is in `ctx` and its `input` is a placeholder ({}).
+        reason = (e.get("ctx") or {}).get("error")
+        return {**out, "msg": f"{e['msg']}: {reason}" if reason else e["msg"]}
+    return {**out, **({"input": _excerpt(e["input"])} if "input" in e else {})}
 
 
 class Guard:

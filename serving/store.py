@@ -80,11 +80,15 @@ class Impression:
 
 
 def id_problem(value: object, name: str) -> str | None:
-    """Why a stored id could not be trained on (None: it can)."""
+    """Why a stored id could not be trained on (None: it can). The one rule for ids: `/events`
+    and `/items` refuse what the export would quarantine. Control characters (tab and newline
+    among them, DEL) and U+FFFD (undecodable bytes) are refused, and so is a blank id."""
     if not isinstance(value, str) or not value or len(value) > 256:
         return f"{name} must be 1-256 characters"
-    if "\ufffd" in value or any(ord(c) < 32 for c in value):
+    if "\ufffd" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
         return f"{name} holds undecodable or control characters"
+    if not value.strip():
+        return f"{name} is blank"
     return None
 
 

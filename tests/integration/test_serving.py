@@ -119,7 +119,7 @@ def test_no_history_falls_back_to_popularity(server):
 
 @pytest.mark.parametrize("payload", [
     {"k": 0}, {"k": 1001}, {"k": "ten"}, {"history": "i001"}, {"history": [1, 2]}, {"unknown_field": 1},
-    {"user_id": ""}, {"user_id": "x" * 300},
+    {"user_id": ""}, {"user_id": "x" * 300}, {"k": True}, {"k": "5"}, {"exclude_seen": "no"},
 ])
 def test_bad_requests_get_422_with_the_reason(server, payload):
     status, body = server.call("POST", "/recommend", payload)
@@ -496,11 +496,22 @@ def test_events_and_items_follow_the_training_rules_and_bad_rows_are_quarantined
     try:
         good = {"user_id": "carol", "item_id": item, "timestamp": 1_700_000_000, "weight": 4.0}
         assert s.call("POST", "/events", good)[0] == 201
-        for bad in ({"timestamp": True}, {"timestamp": "1700000000"}, {"weight": "5"}, {"weight": 1e6},
-                    {"timestamp": int(time.time()) + 10 * 86400}, {"timestamp": 100}, {"user_id": "ca\u0000rol"}):
+        # Tab, newline, DEL and blank ids were accepted here and quarantined by the export: one
+        # rule now (serving.store.id_problem) for both.
+        for bad in ({"timestamp": True}, {"timestamp": "1700000000"}, {"weight": "5"}, {"weight": True}, {"weight": 1e6},
+                    {"timestamp": int(time.time()) + 10 * 86400}, {"timestamp": 100}, {"user_id": "ca\u0000rol"},
+                    {"user_id": "ca\trol"}, {"item_id": "a\nb"}, {"user_id": "ca\u007frol"}, {"user_id": "   "}):
             status, body = s.call("POST", "/events", {**good, **bad})
             assert status == 422, (bad, body)
         assert "above" in str(s.call("POST", "/events", {**good, "weight": 1e6})[1]["detail"])
+        nan = s.call("POST", "/events", raw=json.dumps({**good, "weight": float("nan")}).encode())
+        assert nan[0] == 422 and nan[1]["detail"][0]["msg"] == "Input should be a finite number", nan
+        cut = s.call("POST", "/events", raw=b'{"user_id": "carol",')
+        assert cut[0] == 422 and cut[1]["detail"][0]["msg"].startswith("JSON decode error: Expecting"), cut
+        assert "input" not in cut[1]["detail"][0]  # FastAPI's placeholder ({}) is not what was sent
+        long_title = s.call("POST", "/items", {"item_id": "t2", "text": "a tent", "title": "x" * 501}, token=TOKEN)
+        assert long_title[0] == 422 and long_title[1]["detail"][0]["msg"] == "String should have at most 500 characters"
+        assert s.call("POST", "/items", {"item_id": "t\t2", "text": "a tent"}, token=TOKEN)[0] == 422
         for text in ("   ", "nul\u0000byte", "\u0001\u0002"):
             assert s.call("POST", "/items", {"item_id": "t1", "text": text}, token=TOKEN)[0] == 422, text
     finally:
