@@ -208,6 +208,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
         # FastAPI's own handler fails (500) writing back input it cannot encode, and repeats
         # any input whole.
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not (kind == "application/json" or kind.endswith("+json")) and any(tuple(e["loc"]) == ("body",) for e in exc.errors()):
+            # FastAPI reads a body of another type as raw bytes and calls them "not a dictionary".
+            detail = [{"type": "content_type", "loc": ["header", "content-type"],
+                       "msg": f"the body must be JSON, sent with Content-Type: application/json (got {kind or 'none'!r})"}]
+            return Response(_json_bytes({"detail": detail}), status_code=422, media_type="application/json")
         return Response(_json_bytes({"detail": _errors(exc.errors())}), status_code=422, media_type="application/json")
 
     def admin(authorization: Annotated[str | None, Header()] = None) -> None:

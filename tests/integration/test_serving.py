@@ -512,6 +512,11 @@ def test_events_and_items_follow_the_training_rules_and_bad_rows_are_quarantined
         long_title = s.call("POST", "/items", {"item_id": "t2", "text": "a tent", "title": "x" * 501}, token=TOKEN)
         assert long_title[0] == 422 and long_title[1]["detail"][0]["msg"] == "String should have at most 500 characters"
         assert s.call("POST", "/items", {"item_id": "t\t2", "text": "a tent"}, token=TOKEN)[0] == 422
+        plain = urllib.request.Request(f"http://127.0.0.1:{s.port}/events", data=json.dumps(good).encode(),
+                                       method="POST", headers={"Content-Type": "text/plain"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(plain, timeout=30)
+        assert refused.value.code == 422 and "Content-Type: application/json (got 'text/plain')" in refused.value.read().decode()
         for text in ("   ", "nul\u0000byte", "\u0001\u0002"):
             assert s.call("POST", "/items", {"item_id": "t1", "text": text}, token=TOKEN)[0] == 422, text
     finally:
