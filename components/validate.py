@@ -33,6 +33,11 @@ from components.datasets import (SPLITS, DataSourceError, RawDataset, load_datas
 log = logging.getLogger(__name__)
 
 UNDECODABLE = "'{}' decodes in the configured encoding (no U+FFFD replacement characters)"
+# The service's rule for ids (serving/store.py `id_problem`, which its events and exports follow):
+# what matches is refused. Control characters (tab and newline among them, DEL), a blank id, over
+# 256 characters (Spark counts UTF-16 units). tests/unit/test_validate.py holds the two to agree.
+ID_FORM = "'{}' ids are 1-256 characters, not blank, with no control characters (tab, newline...)"
+ID_REFUSED = r"[\x00-\x1f\x7f]|^\s*$|^.{257,}"
 # Names GE resolves to numpy dtypes or pandas extension dtypes (nullable integers), and the
 # Spark types GE's Spark engine reports.
 INT_TYPES = ["int64", "int32", "Int64Dtype", "Int32Dtype", "LongType", "IntegerType", "ShortType", "ByteType"]
@@ -99,8 +104,13 @@ class ValidationResult:
 # --------------------------------------------------------------------------------------------
 
 
+def _id_refused(engine: str) -> str:
+    # Python's \s knows Unicode spaces (as str.strip does); Java's needs (?U) to.
+    return f"(?U){ID_REFUSED}" if engine == "spark" else ID_REFUSED
+
+
 def _interaction_expectations(
-    columns: list[str], cfg: ValidationConfig, now: int
+    columns: list[str], cfg: ValidationConfig, now: int, engine: str
 ) -> list[Any]:
     import great_expectations as gx
 
@@ -125,6 +135,7 @@ def _interaction_expectations(
     for col in ("user_id", "item_id"):
         if col in present:
             add(f"{col}_decodable", UNDECODABLE.format(col), E.ExpectColumnValuesToNotMatchRegex(column=col, regex="\ufffd"))
+            add(f"{col}_form", ID_FORM.format(col), E.ExpectColumnValuesToNotMatchRegex(column=col, regex=_id_refused(engine)))
     if "user_id" in present:
         add(
             "min_users",
@@ -208,6 +219,8 @@ def _item_expectations(columns: list[str], engine: str) -> list[Any]:
         add("item_id_unique", "item ids are unique", E.ExpectColumnValuesToBeUnique(column="item_id"))
         add("items_item_id_decodable", UNDECODABLE.format("item_id"),
             E.ExpectColumnValuesToNotMatchRegex(column="item_id", regex="\ufffd"))
+        add("items_item_id_form", ID_FORM.format("item_id"),
+            E.ExpectColumnValuesToNotMatchRegex(column="item_id", regex=_id_refused(engine)))
     if "text" in columns:
         add("text_not_null", "every item has text", E.ExpectColumnValuesToNotBeNull(column="text"))
         add(
@@ -466,7 +479,7 @@ def _run_suites(
     )
     source = ctx.data_sources.add_spark("recforge") if engine == "spark" else ctx.data_sources.add_pandas("recforge")
     expectations = {
-        "interactions": _interaction_expectations(columns["interactions"], cfg, now),
+        "interactions": _interaction_expectations(columns["interactions"], cfg, now, engine),
         "items": _item_expectations(columns["items"], engine),
     }
     result_format = {"result_format": "SUMMARY", "partial_unexpected_count": max(cfg.sample_size, 1)}

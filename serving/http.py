@@ -82,7 +82,7 @@ def _error(e: dict[str, Any], prefix: tuple) -> dict[str, Any]:
     if e.get("type") == "json_invalid":
         # FastAPI's own parse error: the reason is in `ctx` and its `input` is a placeholder ({}).
         reason = (e.get("ctx") or {}).get("error")
-        return {**out, "msg": f"{e['msg']}: {reason}" if reason else e["msg"]}
+        return {**out, "msg": f"{e['msg']}: {reason}" if reason and str(reason) not in e["msg"] else e["msg"]}
     return {**out, **({"input": _excerpt(e["input"])} if "input" in e else {})}
 
 
@@ -209,7 +209,8 @@ def create_app(settings: Settings) -> FastAPI:
         # FastAPI's own handler fails (500) writing back input it cannot encode, and repeats
         # any input whole.
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if not (kind == "application/json" or kind.endswith("+json")) and any(tuple(e["loc"]) == ("body",) for e in exc.errors()):
+        if not (kind == "application/json" or kind.endswith("+json")) and any(
+                tuple(e["loc"]) == ("body",) and e["type"] != "missing" for e in exc.errors()):
             # FastAPI reads a body of another type as raw bytes and calls them "not a dictionary".
             detail = [{"type": "content_type", "loc": ["header", "content-type"],
                        "msg": f"the body must be JSON, sent with Content-Type: application/json (got {kind or 'none'!r})"}]

@@ -54,10 +54,14 @@ ID = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_encodab
 # costs throughput.
 StoredID = Annotated[ID, AfterValidator(_stored_id)]
 
+
 def _text(max_chars: int) -> Any:
     # The length bound on the string itself: placed after the validators it reads "items".
     return Annotated[str, Field(max_length=max_chars), AfterValidator(_encodable), AfterValidator(_trainable),
                      AfterValidator(_not_blank)]
+
+
+ItemText, Title = _text(20_000), _text(500)
 
 
 class RecommendRequest(BaseModel):
@@ -85,5 +89,5 @@ class Event(BaseModel):
 class NewItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item_id: StoredID
-    text: _text(20_000)
-    title: _text(500) | None = None
+    text: ItemText
+    title: Title | None = None

@@ -80,13 +80,17 @@ class Impression:
 
 
 def id_problem(value: object, name: str) -> str | None:
-    """Why a stored id could not be trained on (None: it can). The one rule for ids: `/events`
-    and `/items` refuse what the export would quarantine. Control characters (tab and newline
-    among them, DEL) and U+FFFD (undecodable bytes) are refused, and so is a blank id."""
+    """Why a stored id could not be trained on (None: it can): training validation refuses the
+    same ids (components/validate.py ID_REFUSED; a test holds the two to agree), `/events` and
+    `/items` refuse them at the door and the export quarantines them. Control characters (tab
+    and newline among them, DEL), U+FFFD (undecodable bytes), a blank id, over 256 characters."""
     if not isinstance(value, str) or not value or len(value) > 256:
         return f"{name} must be 1-256 characters"
-    if "\ufffd" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        return f"{name} holds undecodable or control characters"
+    if "\ufffd" in value:
+        return f"{name} holds U+FFFD at position {value.index(chr(0xFFFD))} (undecodable bytes)"
+    bad = next((i for i, c in enumerate(value) if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        return f"{name} holds the control character {value[bad]!r} at position {bad}"
     if not value.strip():
         return f"{name} is blank"
     return None

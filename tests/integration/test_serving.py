@@ -127,7 +127,8 @@ def test_bad_requests_get_422_with_the_reason(server, payload):
 
 
 def test_malformed_and_oversized_bodies(server):
-    assert server.call("POST", "/recommend", raw=b"{not json")[0] == 422
+    status, body = server.call("POST", "/recommend", raw=b'{"k": ')
+    assert status == 422 and body["detail"][0]["msg"] == "Invalid JSON: EOF while parsing a value at line 1 column 6"
     big = json.dumps({"history": ["x" * 200] * 2000}).encode()
     assert server.call("POST", "/recommend", raw=big)[0] == 413
     assert server.call("GET", "/items/nothing-here/similar")[0] == 404
@@ -517,6 +518,10 @@ def test_events_and_items_follow_the_training_rules_and_bad_rows_are_quarantined
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(plain, timeout=30)
         assert refused.value.code == 422 and "Content-Type: application/json (got 'text/plain')" in refused.value.read().decode()
+        empty = urllib.request.Request(f"http://127.0.0.1:{s.port}/events", data=b"", method="POST", headers={})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(empty, timeout=30)
+        assert refused.value.code == 422 and json.loads(refused.value.read())["detail"][0]["msg"] == "Field required"
         for text in ("   ", "nul\u0000byte", "\u0001\u0002"):
             assert s.call("POST", "/items", {"item_id": "t1", "text": text}, token=TOKEN)[0] == 422, text
     finally:

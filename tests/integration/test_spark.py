@@ -194,6 +194,9 @@ def _csv_case(folder: Path, case: str) -> None:
         rewrite("interactions.csv", lambda d: d.drop("timestamp"))
     elif case == "ratings_out_of_range":
         rewrite("interactions.csv", lambda d: d.with_columns(rating=pl.when(first).then(pl.lit("9")).otherwise(pl.col("rating"))))
+    elif case == "odd_ids":  # the service's id rule: a tab, a no-break-space blank, 257 characters
+        rewrite("interactions.csv", lambda d: d.with_columns(
+            user_id=pl.Series(["u\tx", "\u00a0", "u" * 257, *d["user_id"][3:]])))
     elif case == "items_without_ids":
         rewrite("items.csv", lambda d: d.drop("item_id"))
     elif case == "header_only":
@@ -203,7 +206,7 @@ def _csv_case(folder: Path, case: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["nulls", "text_timestamps", "float_timestamps", "missing_column", "ratings_out_of_range",
-                                  "items_without_ids", "header_only", "empty_file"])
+                                  "odd_ids", "items_without_ids", "header_only", "empty_file"])
 def test_each_corruption_gets_the_same_verdicts(tmp_path, case):
     """A CSV source (read whole, handed to Spark as Parquet) corrupted one way at a time: the
     same failed checks and counts on both engines."""

@@ -134,6 +134,32 @@ def test_wrong_column_type(files_dir, tmp_path):
         assert _checks(result)[name]["error"] == "'timestamp' is not numeric (see its type check)"
 
 
+def test_ids_the_service_could_not_take_fail_validation(files_dir, tmp_path):
+    """An id with a tab, a blank id: training refuses what the service's door and export refuse,
+    so no bundle holds an item the service would not take an event for."""
+    rewrite(files_dir, "interactions.csv", lambda d: d.with_columns(
+        user_id=pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("a\tb")).otherwise(pl.col("user_id"))))
+    rewrite(files_dir, "items.csv", lambda d: d.with_columns(
+        item_id=pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("   ")).otherwise(pl.col("item_id"))))
+    result = run(files_dir, tmp_path)
+    assert {"user_id_form", "items_item_id_form"} <= failed(result) and "item_id_form" not in failed(result)
+
+
+def test_the_id_rule_is_the_services():
+    """components/validate.py's regex and serving.store.id_problem (serving imports nothing from
+    training, so the rule is written twice) refuse the same ids."""
+    import re
+
+    from components.validate import ID_REFUSED
+    from serving.store import id_problem
+
+    ids = ["u1", "B00ABC", "caf\u00e9", "a b", " x", "a\tb", "a\nb", "a\rb", "\x00", "a\x7fb", "a\x1fb", "",
+           " ", "\u00a0", "\u3000\u2028", "x" * 256, "x" * 257, "\u00e9" * 257, "\u0085", "a\u0085"]
+    for value in ids:
+        regex_refuses = bool(re.search(ID_REFUSED, value)) or "\ufffd" in value
+        assert regex_refuses == (id_problem(value, "id") is not None), repr(value)
+
+
 def test_undecodable_text(files_dir, tmp_path):
     raw = (files_dir / "items.csv").read_bytes()
     lines = raw.split(b"\n")
