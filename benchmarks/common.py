@@ -81,6 +81,17 @@ def dataset_params(params_path: Path, dataset: str, data_dir: Path | None = None
     return load_params(params_path, [*where, *overrides], [*preset, *override_files])
 
 
+def settings_by_dataset(parser: Any, args: Any) -> dict[str, Any]:
+    """Each dataset a comma-separated `--dataset` names, with its settings (`--data-dir`, where
+    the command has it, for one dataset only): all checked before the first runs, so a bad name
+    or setting never costs the results of the datasets before it."""
+    names = names_of(parser, "--dataset", args.dataset, datasets())
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir and len(names) > 1:
+        parser.error("--data-dir needs a single --dataset")
+    return {d: dataset_params(args.params, d, data_dir, args.overrides, args.override_files) for d in names}
+
+
 def names_of(parser: Any, option: str, value: str, known: Any) -> list[str]:
     """The names a comma-separated option lists, each one of `known`; otherwise a usage error
     (exit 2) naming the unknown ones and the choices."""

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from benchmarks.common import dataset_params, datasets, names_of, save
+from benchmarks.common import datasets, save, settings_by_dataset
 from components import metrics
 from components.cli import add_params_arguments, run_main
 from components.config import IncrementalConfig, Params
@@ -512,10 +512,7 @@ def main() -> int:
             tune = TuneSpec(parse_grid(args.tune_grid), args.tune_windows, args.tune_max_share)
         except ValueError as e:
             parser.error(str(e))
-    names = names_of(parser, "--dataset", args.dataset, datasets())
-    if args.data_dir and len(names) > 1:
-        parser.error("--data-dir needs a single --dataset")
-    settings = {n: dataset_params(args.params, n, args.data_dir, args.overrides, args.override_files) for n in names}
+    settings = settings_by_dataset(parser, args)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, params in settings.items():

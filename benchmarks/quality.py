@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from benchmarks.common import dataset_params, datasets, names_of, write_json
+from benchmarks.common import datasets, names_of, settings_by_dataset, write_json
 from components import pipeline
 from components.cli import add_params_arguments, run_main
 from components.config import Params, apply_overrides, params_from_dict
@@ -135,12 +135,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    names = names_of(parser, "--dataset", args.dataset, datasets())
     models = names_of(parser, "--models", args.models, known)
-    if args.data_dir and len(names) > 1:
-        parser.error("--data-dir needs a single --dataset")
-    # Every dataset's settings checked before the first trains (a bad one would lose its results).
-    settings = {d: dataset_params(args.params, d, args.data_dir, args.overrides, args.override_files) for d in names}
+    settings = settings_by_dataset(parser, args)
 
     results: dict[str, dict[str, dict[str, float]]] = {}
     for dataset, params in settings.items():

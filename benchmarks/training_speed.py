@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import dataset_params, datasets, names_of, save
+from benchmarks.common import datasets, names_of, save, settings_by_dataset
 from components.cli import add_params_arguments, run_main
 
 log = logging.getLogger("benchmarks.training_speed")
@@ -173,8 +173,7 @@ def main() -> int:
         "device": f"CPU, {torch.get_num_threads()} threads; torch {torch.__version__}",
         "epochs": args.epochs, "repeats": args.repeats, "datasets": {},
     }
-    settings = {d: dataset_params(args.params, d, overrides=args.overrides, override_files=args.override_files)
-                for d in names_of(parser, "--dataset", args.dataset, datasets())}
+    settings = settings_by_dataset(parser, args)
     for dataset, params in settings.items():
         out["datasets"][dataset] = measure(dataset, params, variants, args.epochs, args.repeats, args.workdir,
                                            args.steps, args.warmup_steps)
